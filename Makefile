@@ -1,0 +1,44 @@
+# Agora — the two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test install migrate seed lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -e ".[server,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Embedded default: SQLite, a filesystem Celery broker, checkpoints on disk. Nothing else to install.
+run: export DJANGO_DEBUG ?= 1
+run: export AGORA_PUBLIC_URL ?= http://$(HOST):$(PORT)
+run: export AGORA_HOST := $(HOST)
+run: export AGORA_PORT := $(PORT)
+run: $(STAMP)
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py seed_demo
+	@echo ""
+	@echo "  Agora is starting: open http://$(HOST):$(PORT)/  (log in as alice / agora-demo, admin: admin / agora-demo)"
+	@echo ""
+	$(BIN)/honcho -f Procfile.local start
+
+# The whole suite. Uses PostgreSQL and Redis when DATABASE_URL / REDIS_URL are set, the embedded default otherwise.
+test: export DJANGO_SECRET_KEY ?= test-only-secret-key
+test: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,57 @@
+"""API plumbing shared by every app: one error shape, ``{"error": code, "detail": text, "fields": {...}}``."""
+
+from __future__ import annotations
+
+from django.core.exceptions import PermissionDenied
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+
+def _flatten(detail, prefix: str = "") -> dict[str, list[str]]:
+    """Turn DRF's nested error dict into dotted field names: ``{"spec.inner.lr": ["..."]}``."""
+    out: dict[str, list[str]] = {}
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            name = prefix if key == "non_field_errors" and prefix else (f"{prefix}.{key}" if prefix else str(key))
+            out.update(_flatten(value, name))
+    elif isinstance(detail, list):
+        if all(not isinstance(item, (dict, list)) for item in detail):
+            out[prefix or "non_field_errors"] = [str(item) for item in detail]
+        else:
+            for index, item in enumerate(detail):
+                out.update(_flatten(item, f"{prefix}[{index}]" if prefix else str(index)))
+    else:
+        out[prefix or "non_field_errors"] = [str(detail)]
+    return out
+
+
+def error_response(code: str, detail: str, http_status: int, fields: dict | None = None) -> Response:
+    body = {"error": code, "detail": detail}
+    if fields:
+        body["fields"] = fields
+    return Response(body, status=http_status)
+
+
+def exception_handler(exc, context):
+    # Domain errors from any app's services carry ``code`` and ``http_status`` (duck typed, so apps
+    # need not import the project package).
+    if hasattr(exc, "http_status") and hasattr(exc, "code") and isinstance(exc, Exception):
+        return error_response(exc.code, str(exc), exc.http_status)
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    if isinstance(exc, exceptions.ValidationError):
+        fields = _flatten(exc.detail)
+        first_name, first_messages = next(iter(fields.items()))
+        detail = first_messages[0] if first_name == "non_field_errors" else f"{first_name}: {first_messages[0]}"
+        return error_response("invalid", detail, status.HTTP_400_BAD_REQUEST, fields)
+    response = drf_exception_handler(exc, context)
+    if response is not None and isinstance(exc, exceptions.APIException):
+        codes = exc.get_codes()
+        code = codes if isinstance(codes, str) else "error"
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        response.data = {"error": code, "detail": str(detail)}
+    return response

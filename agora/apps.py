@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class AgoraConfig(AppConfig):
+    name = "agora"
+    verbose_name = "Agora"

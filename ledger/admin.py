@@ -1,0 +1,25 @@
+from django.contrib import admin
+
+from ledger.models import Entry
+
+
+@admin.register(Entry)
+class EntryAdmin(admin.ModelAdmin):
+    """Read-only: the chain is written by services, never by hand."""
+
+    list_display = ("seq", "created_at", "actor", "action", "subject", "short_hash")
+    list_filter = ("action",)
+    search_fields = ("actor", "subject", "hash")
+
+    @admin.display(description="hash")
+    def short_hash(self, obj):
+        return obj.hash[:12]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -1,0 +1,82 @@
+"""Shared fixtures: users, API clients, and real processes (Celery, agents) for integration tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from django.conf import settings
+from django.core.cache import cache
+
+from tests.factories import UserFactory
+
+REQUIRE_SERVICES = os.environ.get("AGORA_REQUIRE_SERVICES") == "1"
+
+
+def pytest_sessionstart(session):
+    if REQUIRE_SERVICES:
+        assert os.environ.get("DATABASE_URL", "").startswith("postgres"), "CI requires DATABASE_URL (PostgreSQL)"
+        assert os.environ.get("REDIS_URL"), "CI requires REDIS_URL"
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache():
+    """Throttles and worker presence live in the cache; every test starts from an empty one."""
+    cache.clear()
+    yield
+
+
+@pytest.fixture
+def member(db):
+    return UserFactory()
+
+
+@pytest.fixture
+def other_member(db):
+    return UserFactory()
+
+
+@pytest.fixture
+def staff(db):
+    return UserFactory(is_staff=True)
+
+
+@pytest.fixture
+def api_client():
+    from rest_framework.test import APIClient
+
+    return APIClient()
+
+
+@pytest.fixture
+def member_client(member):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_authenticate(member)
+    return client
+
+
+@pytest.fixture
+def staff_client(staff):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_authenticate(staff)
+    return client
+
+
+@pytest.fixture
+def process_env(transactional_db, live_server):
+    """Environment for child processes (Celery, agents, manage.py) that must see the test database."""
+    from tests.procs import child_env
+
+    return child_env(live_server.url)
+
+
+@pytest.fixture
+def redis_required():
+    if not settings.REDIS_URL:
+        if REQUIRE_SERVICES:
+            pytest.fail("REDIS_URL is required")
+        pytest.skip("needs REDIS_URL")
