@@ -22,6 +22,7 @@ ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 # Where the embedded default keeps its files (database, broker queues, cache, checkpoints).
 VAR_DIR = Path(env("AGORA_VAR_DIR", default=str(BASE_DIR / "var")))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -146,7 +147,9 @@ CELERY_BEAT_SCHEDULE = {
 
 # --- files ------------------------------------------------------------------------------------
 STATIC_URL = "static/"
+STATIC_MANIFEST = env.bool("DJANGO_STATIC_MANIFEST", default=False)
 STATIC_ROOT = Path(env("DJANGO_STATIC_ROOT", default=str(VAR_DIR / "staticfiles")))
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STATICFILES_DIRS = [BASE_DIR / "static"]
 MEDIA_ROOT = Path(env("AGORA_MEDIA_ROOT", default=str(VAR_DIR / "media")))
 MEDIA_URL = "media/"
@@ -171,13 +174,15 @@ STORAGES = {
     "checkpoints": _checkpoints,
     "staticfiles": {
         "BACKEND": (
-            "django.contrib.staticfiles.storage.StaticFilesStorage"
-            if DEBUG
-            else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+            "whitenoise.storage.CompressedManifestStaticFilesStorage"
+            if STATIC_MANIFEST
+            else "django.contrib.staticfiles.storage.StaticFilesStorage"
         )
     },
 }
-WHITENOISE_USE_FINDERS = DEBUG
+# Production (docker-compose) sets DJANGO_STATIC_MANIFEST=1 and runs collectstatic; otherwise whitenoise
+# serves straight from static/ so nothing needs collecting.
+WHITENOISE_USE_FINDERS = not STATIC_MANIFEST
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("AGORA_MAX_UPLOAD_BYTES", default=256 * 1024 * 1024)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 8 * 1024 * 1024
 

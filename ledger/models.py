@@ -42,3 +42,6 @@ class Head(models.Model):
 
     class Meta:
         constraints = [models.CheckConstraint(condition=models.Q(id=1), name="ledger_head_singleton")]
+
+    def __str__(self) -> str:
+        return f"head at seq {self.seq}"
