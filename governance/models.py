@@ -1,0 +1,176 @@
+from django.conf import settings
+from django.db import models
+from django.urls import reverse
+from django.utils import timezone
+
+
+class Proposal(models.Model):
+    """A training run or a guardrail policy put to the members' vote.
+
+    ``spec`` is frozen at submission (validated, normalised, defaults filled in) and ``content_hash`` is the
+    sha256 of its canonical JSON. The voting window, quorum and threshold are frozen when it opens.
+    """
+
+    class Kind(models.TextChoices):
+        TRAINING = "training", "Training run"
+        GUARDRAIL = "guardrail", "Guardrail"
+
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        ACTIVE = "active", "Voting"
+        SUCCEEDED = "succeeded", "Succeeded"
+        DEFEATED = "defeated", "Defeated"
+        APPROVED = "approved", "Approved"
+        VETOED = "vetoed", "Vetoed"
+        ENACTED = "enacted", "Enacted"
+        CANCELED = "canceled", "Canceled"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DRAFT)
+    title = models.CharField(max_length=200)
+    body = models.TextField(blank=True, help_text="Markdown.")
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="proposals")
+    spec = models.JSONField()
+    content_hash = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+    opens_at = models.DateTimeField(null=True, blank=True)
+    closes_at = models.DateTimeField(null=True, blank=True)
+    quorum = models.DecimalField(max_digits=14, decimal_places=4, null=True, blank=True)
+    threshold = models.DecimalField(max_digits=5, decimal_places=4, null=True, blank=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    veto_reason = models.TextField(blank=True)
+    enacted_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["status", "closes_at"], name="gov_proposal_status_closes"),
+            models.Index(fields=["kind", "status"], name="gov_proposal_kind_status"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(kind__in=["training", "guardrail"]), name="gov_proposal_kind_valid"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(
+                    status__in=[
+                        "draft", "active", "succeeded", "defeated", "approved", "vetoed", "enacted", "canceled",
+                    ]
+                ),
+                name="gov_proposal_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(opens_at__isnull=True)
+                | models.Q(closes_at__isnull=True)
+                | models.Q(closes_at__gt=models.F("opens_at")),
+                name="gov_proposal_window_ordered",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(threshold__isnull=True) | models.Q(threshold__gte=0, threshold__lte=1),
+                name="gov_proposal_threshold_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.title}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("governance:proposal_detail", args=[self.pk])
+
+    @property
+    def ledger_subject(self) -> str:
+        return f"proposal:{self.pk}"
+
+
+class Vote(models.Model):
+    class Choice(models.TextChoices):
+        YES = "yes", "Yes"
+        NO = "no", "No"
+        ABSTAIN = "abstain", "Abstain"
+
+    proposal = models.ForeignKey(Proposal, on_delete=models.CASCADE, related_name="votes")
+    voter = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="votes")
+    choice = models.CharField(max_length=8, choices=Choice.choices)
+    # Recorded when cast so a later change of strategy or credits does not rewrite history.
+    weight = models.DecimalField(max_digits=14, decimal_places=4)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["proposal", "voter"], name="gov_vote_one_per_member"),
+            models.CheckConstraint(condition=models.Q(weight__gte=0), name="gov_vote_weight_nonnegative"),
+            models.CheckConstraint(
+                condition=models.Q(choice__in=["yes", "no", "abstain"]), name="gov_vote_choice_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.voter} {self.choice} on #{self.proposal_id}"
+
+
+class Comment(models.Model):
+    proposal = models.ForeignKey(Proposal, on_delete=models.CASCADE, related_name="comments")
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    body = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"comment by {self.author} on #{self.proposal_id}"
+
+
+class Guardrail(models.Model):
+    """A content policy in force (or retired), created only by enacting a guardrail proposal."""
+
+    class Kind(models.TextChoices):
+        DATA_FILTER = "data_filter", "Data filter"
+        OUTPUT_FILTER = "output_filter", "Output filter"
+
+    proposal = models.ForeignKey(Proposal, on_delete=models.PROTECT, related_name="adopted_guardrails")
+    title = models.CharField(max_length=200)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    patterns = models.JSONField()
+    description = models.TextField(blank=True)
+    active = models.BooleanField(default=True)
+    enacted_at = models.DateTimeField(default=timezone.now)
+    retired_at = models.DateTimeField(null=True, blank=True)
+    retired_by = models.ForeignKey(
+        Proposal, on_delete=models.PROTECT, null=True, blank=True, related_name="retired_guardrails"
+    )
+
+    class Meta:
+        ordering = ["-enacted_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(kind__in=["data_filter", "output_filter"]), name="gov_guardrail_kind_valid"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(active=True, retired_at__isnull=True)
+                | models.Q(active=False, retired_at__isnull=False),
+                name="gov_guardrail_active_xor_retired",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"guardrail #{self.pk} {self.title}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("governance:guardrail_list") + f"#guardrail-{self.pk}"
+
+    def as_policy(self) -> dict:
+        return {
+            "id": self.pk,
+            "title": self.title,
+            "kind": self.kind,
+            "patterns": list(self.patterns),
+            "description": self.description,
+        }
