@@ -1,0 +1,16 @@
+"""DiLoCo library for Agora: pure PyTorch, no Django.
+
+Submodules (import what you need; this package imports nothing heavy on its own):
+
+- ``diloco.models``: the byte-level GPT community model, ``build_model``, ``generate``, ``init_state``.
+- ``diloco.data``: datasets (built-in, local file, sha256-pinned https), split, shards, batches.
+- ``diloco.guardrails``: data and output filters from governance guardrail dicts.
+- ``diloco.inner``: the inner AdamW loop returning the pseudo-gradient.
+- ``diloco.outer``: the outer Nesterov SGD optimizer with exportable state.
+- ``diloco.codecs``: fp32 / fp16 / int8 pseudo-gradient codecs as safetensors bytes.
+- ``diloco.aggregate``: mean, trimmed mean, median, norm-clipped mean and update screening.
+- ``diloco.evaluate``: deterministic held-out loss.
+- ``diloco.checkpoint``: weights as safetensors bytes with JSON metadata.
+"""
+
+__all__: list[str] = []

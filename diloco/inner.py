@@ -1,0 +1,160 @@
+"""The inner loop of DiLoCo: H steps of AdamW on a worker's shard, returning θ_start − θ_end."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from diloco.data import sample_batch
+
+_STATE_FIELDS = ("exp_avg", "exp_avg_sq", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerConfig:
+    steps: int
+    lr: float
+    batch_size: int
+    seq_len: int
+    weight_decay: float = 0.1
+    warmup: int = 0
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 1:
+            raise ValueError("steps, batch_size and seq_len must be >= 1")
+        if not self.lr > 0:
+            raise ValueError("lr must be > 0")
+        if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("warmup, weight_decay and grad_clip must be >= 0")
+
+
+@dataclasses.dataclass
+class InnerResult:
+    pseudo_gradient: dict[str, Tensor]
+    loss_start: float
+    loss_end: float
+    steps: int
+    tokens: int
+    seconds: float
+    optimizer_state: dict[str, Tensor]
+
+
+def make_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm gains)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def export_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """AdamW state as a flat ``{"<param>.exp_avg"|".exp_avg_sq"|".step": tensor}`` dict on CPU."""
+    out: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for field in _STATE_FIELDS:
+            out[f"{name}.{field}"] = state[field].detach().to("cpu").clone().contiguous()
+    return out
+
+
+def import_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, flat: dict[str, Tensor]) -> None:
+    """Load a dict made by :func:`export_optimizer_state`; raises ValueError on unknown names or shapes."""
+    params = dict(model.named_parameters())
+    expected = {f"{n}.{f}" for n in params for f in _STATE_FIELDS}
+    unknown = sorted(set(flat) - expected)
+    if unknown:
+        raise ValueError(f"optimizer state has unknown entries: {', '.join(unknown[:5])}")
+    for name, p in params.items():
+        keys = [f"{name}.{f}" for f in _STATE_FIELDS]
+        present = [k in flat for k in keys]
+        if not any(present):
+            continue
+        if not all(present):
+            raise ValueError(f"optimizer state for {name} is incomplete")
+        exp_avg, exp_avg_sq, step = (flat[k] for k in keys)
+        if exp_avg.shape != p.shape or exp_avg_sq.shape != p.shape or step.numel() != 1:
+            raise ValueError(f"optimizer state for {name} does not match the parameter's shape {tuple(p.shape)}")
+        optimizer.state[p] = {
+            "step": step.detach().to(dtype=torch.float32, device="cpu").reshape(()).clone(),
+            "exp_avg": exp_avg.detach().to(p.device, p.dtype).clone(),
+            "exp_avg_sq": exp_avg_sq.detach().to(p.device, p.dtype).clone(),
+        }
+
+
+def _snapshot(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()}
+
+
+def inner_train(
+    model: nn.Module,
+    tokens: Tensor,
+    cfg: InnerConfig,
+    *,
+    seed: int,
+    device: str | torch.device = "cpu",
+    optimizer_state: dict[str, Tensor] | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> InnerResult:
+    """Train ``model`` in place for ``cfg.steps`` AdamW steps on random windows of ``tokens``.
+
+    Warmup is linear over AdamW's own step count, so a worker that passes its previous
+    ``optimizer_state`` back does not warm up again. ``loss_start`` and ``loss_end`` are the losses on
+    the same (first) batch before and after training. ``model`` ends at θ_end.
+    """
+    started = time.perf_counter()
+    model.to(device)
+    model.train()
+    theta_start = _snapshot(model)
+    optimizer = make_optimizer(model, cfg)
+    if optimizer_state:
+        import_optimizer_state(model, optimizer, optimizer_state)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch_gen = torch.Generator().manual_seed(int(seed))
+    first_batch = None
+    loss_start = float("nan")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        for step in range(1, cfg.steps + 1):
+            x, y = sample_batch(tokens, cfg.batch_size, cfg.seq_len, batch_gen)
+            x, y = x.to(device), y.to(device)
+            if first_batch is None:
+                first_batch = (x, y)
+            _, loss = model(x, y)
+            if step == 1:
+                loss_start = float(loss.item())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            adam_step = int(optimizer.state[params[0]]["step"]) + 1 if optimizer.state.get(params[0]) else 1
+            scale = min(1.0, adam_step / cfg.warmup) if cfg.warmup > 0 else 1.0
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * scale
+            optimizer.step()
+            if progress is not None:
+                progress(step, float(loss.item()))
+        model.eval()
+        with torch.no_grad():
+            _, end_loss = model(*first_batch)
+        model.train()
+    theta_end = _snapshot(model)
+    delta = {k: theta_start[k] - theta_end[k] for k in theta_start}
+    return InnerResult(
+        pseudo_gradient=delta,
+        loss_start=loss_start,
+        loss_end=float(end_loss.item()),
+        steps=cfg.steps,
+        tokens=cfg.steps * cfg.batch_size * cfg.seq_len,
+        seconds=time.perf_counter() - started,
+        optimizer_state=export_optimizer_state(model, optimizer),
+    )
