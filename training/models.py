@@ -1,0 +1,250 @@
+"""Community models, their checkpoints, and the DiLoCo training runs that produce them.
+
+A run has T rounds; each round hands out k tasks (one per data shard) to volunteer workers, collects
+their pseudo-gradients, aggregates them once and writes the next checkpoint. Blobs (checkpoints, worker
+updates, the outer optimizer state) live in ``storages["checkpoints"]``; the rows here only point at
+them. Checkpoints are content addressed: the primary key is the sha256 of the safetensors bytes.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.urls import reverse
+from django.utils import timezone
+
+
+class CommunityModel(models.Model):
+    slug = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=120)
+    description = models.TextField(blank=True)
+    arch = models.CharField(max_length=32)
+    config = models.JSONField(default=dict)
+    current_checkpoint = models.ForeignKey(
+        "training.Checkpoint", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+    def get_absolute_url(self) -> str:
+        return reverse("training:model_detail", args=[self.slug])
+
+
+class Checkpoint(models.Model):
+    """Weights as safetensors (``diloco.checkpoint``), stored at ``<sha[:2]>/<sha>.safetensors``."""
+
+    sha256 = models.CharField(max_length=64, primary_key=True)
+    model = models.ForeignKey(CommunityModel, on_delete=models.PROTECT, related_name="checkpoints")
+    size = models.PositiveBigIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+    run = models.ForeignKey(
+        "training.TrainingRun", on_delete=models.SET_NULL, null=True, blank=True, related_name="checkpoints"
+    )
+    round = models.ForeignKey(
+        "training.Round", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    note = models.CharField(max_length=200, blank=True)
+    eval_loss = models.FloatField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.model_id}@{self.sha256[:12]}"
+
+    @property
+    def storage_name(self) -> str:
+        return checkpoint_storage_name(self.sha256)
+
+    def get_absolute_url(self) -> str:
+        return reverse("api-checkpoint", args=[self.sha256])
+
+
+def checkpoint_storage_name(sha256: str) -> str:
+    return f"{sha256[:2]}/{sha256}.safetensors"
+
+
+class TrainingRun(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        RUNNING = "running", "Running"
+        FINISHED = "finished", "Finished"
+        FAILED = "failed", "Failed"
+        CANCELED = "canceled", "Canceled"
+
+    proposal = models.OneToOneField(
+        "governance.Proposal", on_delete=models.PROTECT, related_name="training_run"
+    )
+    model = models.ForeignKey(CommunityModel, on_delete=models.PROTECT, related_name="runs")
+    spec = models.JSONField(help_text="The proposal's frozen spec.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    total_rounds = models.PositiveIntegerField()
+    current_round = models.PositiveIntegerField(default=0, help_text="Index of the latest round (1-based).")
+    # Denormalised from the spec so claims can filter on them in SQL.
+    min_vram_mb = models.PositiveIntegerField(default=0)
+    allow_cpu = models.BooleanField(default=False)
+    base_checkpoint = models.ForeignKey(Checkpoint, on_delete=models.PROTECT, related_name="+")
+    final_checkpoint = models.ForeignKey(
+        Checkpoint, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    # The outer optimizer's momentum, never served publicly; replaced after every accepted round.
+    outer_state_name = models.CharField(max_length=300, blank=True)
+    outer_state_sha256 = models.CharField(max_length=64, blank=True)
+    reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status"], name="training_run_status")]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(status__in=["pending", "running", "finished", "failed", "canceled"]),
+                name="training_run_status_valid",
+            ),
+            models.CheckConstraint(condition=models.Q(total_rounds__gte=1), name="training_run_rounds_positive"),
+            models.CheckConstraint(
+                condition=models.Q(current_round__lte=models.F("total_rounds")), name="training_run_round_in_range"
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(status="finished") | models.Q(final_checkpoint__isnull=False),
+                name="training_run_finished_has_checkpoint",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} of {self.model_id}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("training:run_detail", args=[self.pk])
+
+    @property
+    def ledger_subject(self) -> str:
+        return f"run:{self.pk}"
+
+    @property
+    def diloco(self) -> dict:
+        return self.spec["diloco"]
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in (self.Status.PENDING, self.Status.RUNNING)
+
+
+class Round(models.Model):
+    class Status(models.TextChoices):
+        OPEN = "open", "Open"
+        AGGREGATING = "aggregating", "Aggregating"
+        DONE = "done", "Done"
+        REJECTED = "rejected", "Rejected"
+
+    run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="rounds")
+    index = models.PositiveIntegerField(help_text="1-based.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    checkpoint_in = models.ForeignKey(Checkpoint, on_delete=models.PROTECT, related_name="+")
+    checkpoint_out = models.ForeignKey(Checkpoint, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    opened_at = models.DateTimeField(default=timezone.now)
+    deadline = models.DateTimeField()
+    # Aggregation claims the round (status aggregating + a fresh token), works outside the lock and
+    # commits only if the token is still its own: a round is aggregated exactly once.
+    aggregation_token = models.CharField(max_length=32, blank=True)
+    aggregation_started_at = models.DateTimeField(null=True, blank=True)
+    aggregated_at = models.DateTimeField(null=True, blank=True)
+    aggregator = models.CharField(max_length=32, blank=True)
+    eval_loss_before = models.FloatField(null=True, blank=True)
+    eval_loss_after = models.FloatField(null=True, blank=True)
+    accepted = models.BooleanField(null=True, blank=True)
+    reason = models.TextField(blank=True)
+    outer_state_name = models.CharField(max_length=300, blank=True)
+    timings = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["run", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "index"], name="training_round_unique_index"),
+            models.CheckConstraint(condition=models.Q(index__gte=1), name="training_round_index_positive"),
+            models.CheckConstraint(
+                condition=models.Q(status__in=["open", "aggregating", "done", "rejected"]),
+                name="training_round_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(status="done") | models.Q(checkpoint_out__isnull=False),
+                name="training_round_done_has_checkpoint",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} round {self.index}"
+
+    @property
+    def is_closed(self) -> bool:
+        return self.status in (self.Status.DONE, self.Status.REJECTED)
+
+
+class Task(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        ASSIGNED = "assigned", "Assigned"
+        COMPLETED = "completed", "Completed"
+        FAILED = "failed", "Failed"
+        EXPIRED = "expired", "Expired"
+        REJECTED = "rejected", "Rejected"
+        ACCEPTED = "accepted", "Accepted"
+
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="tasks")
+    worker = models.ForeignKey(
+        "marketplace.Worker", on_delete=models.PROTECT, null=True, blank=True, related_name="training_tasks"
+    )
+    shard_index = models.PositiveIntegerField()
+    seed = models.BigIntegerField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    deadline = models.DateTimeField()
+    replaces = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    update_name = models.CharField(max_length=300, blank=True)
+    update_sha256 = models.CharField(max_length=64, blank=True)
+    update_size = models.PositiveBigIntegerField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    reason = models.TextField(blank=True, help_text="Why it failed, expired or was rejected.")
+    update_norm = models.FloatField(null=True, blank=True)
+    update_cosine = models.FloatField(null=True, blank=True)
+    credit = models.DecimalField(max_digits=14, decimal_places=4, null=True, blank=True)
+
+    class Meta:
+        ordering = ["round", "shard_index", "id"]
+        indexes = [models.Index(fields=["status", "created_at"], name="training_task_status_created")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["round", "worker"], condition=models.Q(worker__isnull=False),
+                name="training_task_one_per_worker_per_round",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(
+                    status__in=["pending", "assigned", "completed", "failed", "expired", "rejected", "accepted"]
+                ),
+                name="training_task_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(status__in=["assigned", "completed", "failed", "rejected", "accepted"])
+                | models.Q(worker__isnull=False),
+                name="training_task_claimed_has_worker",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(status__in=["completed", "rejected", "accepted"]) | ~models.Q(update_sha256=""),
+                name="training_task_result_has_update",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"task {self.pk} (round {self.round_id}, shard {self.shard_index})"
+
+    @property
+    def ledger_subject(self) -> str:
+        return f"task:{self.pk}"
