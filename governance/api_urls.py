@@ -1,1 +1,15 @@
-urlpatterns = []
+from django.urls import path
+
+from governance import api
+
+urlpatterns = [
+    path("proposals/", api.ProposalListCreateApi.as_view(), name="api-proposal-list"),
+    path("proposals/<int:pk>/", api.ProposalDetailApi.as_view(), name="api-proposal-detail"),
+    path("proposals/<int:pk>/vote", api.ProposalVoteApi.as_view(), name="api-proposal-vote"),
+    path("proposals/<int:pk>/open", api.ProposalOpenApi.as_view(), name="api-proposal-open"),
+    path("proposals/<int:pk>/cancel", api.ProposalCancelApi.as_view(), name="api-proposal-cancel"),
+    path("proposals/<int:pk>/approve", api.ProposalApproveApi.as_view(), name="api-proposal-approve"),
+    path("proposals/<int:pk>/veto", api.ProposalVetoApi.as_view(), name="api-proposal-veto"),
+    path("proposals/<int:pk>/comments", api.ProposalCommentsApi.as_view(), name="api-proposal-comments"),
+    path("guardrails/", api.GuardrailListApi.as_view(), name="api-guardrail-list"),
+]

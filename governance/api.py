@@ -1,0 +1,185 @@
+"""Member API for proposals, votes, comments and guardrails. Thin: input serializer -> service -> output."""
+
+from __future__ import annotations
+
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.permissions import AllowAny, IsAdminUser, IsAuthenticated, IsAuthenticatedOrReadOnly
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from governance import selectors, services
+from governance.models import Guardrail, Proposal
+from governance.serializers import (
+    CommentInput,
+    CommentOutput,
+    ProposalCreateInput,
+    ProposalDetailOutput,
+    ProposalListOutput,
+    VetoInput,
+    VoteInput,
+    VoteResultOutput,
+)
+
+
+def _detail(request, pk: int) -> Response:
+    proposal = selectors.proposal_get(pk=pk, user=request.user)
+    return Response(ProposalDetailOutput(proposal).data)
+
+
+def _proposal(pk: int) -> Proposal:
+    return get_object_or_404(Proposal, pk=pk)
+
+
+class ProposalPagination(LimitOffsetPagination):
+    default_limit = 20
+    max_limit = 100
+
+
+class ProposalListCreateApi(APIView):
+    permission_classes = [IsAuthenticatedOrReadOnly]
+
+    class FilterInput(serializers.Serializer):
+        kind = serializers.ChoiceField(choices=Proposal.Kind.choices, required=False, default="")
+        status = serializers.ChoiceField(choices=Proposal.Status.choices, required=False, default="")
+        q = serializers.CharField(required=False, default="", max_length=200)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("kind", str, enum=Proposal.Kind.values),
+            OpenApiParameter("status", str, enum=Proposal.Status.values),
+            OpenApiParameter("q", str, description="search in title and body"),
+        ],
+        responses=ProposalListOutput(many=True),
+    )
+    def get(self, request):
+        params = self.FilterInput(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        qs = selectors.proposals_list(**params.validated_data, user=request.user)
+        paginator = ProposalPagination()
+        page = paginator.paginate_queryset(qs, request, view=self)
+        return paginator.get_paginated_response(ProposalListOutput(page, many=True).data)
+
+    @extend_schema(request=ProposalCreateInput, responses={201: ProposalDetailOutput})
+    def post(self, request):
+        data = ProposalCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = data.validated_data
+        proposal = services.proposal_submit(
+            author=request.user,
+            kind=values["kind"],
+            title=values["title"],
+            body=values["body"],
+            spec=values["spec"],
+            open_now=values["open"],
+        )
+        response = _detail(request, proposal.pk)
+        response.status_code = status.HTTP_201_CREATED
+        return response
+
+
+class ProposalDetailApi(APIView):
+    permission_classes = [AllowAny]
+
+    @extend_schema(responses=ProposalDetailOutput)
+    def get(self, request, pk: int):
+        try:
+            return _detail(request, pk)
+        except Proposal.DoesNotExist:
+            return Response({"error": "not_found", "detail": "No such proposal."}, status=404)
+
+
+class ProposalVoteApi(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(request=VoteInput, responses=VoteResultOutput)
+    def post(self, request, pk: int):
+        data = VoteInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        proposal = _proposal(pk)
+        vote = services.vote_cast(proposal=proposal, voter=request.user, choice=data.validated_data["choice"])
+        tally = selectors.proposal_tally(proposal=proposal)
+        return Response(VoteResultOutput({"vote": vote, "tally": tally.as_dict()}).data)
+
+
+class ProposalOpenApi(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(request=None, responses=ProposalDetailOutput)
+    def post(self, request, pk: int):
+        services.proposal_open(proposal=_proposal(pk), by=request.user)
+        return _detail(request, pk)
+
+
+class ProposalCancelApi(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(request=None, responses=ProposalDetailOutput)
+    def post(self, request, pk: int):
+        services.proposal_cancel(proposal=_proposal(pk), by=request.user)
+        return _detail(request, pk)
+
+
+class ProposalApproveApi(APIView):
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(request=None, responses=ProposalDetailOutput)
+    def post(self, request, pk: int):
+        services.proposal_approve(proposal=_proposal(pk), by=request.user)
+        return _detail(request, pk)
+
+
+class ProposalVetoApi(APIView):
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(request=VetoInput, responses=ProposalDetailOutput)
+    def post(self, request, pk: int):
+        data = VetoInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.proposal_veto(proposal=_proposal(pk), by=request.user, reason=data.validated_data["reason"])
+        return _detail(request, pk)
+
+
+class ProposalCommentsApi(APIView):
+    permission_classes = [IsAuthenticatedOrReadOnly]
+
+    @extend_schema(responses=CommentOutput(many=True))
+    def get(self, request, pk: int):
+        proposal = _proposal(pk)
+        return Response(CommentOutput(selectors.proposal_comments(proposal=proposal), many=True).data)
+
+    @extend_schema(request=CommentInput, responses={201: CommentOutput})
+    def post(self, request, pk: int):
+        data = CommentInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        comment = services.comment_post(proposal=_proposal(pk), author=request.user, body=data.validated_data["body"])
+        return Response(CommentOutput(comment).data, status=status.HTTP_201_CREATED)
+
+
+class GuardrailListApi(APIView):
+    """Guardrails in force (the shape agents receive), optionally of one kind."""
+
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        parameters=[OpenApiParameter("kind", str, enum=Guardrail.Kind.values)],
+        responses=inline_serializer(
+            "GuardrailPolicy",
+            {
+                "id": serializers.IntegerField(),
+                "title": serializers.CharField(),
+                "kind": serializers.ChoiceField(choices=Guardrail.Kind.choices),
+                "patterns": serializers.ListField(child=serializers.CharField()),
+                "description": serializers.CharField(),
+            },
+            many=True,
+        ),
+    )
+    def get(self, request):
+        kind = request.query_params.get("kind") or None
+        if kind is not None and kind not in Guardrail.Kind.values:
+            raise serializers.ValidationError({"kind": [f"Must be one of {', '.join(Guardrail.Kind.values)}."]})
+        return Response(selectors.guardrails_active(kind=kind))
+

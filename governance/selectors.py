@@ -1,0 +1,199 @@
+"""Reads for governance. Tallies are always computed from the votes (aggregate queries), never stored."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from decimal import Decimal
+
+from django.db.models import Count, DecimalField, OuterRef, Q, QuerySet, Subquery, Sum, Value
+from django.db.models.functions import Coalesce
+
+from governance.models import Guardrail, Proposal, Vote
+
+ZERO = Decimal(0)
+WEIGHT = DecimalField(max_digits=20, decimal_places=4)
+
+
+@dataclass(frozen=True)
+class Tally:
+    yes: Decimal
+    no: Decimal
+    abstain: Decimal
+    votes: int
+    quorum: Decimal | None
+    threshold: Decimal | None
+
+    @property
+    def total(self) -> Decimal:
+        return self.yes + self.no + self.abstain
+
+    @property
+    def quorum_reached(self) -> bool:
+        return self.quorum is not None and self.total >= self.quorum
+
+    @property
+    def yes_share(self) -> Decimal | None:
+        decided = self.yes + self.no
+        return self.yes / decided if decided else None
+
+    @property
+    def passing(self) -> bool:
+        """yes / (yes + no) strictly above the threshold (compared without division, so exactly)."""
+        if self.threshold is None:
+            return False
+        decided = self.yes + self.no
+        return decided > 0 and self.yes > self.threshold * decided
+
+    @property
+    def succeeds(self) -> bool:
+        return self.quorum_reached and self.passing
+
+    def as_dict(self) -> dict:
+        """JSON-ready numbers (ints where whole) for the API and the ledger."""
+        data = asdict(self)
+        data.update(total=self.total, quorum_reached=self.quorum_reached, passing=self.passing)
+        share = self.yes_share
+        data["yes_share"] = None if share is None else round(float(share), 4)
+        return {key: number(value) if isinstance(value, Decimal) else value for key, value in data.items()}
+
+
+def number(value: Decimal | None):
+    if value is None:
+        return None
+    return int(value) if value == value.to_integral_value() else float(value)
+
+
+def _weight_sum(choice: str):
+    """Correlated subquery rather than a join + GROUP BY: only the rows of the page are summed."""
+    votes = (
+        Vote.objects.filter(proposal=OuterRef("pk"), choice=choice)
+        .order_by()
+        .values("proposal")
+        .annotate(total=Sum("weight"))
+        .values("total")
+    )
+    return Coalesce(Subquery(votes, output_field=WEIGHT), Value(ZERO, output_field=WEIGHT), output_field=WEIGHT)
+
+
+def _vote_count():
+    votes = Vote.objects.filter(proposal=OuterRef("pk")).order_by().values("proposal").annotate(n=Count("id"))
+    return Coalesce(Subquery(votes.values("n")), Value(0))
+
+
+def with_tallies(qs: QuerySet[Proposal], *, user=None) -> QuerySet[Proposal]:
+    qs = qs.annotate(
+        yes_weight=_weight_sum(Vote.Choice.YES),
+        no_weight=_weight_sum(Vote.Choice.NO),
+        abstain_weight=_weight_sum(Vote.Choice.ABSTAIN),
+        vote_count=_vote_count(),
+    )
+    if user is not None and user.is_authenticated:
+        mine = Vote.objects.filter(proposal=OuterRef("pk"), voter=user).values("choice")[:1]
+        qs = qs.annotate(my_choice=Subquery(mine))
+    return qs
+
+
+def annotated_tally(proposal: Proposal) -> Tally:
+    """The tally of a proposal fetched through ``with_tallies`` (no further query)."""
+    return Tally(
+        yes=proposal.yes_weight,
+        no=proposal.no_weight,
+        abstain=proposal.abstain_weight,
+        votes=proposal.vote_count,
+        quorum=proposal.quorum,
+        threshold=proposal.threshold,
+    )
+
+
+def proposal_tally(*, proposal: Proposal) -> Tally:
+    sums = Vote.objects.filter(proposal=proposal).aggregate(
+        yes=Sum("weight", filter=Q(choice=Vote.Choice.YES), default=ZERO),
+        no=Sum("weight", filter=Q(choice=Vote.Choice.NO), default=ZERO),
+        abstain=Sum("weight", filter=Q(choice=Vote.Choice.ABSTAIN), default=ZERO),
+        votes=Count("id"),
+    )
+    return Tally(quorum=proposal.quorum, threshold=proposal.threshold, **sums)
+
+
+def proposals_list(*, kind: str = "", status: str = "", q: str = "", user=None) -> QuerySet[Proposal]:
+    qs = Proposal.objects.select_related("author")
+    if kind:
+        qs = qs.filter(kind=kind)
+    if status:
+        qs = qs.filter(status=status)
+    if q:
+        qs = qs.filter(Q(title__icontains=q) | Q(body__icontains=q))
+    return with_tallies(qs, user=user).order_by("-created_at", "-id")
+
+
+def proposal_get(*, pk: int, user=None) -> Proposal:
+    """One proposal with its tally annotations and the viewer's vote; raises ``Proposal.DoesNotExist``."""
+    return with_tallies(Proposal.objects.select_related("author", "decided_by"), user=user).get(pk=pk)
+
+
+def proposal_votes(*, proposal: Proposal) -> QuerySet[Vote]:
+    return proposal.votes.select_related("voter").order_by("created_at", "id")
+
+
+def proposal_comments(*, proposal: Proposal):
+    return proposal.comments.select_related("author").order_by("created_at", "id")
+
+
+def my_vote(*, proposal: Proposal, user) -> Vote | None:
+    if not user.is_authenticated:
+        return None
+    return Vote.objects.filter(proposal=proposal, voter=user).first()
+
+
+def guardrails_active(*, kind: str | None = None) -> list[dict]:
+    """Guardrails in force, in the JSON shape agents and ``diloco.guardrails`` use."""
+    qs = Guardrail.objects.filter(active=True).order_by("id")
+    if kind:
+        qs = qs.filter(kind=kind)
+    return [guardrail.as_policy() for guardrail in qs]
+
+
+def guardrails_for_page() -> dict:
+    base = Guardrail.objects.select_related("proposal", "retired_by")
+    return {
+        "active": list(base.filter(active=True).order_by("kind", "id")),
+        "retired": list(base.filter(active=False).order_by("-retired_at", "-id")[:50]),
+    }
+
+
+def guardrail_retire_pending(*, guardrail_ids: list[int]) -> dict[int, Proposal]:
+    """Open retire proposals per guardrail id, so the page can link them instead of inviting duplicates."""
+    pending = Proposal.objects.filter(
+        kind=Proposal.Kind.GUARDRAIL,
+        status__in=[Proposal.Status.DRAFT, Proposal.Status.ACTIVE],
+        spec__action="retire",
+    ).only("id", "title", "spec", "status")
+    return {p.spec.get("guardrail_id"): p for p in pending if p.spec.get("guardrail_id") in guardrail_ids}
+
+
+def training_proposals_to_enact() -> QuerySet[Proposal]:
+    return Proposal.objects.filter(kind=Proposal.Kind.TRAINING, status=Proposal.Status.APPROVED).order_by(
+        "decided_at", "id"
+    )
+
+
+def proposals_due(*, now) -> QuerySet[Proposal]:
+    return Proposal.objects.filter(status=Proposal.Status.ACTIVE, closes_at__lte=now).order_by("closes_at", "id")
+
+
+def member_activity(*, user) -> dict:
+    return {
+        "proposals": list(Proposal.objects.filter(author=user).order_by("-created_at", "-id")[:50]),
+        "votes_cast": Vote.objects.filter(voter=user).count(),
+    }
+
+
+def home_summary() -> dict:
+    return {
+        "active_proposals": Proposal.objects.filter(status=Proposal.Status.ACTIVE).count(),
+        "active_guardrails": Guardrail.objects.filter(active=True).count(),
+        "recent_proposals": list(
+            with_tallies(Proposal.objects.select_related("author").exclude(status=Proposal.Status.DRAFT))
+            .order_by("-created_at", "-id")[:5]
+        ),
+    }

@@ -1,0 +1,342 @@
+"""Validation and normalisation of proposal specs (the contract's training and guardrail specs).
+
+Every spec is validated by a DRF serializer; errors are nested the way the spec is, so the API names
+the field (``spec.diloco.inner_lr``) and the web form attaches the same message to the same input.
+Missing fields get their defaults, so the frozen spec is always complete; unknown fields are refused
+so a typo (``inner_Lr``) is not silently dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import posixpath
+import re
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.validators import URLValidator
+from rest_framework import serializers
+
+from ledger.chain import canonical_json
+
+SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_PATTERNS = 50
+MAX_PATTERN_LENGTH = 200
+
+
+def content_hash(spec: dict) -> str:
+    """sha256 hex of the spec's canonical JSON (sorted keys, compact separators)."""
+    return hashlib.sha256(canonical_json(spec).encode("utf-8")).hexdigest()
+
+
+class FiniteFloatField(serializers.FloatField):
+    default_error_messages = {"finite": "Must be a finite number."}
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool):
+            self.fail("invalid")
+        value = super().to_internal_value(data)
+        if not math.isfinite(value):
+            self.fail("finite")
+        return value
+
+
+class StrictIntegerField(serializers.IntegerField):
+    def to_internal_value(self, data):
+        if isinstance(data, bool):
+            self.fail("invalid")
+        if isinstance(data, float) and not data.is_integer():
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictSerializer(serializers.Serializer):
+    """Refuses unknown keys and validates omitted nested sections from ``{}`` so their defaults apply."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, dict):
+            raise serializers.ValidationError(
+                {"non_field_errors": [f"Expected an object, got {type(data).__name__}."]}
+            )
+        unknown = sorted(set(data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError({key: ["Unknown field."] for key in unknown})
+        data = dict(data)
+        for name, field in self.fields.items():
+            if isinstance(field, serializers.Serializer) and name not in data:
+                data[name] = {}
+        return super().to_internal_value(data)
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+class ModelConfigSpec(StrictSerializer):
+    n_layer = StrictIntegerField(min_value=1, max_value=48, default=2, help_text="Transformer blocks (1–48).")
+    n_embd = StrictIntegerField(
+        min_value=8, max_value=4096, default=64, help_text="Embedding width (8–4096); divisible by the heads."
+    )
+    n_head = StrictIntegerField(min_value=1, max_value=64, default=4, help_text="Attention heads (1–64).")
+    block_size = StrictIntegerField(
+        min_value=8, max_value=4096, default=64, help_text="Context length in bytes (8–4096)."
+    )
+
+    def validate(self, attrs):
+        if attrs["n_embd"] % attrs["n_head"]:
+            raise serializers.ValidationError(
+                {"n_embd": [f"Must be divisible by n_head ({attrs['n_head']}); got {attrs['n_embd']}."]}
+            )
+        return attrs
+
+
+class ModelSpec(StrictSerializer):
+    name = serializers.CharField(
+        default="byte-gpt-small",
+        max_length=64,
+        help_text="Slug of the community model to train: letters, digits and dashes.",
+    )
+    arch = serializers.ChoiceField(choices=["byte-gpt"], default="byte-gpt", help_text="Architecture.")
+    config = ModelConfigSpec(required=False)
+    init = serializers.ChoiceField(
+        choices=["scratch", "current"],
+        default="current",
+        help_text="Start from fresh weights (scratch) or the model's current checkpoint (current).",
+    )
+
+    def validate_name(self, value: str) -> str:
+        value = value.strip().lower()
+        if not SLUG_RE.match(value):
+            raise serializers.ValidationError(
+                "Use letters, digits and dashes only (no leading or trailing dash), at most 64 characters."
+            )
+        return value
+
+
+class DatasetSpec(StrictSerializer):
+    source = serializers.CharField(
+        default="builtin:python-docs",
+        max_length=2000,
+        help_text="builtin:python-docs, file:/absolute/path, or an https:// URL (pinned by sha256).",
+    )
+    sha256 = serializers.CharField(
+        default=None, allow_null=True, allow_blank=True, help_text="64 hex digits; required for https sources."
+    )
+    heldout_fraction = FiniteFloatField(
+        min_value=0.01, max_value=0.5, default=0.1, help_text="Share of documents kept for evaluation (0.01–0.5)."
+    )
+
+    def validate_source(self, value: str) -> str:
+        value = value.strip()
+        if value.startswith("builtin:"):
+            if value != "builtin:python-docs":
+                raise serializers.ValidationError("The only built-in corpus is builtin:python-docs.")
+            return value
+        if value.startswith("file:"):
+            path = value[len("file:"):]
+            if not path.startswith("/"):
+                raise serializers.ValidationError("A file source needs an absolute path: file:/path/to/corpus.txt.")
+            normalised = posixpath.normpath(path)
+            if normalised in ("/", "."):
+                raise serializers.ValidationError("A file source must name a file.")
+            return "file:" + normalised
+        if value.startswith("https://"):
+            try:
+                URLValidator(schemes=["https"])(value)
+            except DjangoValidationError:
+                raise serializers.ValidationError("Not a valid https URL.") from None
+            return value
+        raise serializers.ValidationError(
+            "Must be builtin:python-docs, file:<absolute path> or an https:// URL."
+        )
+
+    def validate_sha256(self, value):
+        if value is None or not value.strip():
+            return None
+        value = value.strip().lower()
+        if not SHA256_RE.match(value):
+            raise serializers.ValidationError("Must be 64 hexadecimal digits.")
+        return value
+
+    def validate(self, attrs):
+        if attrs["source"].startswith("https://") and not attrs.get("sha256"):
+            raise serializers.ValidationError({"sha256": ["Required for https sources, so the data is pinned."]})
+        return attrs
+
+
+class DilocoSpec(StrictSerializer):
+    rounds = StrictIntegerField(min_value=1, max_value=1000, default=3, help_text="Outer rounds T (1–1000).")
+    workers_per_round = StrictIntegerField(
+        min_value=1, max_value=256, default=2, help_text="Workers k asked to train in each round (1–256)."
+    )
+    min_workers = StrictIntegerField(
+        min_value=1, max_value=256, default=1,
+        help_text="Results needed to aggregate when the round deadline passes (≤ workers per round).",
+    )
+    inner_steps = StrictIntegerField(
+        min_value=1, max_value=100_000, default=20, help_text="Inner AdamW steps H per round (1–100000)."
+    )
+    inner_lr = FiniteFloatField(
+        min_value=1e-7, max_value=1.0, default=0.0004, help_text="Inner learning rate (1e-7–1)."
+    )
+    batch_size = StrictIntegerField(min_value=1, max_value=1024, default=8, help_text="Sequences per step (1–1024).")
+    seq_len = StrictIntegerField(
+        min_value=8, max_value=4096, default=64, help_text="Sequence length in bytes (8–4096; ≤ block size)."
+    )
+    weight_decay = FiniteFloatField(min_value=0.0, max_value=1.0, default=0.1, help_text="AdamW weight decay (0–1).")
+    warmup = StrictIntegerField(
+        min_value=0, max_value=100_000, default=5, help_text="Linear warm-up steps (≤ inner steps)."
+    )
+    grad_clip = FiniteFloatField(
+        min_value=0.0, max_value=100.0, default=1.0, help_text="Gradient norm clip (0 disables; ≤ 100)."
+    )
+    outer_lr = FiniteFloatField(min_value=0.01, max_value=2.0, default=0.7, help_text="Outer SGD learning rate (0.01–2).")
+    outer_momentum = FiniteFloatField(
+        min_value=0.0, max_value=0.99, default=0.9, help_text="Outer Nesterov momentum (0–0.99)."
+    )
+    compression = serializers.ChoiceField(
+        choices=["fp32", "fp16", "int8"], default="int8", help_text="How pseudo-gradients travel."
+    )
+    aggregator = serializers.ChoiceField(
+        choices=["mean", "trimmed_mean", "median", "norm_clipped_mean"],
+        default="trimmed_mean",
+        help_text="How the round's updates are combined; robust ones resist poisoned updates.",
+    )
+    round_timeout_s = StrictIntegerField(
+        min_value=30, max_value=86_400, default=600, help_text="Round deadline in seconds (30–86400)."
+    )
+
+    def validate(self, attrs):
+        errors = {}
+        if attrs["min_workers"] > attrs["workers_per_round"]:
+            errors["min_workers"] = [
+                f"Must not exceed workers_per_round ({attrs['workers_per_round']}); got {attrs['min_workers']}."
+            ]
+        if attrs["warmup"] > attrs["inner_steps"]:
+            errors["warmup"] = [f"Must not exceed inner_steps ({attrs['inner_steps']}); got {attrs['warmup']}."]
+        if errors:
+            raise serializers.ValidationError(errors)
+        return attrs
+
+
+class HardwareSpec(StrictSerializer):
+    min_vram_mb = StrictIntegerField(
+        min_value=0, max_value=1_048_576, default=0, help_text="Least GPU memory a worker needs, in MB (0 = any)."
+    )
+    allow_cpu = serializers.BooleanField(default=True, help_text="Let CPU-only workers take part (small runs).")
+
+
+class TrainingSpec(StrictSerializer):
+    model = ModelSpec(required=False)
+    dataset = DatasetSpec(required=False)
+    diloco = DilocoSpec(required=False)
+    hardware = HardwareSpec(required=False)
+
+    def validate(self, attrs):
+        block_size = attrs["model"]["config"]["block_size"]
+        if attrs["diloco"]["seq_len"] > block_size:
+            raise serializers.ValidationError(
+                {"diloco": {"seq_len": [f"Must not exceed model.config.block_size ({block_size})."]}}
+            )
+        return attrs
+
+
+# --- guardrail ----------------------------------------------------------------------------------
+
+
+class GuardrailSpec(StrictSerializer):
+    action = serializers.ChoiceField(
+        choices=["adopt", "retire"], default="adopt", help_text="Adopt a new guardrail or retire one in force."
+    )
+    kind = serializers.ChoiceField(
+        choices=["data_filter", "output_filter"],
+        required=False,
+        help_text="data_filter drops training documents that match; output_filter blocks matching model output.",
+    )
+    patterns = serializers.ListField(
+        child=serializers.CharField(allow_blank=True, trim_whitespace=True),
+        required=False,
+        help_text=f"Python regular expressions, matched case-insensitively; 1–{MAX_PATTERNS}, "
+        f"each at most {MAX_PATTERN_LENGTH} characters.",
+    )
+    guardrail_id = StrictIntegerField(min_value=1, required=False, help_text="The guardrail to retire.")
+    description = serializers.CharField(
+        default="", allow_blank=True, max_length=2000, help_text="What the guardrail is for, in plain words."
+    )
+
+    def validate_patterns(self, value: list[str]) -> list[str]:
+        if not value:
+            raise serializers.ValidationError("Give at least one pattern.")
+        if len(value) > MAX_PATTERNS:
+            raise serializers.ValidationError(f"At most {MAX_PATTERNS} patterns; got {len(value)}.")
+        errors: dict[int, list[str]] = {}
+        for index, pattern in enumerate(value):
+            if not pattern:
+                errors[index] = ["Empty pattern (it would match everything)."]
+            elif len(pattern) > MAX_PATTERN_LENGTH:
+                errors[index] = [f"At most {MAX_PATTERN_LENGTH} characters; got {len(pattern)}."]
+            else:
+                try:
+                    re.compile(pattern, re.IGNORECASE)
+                except re.error as exc:
+                    errors[index] = [f"Not a valid regular expression: {exc}."]
+        if errors:
+            raise serializers.ValidationError(errors)
+        return list(dict.fromkeys(value))  # drop duplicates, keep order
+
+    def validate(self, attrs):
+        action = attrs["action"]
+        if action == "adopt":
+            errors = {
+                name: [f"This field is required when action is {action}."]
+                for name in ("kind", "patterns")
+                if name not in attrs
+            }
+            if "guardrail_id" in attrs:
+                errors["guardrail_id"] = ["Only used when action is retire."]
+            if errors:
+                raise serializers.ValidationError(errors)
+            return {
+                "action": action,
+                "kind": attrs["kind"],
+                "patterns": attrs["patterns"],
+                "description": attrs["description"].strip(),
+            }
+        errors = {}
+        if "guardrail_id" not in attrs:
+            errors["guardrail_id"] = ["This field is required when action is retire."]
+        for name in ("kind", "patterns"):
+            if name in attrs:
+                errors[name] = ["Only used when action is adopt."]
+        if errors:
+            raise serializers.ValidationError(errors)
+        return {"action": action, "guardrail_id": attrs["guardrail_id"], "description": attrs["description"].strip()}
+
+
+SPEC_SERIALIZERS = {"training": TrainingSpec, "guardrail": GuardrailSpec}
+
+
+def _plain(value):
+    """OrderedDicts and ReturnDicts out, plain JSON values in."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def spec_normalise(*, kind: str, spec) -> dict:
+    """The validated, complete spec, or a DRF ``ValidationError`` nested under ``spec``."""
+    serializer_class = SPEC_SERIALIZERS.get(kind)
+    if serializer_class is None:
+        raise serializers.ValidationError({"kind": [f"Unknown kind {kind!r}."]})
+    serializer = serializer_class(data=spec)
+    if not serializer.is_valid():
+        raise serializers.ValidationError({"spec": serializer.errors})
+    return _plain(serializer.validated_data)
+
+
+def default_spec(kind: str) -> dict:
+    if kind == "training":
+        return spec_normalise(kind=kind, spec={})
+    return {"action": "adopt", "kind": "data_filter", "patterns": [], "description": ""}
