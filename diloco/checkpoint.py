@@ -21,7 +21,9 @@ def save_weights(state: dict[str, Tensor], meta: dict) -> bytes:
     """Safetensors bytes of ``state`` (CPU, contiguous) with ``meta`` as JSON under metadata key ``agora``."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     text = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return st_save(tensors, metadata={"format": "pt", META_KEY: text})
+    # One metadata key only: safetensors writes the metadata map in arbitrary order, and a single key
+    # keeps the bytes (hence the content hash) identical for identical weights and meta.
+    return st_save(tensors, metadata={META_KEY: text})
 
 
 def load_weights(data: bytes) -> tuple[dict[str, Tensor], dict]:

@@ -1,4 +1,6 @@
-"""Pseudo-gradient codecs. An update travels as safetensors bytes whose metadata names the codec.
+"""Pseudo-gradient codecs. An update travels as safetensors bytes whose metadata names the codec:
+``{"agora_update": '{"chunk":4096,"codec":"int8","format":"agora-update-v1"}'}`` (one key, sorted JSON,
+so identical updates encode to identical bytes).
 
 - ``fp32``: the tensors as float32.
 - ``fp16``: the tensors as float16 (half the bytes; values beyond ±65504 are refused when encoding).
@@ -21,6 +23,7 @@ from torch import Tensor
 
 CODECS = ("fp32", "fp16", "int8")
 FORMAT = "agora-update-v1"
+META_KEY = "agora_update"
 INT8_CHUNK = 4096
 SCALE_SUFFIX = "::scale"
 _FP16_MAX = 65504.0
@@ -92,8 +95,10 @@ def encode_update(delta: dict[str, Tensor], codec: str, *, chunk: int = INT8_CHU
     tensors = _encoded_tensors(delta, codec, chunk)
     meta = {"format": FORMAT, "codec": codec}
     if codec == "int8":
-        meta["chunk"] = str(chunk)
-    return st_save(tensors, metadata=meta)
+        meta["chunk"] = chunk
+    # One metadata key holding sorted JSON: safetensors writes its metadata map in arbitrary order, and
+    # identical updates should be identical bytes.
+    return st_save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
 
 
 def payload_nbytes(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], codec: str,
@@ -128,6 +133,17 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     return meta if isinstance(meta, dict) else {}
 
 
+def _update_metadata(data: bytes) -> dict:
+    raw = _read_metadata(data).get(META_KEY)
+    try:
+        meta = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise CodecError(f"update metadata lacks a valid {META_KEY!r} entry (format {FORMAT!r} expected)")
+    return meta
+
+
 def decode_update(
     data: bytes, reference: dict[str, tuple[tuple[int, ...], torch.dtype]]
 ) -> dict[str, Tensor]:
@@ -135,11 +151,12 @@ def decode_update(
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CodecError("update must be bytes")
     data = bytes(data)
-    meta = _read_metadata(data)
+    _read_metadata(data)
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types for every malformed input
         raise CodecError(f"update is not a safetensors file: {exc}") from exc
+    meta = _update_metadata(data)
     if meta.get("format") != FORMAT:
         raise CodecError(f"update metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
     codec = meta.get("codec")
@@ -147,11 +164,8 @@ def decode_update(
         raise CodecError(f"unknown codec {codec!r} in update metadata (known: {', '.join(CODECS)})")
     chunk = INT8_CHUNK
     if codec == "int8":
-        try:
-            chunk = int(meta.get("chunk", ""))
-        except ValueError:
-            raise CodecError("int8 update metadata lacks a valid chunk size") from None
-        if chunk < 1:
+        chunk = meta.get("chunk")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise CodecError("int8 update metadata lacks a valid chunk size")
     expected_names = set(reference)
     if codec == "int8":

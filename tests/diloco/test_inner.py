@@ -1,0 +1,126 @@
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from diloco.data import encode_documents, load_documents
+from diloco.evaluate import evaluate_loss
+from diloco.inner import InnerConfig, inner_train
+from diloco.models import build_model
+
+CORPUS = encode_documents(["the quick brown fox jumps over the lazy dog. " * 20])
+
+
+def _cfg(**kw):
+    base = dict(steps=30, lr=3e-3, batch_size=8, seq_len=32, warmup=3)
+    base.update(kw)
+    return InnerConfig(**base)
+
+
+def test_reduces_loss_and_returns_exact_pseudo_gradient(tiny_config):
+    model = build_model("byte-gpt", tiny_config)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    before = evaluate_loss(model, CORPUS, batch_size=4, seq_len=32)
+    seen = []
+    result = inner_train(model, CORPUS, _cfg(), seed=0, progress=lambda s, loss: seen.append((s, loss)))
+    after = evaluate_loss(model, CORPUS, batch_size=4, seq_len=32)
+    end = model.state_dict()
+    assert after < before - 1.0
+    assert result.loss_end < result.loss_start
+    assert [s for s, _ in seen] == list(range(1, 31))
+    assert result.steps == 30 and result.tokens == 30 * 8 * 32 and result.seconds > 0
+    assert result.pseudo_gradient.keys() == start.keys()
+    for k in start:
+        delta = result.pseudo_gradient[k]
+        assert delta.dtype == torch.float32
+        assert torch.equal(delta, start[k] - end[k])  # exactly θ_start − θ_end
+        assert torch.allclose(start[k] - delta, end[k], rtol=0, atol=1e-6)
+    assert any(result.pseudo_gradient[k].abs().sum() > 0 for k in start)
+
+
+def test_deterministic_given_seed(tiny_config):
+    runs = []
+    for seed in (5, 5, 6):
+        model = build_model("byte-gpt", tiny_config)
+        runs.append(inner_train(model, CORPUS, _cfg(steps=5), seed=seed).pseudo_gradient)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_dropout_runs_deterministically(tiny_config):
+    cfg = {**tiny_config, "dropout": 0.1}
+    a = inner_train(build_model("byte-gpt", cfg), CORPUS, _cfg(steps=3), seed=1).pseudo_gradient
+    b = inner_train(build_model("byte-gpt", cfg), CORPUS, _cfg(steps=3), seed=1).pseudo_gradient
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_optimizer_state_round_trip_continues_exactly(tiny_config):
+    """Two rounds of 4 steps with the state carried over equal the same rounds done in one process."""
+    cfg = _cfg(steps=4, warmup=6)
+    model_a = build_model("byte-gpt", tiny_config)
+    first = inner_train(model_a, CORPUS, cfg, seed=1)
+    state = first.optimizer_state
+    assert {k.rsplit(".", 1)[1] for k in state} == {"exp_avg", "exp_avg_sq", "step"}
+    assert float(state["wte.weight.step"]) == 4
+    # Through safetensors bytes, as a worker would keep it on disk.
+    restored = st_load(st_save(state))
+    second_a = inner_train(model_a, CORPUS, cfg, seed=2, optimizer_state=restored)
+    assert float(second_a.optimizer_state["wte.weight.step"]) == 8
+
+    model_b = build_model("byte-gpt", tiny_config)
+    inner_train(model_b, CORPUS, cfg, seed=1)
+    second_b = inner_train(model_b, CORPUS, cfg, seed=2, optimizer_state=dict(state))
+    assert all(torch.equal(second_a.pseudo_gradient[k], second_b.pseudo_gradient[k]) for k in state if k in second_a.pseudo_gradient)
+    assert all(torch.equal(model_a.state_dict()[k], model_b.state_dict()[k]) for k in model_a.state_dict())
+
+    # Without the state, the second round differs (fresh moments, warmup again).
+    model_c = build_model("byte-gpt", tiny_config)
+    inner_train(model_c, CORPUS, cfg, seed=1)
+    second_c = inner_train(model_c, CORPUS, cfg, seed=2)
+    assert any(not torch.equal(second_a.pseudo_gradient[k], second_c.pseudo_gradient[k]) for k in second_c.pseudo_gradient)
+
+
+def test_bad_optimizer_state_rejected(tiny_config):
+    model = build_model("byte-gpt", tiny_config)
+    with pytest.raises(ValueError, match="unknown entries"):
+        inner_train(model, CORPUS, _cfg(steps=1), seed=0, optimizer_state={"nope.exp_avg": torch.zeros(1)})
+    bad = {"wte.weight.exp_avg": torch.zeros(3), "wte.weight.exp_avg_sq": torch.zeros(3), "wte.weight.step": torch.tensor(1.0)}
+    with pytest.raises(ValueError, match="shape"):
+        inner_train(model, CORPUS, _cfg(steps=1), seed=0, optimizer_state=bad)
+
+
+def test_gradient_clipping_is_applied(tiny_config):
+    """Adam's first step is ~lr per coordinate whatever the gradient scale, unless the clipped gradient
+    becomes comparable to Adam's eps (1e-8): a tiny clip norm visibly shrinks the step."""
+
+    def first_step_size(clip):
+        model = build_model("byte-gpt", tiny_config)
+        r = inner_train(model, CORPUS, _cfg(steps=1, lr=1e-3, warmup=0, weight_decay=0.0, grad_clip=clip), seed=0)
+        return max(v.abs().max().item() for v in r.pseudo_gradient.values())
+
+    unclipped = first_step_size(0.0)
+    assert unclipped == pytest.approx(1e-3, rel=0.01)
+    assert first_step_size(1e-9) < 0.2 * unclipped
+
+
+def test_warmup_scales_first_step(tiny_config):
+    def first_step_size(warmup):
+        model = build_model("byte-gpt", tiny_config)
+        r = inner_train(model, CORPUS, _cfg(steps=1, warmup=warmup, weight_decay=0.0), seed=0)
+        return max(v.abs().max().item() for v in r.pseudo_gradient.values())
+
+    assert first_step_size(10) == pytest.approx(first_step_size(0) / 10, rel=1e-3)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        InnerConfig(steps=0, lr=1e-3, batch_size=1, seq_len=1)
+    with pytest.raises(ValueError):
+        InnerConfig(steps=1, lr=0, batch_size=1, seq_len=1)
+
+
+def test_python_docs_corpus_trains(tiny_config):
+    tokens = encode_documents(load_documents("builtin:python-docs")[:5])
+    model = build_model("byte-gpt", tiny_config)
+    result = inner_train(model, tokens, _cfg(steps=10), seed=0)
+    assert result.loss_end < result.loss_start
