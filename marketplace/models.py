@@ -159,3 +159,23 @@ class CreditGrant(models.Model):
 
     def delete(self, *args, **kwargs):
         raise TypeError("credit grants are append-only")
+
+
+class WorkerOutcome(models.Model):
+    """One validated (or rejected) result of a worker, recorded once per reference so that reliability
+    moves exactly once per task even if the caller retries."""
+
+    worker = models.ForeignKey(Worker, on_delete=models.CASCADE, related_name="outcomes")
+    reference = models.CharField(max_length=100)
+    valid = models.BooleanField()
+    reliability_after = models.FloatField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["worker", "reference"], name="mkt_outcome_unique_reference"),
+        ]
+
+    def __str__(self) -> str:
+        return f"worker:{self.worker_id} {self.reference} {'valid' if self.valid else 'invalid'}"

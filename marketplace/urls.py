@@ -1,10 +1,14 @@
 from django.urls import path
-from django.views.generic import TemplateView
+
+from marketplace import views
 
 app_name = "marketplace"
-_soon = TemplateView.as_view(template_name="agora/soon.html")
 urlpatterns = [
-    path("workers/", _soon, name="pool"),
-    path("workers/mine/", _soon, name="my_workers"),
-    path("workers/add/", _soon, name="add_worker"),
+    path("workers/", views.pool, name="pool"),
+    path("workers/mine/", views.my_workers, name="my_workers"),
+    path("workers/add/", views.add_worker, name="add_worker"),
+    path("workers/<int:worker_id>/", views.worker_detail, name="worker_detail"),
+    path("workers/<int:worker_id>/revoke", views.worker_revoke, name="worker_revoke"),
+    path("workers/<int:worker_id>/suspend", views.worker_suspend, name="worker_suspend"),
+    path("workers/<int:worker_id>/reinstate", views.worker_reinstate, name="worker_reinstate"),
 ]

@@ -1,0 +1,143 @@
+"""The worker protocol (enroll, heartbeat, me) and the public pool API. Thin: serializer -> service ->
+serializer."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.http import Http404
+from drf_spectacular.utils import extend_schema
+from rest_framework import status
+from rest_framework.generics import ListAPIView
+from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from marketplace import selectors, services
+from marketplace.auth import IsWorker, WorkerTokenAuthentication
+from marketplace.serializers import (
+    EnrollIn,
+    EnrollOut,
+    HeartbeatIn,
+    HeartbeatOut,
+    SuspendIn,
+    WorkerMeOut,
+    WorkerOut,
+)
+from marketplace.throttles import EnrollRateThrottle, WorkerRateThrottle
+
+
+class EnrollApi(APIView):
+    """Exchange a single-use enrollment token and the machine's hardware for a worker token."""
+
+    authentication_classes = []
+    permission_classes = [AllowAny]
+    throttle_classes = [EnrollRateThrottle]
+    throttle_scope = "enroll"
+
+    @extend_schema(request=EnrollIn, responses={201: EnrollOut})
+    def post(self, request):
+        data = EnrollIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        created = services.worker_enroll(**data.validated_data)
+        return Response(EnrollOut({"worker_id": created.record.pk, "worker_token": created.token}).data,
+                        status=status.HTTP_201_CREATED)
+
+
+class WorkerApiMixin:
+    authentication_classes = [WorkerTokenAuthentication]
+    permission_classes = [IsWorker]
+
+
+class HeartbeatApi(WorkerApiMixin, APIView):
+    """The agent says it is alive (every ``poll_after_s`` seconds). Writes the cache, not the database."""
+
+    throttle_classes = [WorkerRateThrottle]
+    throttle_scope = "heartbeat"
+
+    @extend_schema(request=HeartbeatIn, responses={200: HeartbeatOut})
+    def post(self, request):
+        data = HeartbeatIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        value = services.worker_heartbeat(worker=request.auth, **data.validated_data)
+        state = selectors.live_state_from(request.auth, value)
+        return Response({"poll_after_s": settings.AGORA_HEARTBEAT_INTERVAL_S, "worker_state": state})
+
+
+class WorkerMeApi(WorkerApiMixin, APIView):
+    """The calling worker's own record and live state (``agora-worker status``)."""
+
+    @extend_schema(responses={200: WorkerMeOut})
+    def get(self, request):
+        worker = selectors.worker_get(worker_id=request.auth.pk)
+        if worker is None:  # deleted after the token was cached
+            raise Http404
+        selectors.with_live_state([worker])
+        return Response(WorkerMeOut(worker).data)
+
+
+class WorkerListApi(ListAPIView):
+    """The public pool: every worker that is not revoked, with its live state. No secrets, no e-mail."""
+
+    permission_classes = [AllowAny]
+    serializer_class = WorkerOut
+
+    def get_queryset(self):
+        return selectors.worker_list_public()
+
+    def paginate_queryset(self, queryset):
+        page = super().paginate_queryset(queryset)
+        return selectors.with_live_state(page if page is not None else queryset)
+
+
+class WorkerDetailApi(APIView):
+    permission_classes = [AllowAny]
+
+    @extend_schema(responses={200: WorkerOut})
+    def get(self, request, worker_id: int):
+        worker = selectors.worker_get(worker_id=worker_id)
+        if worker is None:
+            raise Http404
+        selectors.with_live_state([worker])
+        return Response(WorkerOut(worker).data)
+
+
+class _WorkerActionApi(APIView):
+    permission_classes = [IsAuthenticated]
+
+    def _worker(self, worker_id: int):
+        worker = selectors.worker_get(worker_id=worker_id)
+        if worker is None:
+            raise Http404
+        return worker
+
+    def _render(self, worker):
+        worker = selectors.worker_get(worker_id=worker.pk)
+        selectors.with_live_state([worker])
+        return Response(WorkerOut(worker).data)
+
+
+class WorkerSuspendApi(_WorkerActionApi):
+    """Staff: suspend a worker (it gets 403 ``worker_suspended`` on every call until reinstated)."""
+
+    @extend_schema(request=SuspendIn, responses={200: WorkerOut})
+    def post(self, request, worker_id: int):
+        worker = self._worker(worker_id)
+        data = SuspendIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        return self._render(services.worker_suspend(worker=worker, by=request.user, **data.validated_data))
+
+
+class WorkerReinstateApi(_WorkerActionApi):
+    """Staff: lift a suspension."""
+
+    @extend_schema(request=None, responses={200: WorkerOut})
+    def post(self, request, worker_id: int):
+        return self._render(services.worker_reinstate(worker=self._worker(worker_id), by=request.user))
+
+
+class WorkerRevokeApi(_WorkerActionApi):
+    """Owner: revoke the worker's token for good (401 ``invalid_token`` afterwards)."""
+
+    @extend_schema(request=None, responses={200: WorkerOut})
+    def post(self, request, worker_id: int):
+        return self._render(services.worker_revoke(worker=self._worker(worker_id), by=request.user))

@@ -1,0 +1,83 @@
+"""Worker presence and the worker-token cache: the heartbeat hot path, kept out of the database.
+
+Presence is a cache entry ``presence:<worker_id>`` -> ``{"state", "task_id", "progress", "at"}`` written by
+every heartbeat with a time-to-live of ``AGORA_OFFLINE_AFTER_S``: a worker whose entry expired is offline.
+``at`` (Unix seconds) is checked as well, so a cache that keeps entries a little longer than asked cannot
+make a silent worker look alive. Values are plain dicts of numbers and strings.
+
+The token cache maps ``sha256(worker token)`` -> the few facts authentication needs (worker id, owner,
+status) for ``TOKEN_CACHE_S`` seconds, so a heartbeat costs no SQL once warm. Every service that changes
+a worker's status forgets its entry (immediately and again on commit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import transaction
+
+TOKEN_CACHE_S = 30
+PRESENCE_PREFIX = "presence:"
+TOKEN_PREFIX = "wtok:"
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def presence_key(worker_id: int) -> str:
+    return f"{PRESENCE_PREFIX}{worker_id}"
+
+
+def presence_record(worker_id: int, *, state: str, task_id: int | None, progress: float | None) -> dict:
+    value = {"state": state, "task_id": task_id, "progress": progress, "at": time.time()}
+    cache.set(presence_key(worker_id), value, timeout=settings.AGORA_OFFLINE_AFTER_S)
+    return value
+
+
+def _fresh(value) -> dict | None:
+    if not isinstance(value, dict):
+        return None
+    if time.time() - float(value.get("at", 0)) > settings.AGORA_OFFLINE_AFTER_S:
+        return None
+    return value
+
+
+def presence_get(worker_id: int) -> dict | None:
+    return _fresh(cache.get(presence_key(worker_id)))
+
+
+def presence_get_many(worker_ids) -> dict[int, dict]:
+    """Presence of many workers in one cache round trip: ``{worker_id: presence}`` for those online."""
+    ids = list(worker_ids)
+    if not ids:
+        return {}
+    found = cache.get_many([presence_key(i) for i in ids])
+    out: dict[int, dict] = {}
+    for worker_id in ids:
+        value = _fresh(found.get(presence_key(worker_id)))
+        if value is not None:
+            out[worker_id] = value
+    return out
+
+
+def presence_forget(worker_id: int) -> None:
+    cache.delete(presence_key(worker_id))
+
+
+def token_cache_get(digest: str) -> dict | None:
+    return cache.get(TOKEN_PREFIX + digest)
+
+
+def token_cache_set(digest: str, facts: dict) -> None:
+    cache.set(TOKEN_PREFIX + digest, facts, timeout=TOKEN_CACHE_S)
+
+
+def token_cache_forget(digest: str) -> None:
+    """Forget now, and again once the status change commits (a request that read the old row between the
+    two could otherwise put it back)."""
+    cache.delete(TOKEN_PREFIX + digest)
+    transaction.on_commit(lambda: cache.delete(TOKEN_PREFIX + digest))
