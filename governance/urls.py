@@ -1,11 +1,18 @@
 from django.urls import path
-from django.views.generic import TemplateView
+
+from governance import views
 
 app_name = "governance"
-_soon = TemplateView.as_view(template_name="agora/soon.html")
 urlpatterns = [
-    path("proposals/", _soon, name="proposal_list"),
-    path("proposals/new/", _soon, name="proposal_create"),
-    path("proposals/<int:pk>/", _soon, name="proposal_detail"),
-    path("guardrails/", _soon, name="guardrail_list"),
+    path("proposals/", views.proposal_list, name="proposal_list"),
+    path("proposals/new/", views.proposal_create, name="proposal_create"),
+    path("proposals/<int:pk>/", views.proposal_detail, name="proposal_detail"),
+    path("proposals/<int:pk>/tally", views.proposal_tally, name="proposal_tally"),
+    path("proposals/<int:pk>/vote", views.proposal_vote, name="proposal_vote"),
+    path("proposals/<int:pk>/open", views.proposal_open, name="proposal_open"),
+    path("proposals/<int:pk>/cancel", views.proposal_cancel, name="proposal_cancel"),
+    path("proposals/<int:pk>/approve", views.proposal_approve, name="proposal_approve"),
+    path("proposals/<int:pk>/veto", views.proposal_veto, name="proposal_veto"),
+    path("proposals/<int:pk>/comment", views.proposal_comment, name="proposal_comment"),
+    path("guardrails/", views.guardrail_list, name="guardrail_list"),
 ]

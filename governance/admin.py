@@ -1,0 +1,112 @@
+"""Django admin: read-mostly. State changes go through the services (approve/veto actions)."""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.shortcuts import render
+
+from governance import services
+from governance.errors import GovernanceError
+from governance.models import Comment, Guardrail, Proposal, Vote
+from governance.selectors import number
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in self.model._meta.fields]
+
+
+class VoteInline(admin.TabularInline):
+    model = Vote
+    extra = 0
+    can_delete = False
+    readonly_fields = ["voter", "choice", "weight", "created_at", "updated_at"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+class VetoReasonForm(forms.Form):
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 4, "cols": 60}), max_length=2000)
+
+
+@admin.register(Proposal)
+class ProposalAdmin(ReadOnlyAdmin):
+    list_display = ["id", "title", "kind", "status", "author", "created_at", "closes_at"]
+    list_filter = ["kind", "status"]
+    search_fields = ["title", "body", "content_hash"]
+    list_select_related = ["author"]
+    inlines = [VoteInline]
+    actions = ["approve_selected", "veto_selected"]
+
+    @admin.action(description="Approve selected succeeded training proposals")
+    def approve_selected(self, request, queryset):
+        done = 0
+        for proposal in queryset:
+            try:
+                services.proposal_approve(proposal=proposal, by=request.user)
+            except GovernanceError as exc:
+                self.message_user(request, f"#{proposal.pk}: {exc}", messages.ERROR)
+            else:
+                done += 1
+        if done:
+            self.message_user(request, f"Approved {done} proposal(s).", messages.SUCCESS)
+
+    @admin.action(description="Veto selected succeeded training proposals (asks for a reason)")
+    def veto_selected(self, request, queryset):
+        form = VetoReasonForm(request.POST if "apply" in request.POST else None)
+        if form.is_valid():
+            done = 0
+            for proposal in queryset:
+                try:
+                    services.proposal_veto(proposal=proposal, by=request.user, reason=form.cleaned_data["reason"])
+                except GovernanceError as exc:
+                    self.message_user(request, f"#{proposal.pk}: {exc}", messages.ERROR)
+                else:
+                    done += 1
+            if done:
+                self.message_user(request, f"Vetoed {done} proposal(s).", messages.SUCCESS)
+            return None
+        return render(
+            request,
+            "governance/admin_veto.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": "Veto proposals",
+                "proposals": queryset,
+                "form": form,
+                "opts": self.model._meta,
+                "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+            },
+        )
+
+
+@admin.register(Vote)
+class VoteAdmin(ReadOnlyAdmin):
+    list_display = ["proposal", "voter", "choice", "weight_display", "updated_at"]
+    list_filter = ["choice"]
+    list_select_related = ["proposal", "voter"]
+
+    @admin.display(description="weight")
+    def weight_display(self, obj):
+        return number(obj.weight)
+
+
+@admin.register(Comment)
+class CommentAdmin(ReadOnlyAdmin):
+    list_display = ["proposal", "author", "created_at"]
+    list_select_related = ["proposal", "author"]
+    search_fields = ["body"]
+
+
+@admin.register(Guardrail)
+class GuardrailAdmin(ReadOnlyAdmin):
+    list_display = ["id", "title", "kind", "active", "enacted_at", "retired_at"]
+    list_filter = ["kind", "active"]

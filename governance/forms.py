@@ -1,0 +1,235 @@
+"""Web forms for proposals. They collect the spec field by field but validate through the same spec
+serializers as the API (via the service), so the messages are identical and land on the right input."""
+
+from __future__ import annotations
+
+from django import forms
+
+from governance.models import Guardrail, Proposal
+from governance.specs import (
+    DatasetSpec,
+    DilocoSpec,
+    GuardrailSpec,
+    HardwareSpec,
+    ModelConfigSpec,
+    ModelSpec,
+    spec_normalise,
+)
+
+# form field name -> (path inside the spec, serializer class that documents it)
+TRAINING_FIELDS: dict[str, tuple[str, type]] = {
+    "model_name": ("model.name", ModelSpec),
+    "model_init": ("model.init", ModelSpec),
+    "n_layer": ("model.config.n_layer", ModelConfigSpec),
+    "n_embd": ("model.config.n_embd", ModelConfigSpec),
+    "n_head": ("model.config.n_head", ModelConfigSpec),
+    "block_size": ("model.config.block_size", ModelConfigSpec),
+    "dataset_source": ("dataset.source", DatasetSpec),
+    "dataset_sha256": ("dataset.sha256", DatasetSpec),
+    "heldout_fraction": ("dataset.heldout_fraction", DatasetSpec),
+    **{name: (f"diloco.{name}", DilocoSpec) for name in DilocoSpec().fields},
+    "min_vram_mb": ("hardware.min_vram_mb", HardwareSpec),
+    "allow_cpu": ("hardware.allow_cpu", HardwareSpec),
+}
+TRAINING_GROUPS = [
+    ("Model", "Which community model this run trains, and its shape.",
+     ["model_name", "model_init", "n_layer", "n_embd", "n_head", "block_size"]),
+    ("Data", "The corpus the workers train on; a slice is held out to evaluate every round.",
+     ["dataset_source", "dataset_sha256", "heldout_fraction"]),
+    ("DiLoCo", "Each round, every worker runs H inner AdamW steps on its shard and sends back one compressed "
+               "pseudo-gradient; the server combines them and takes an outer Nesterov step.",
+     list(DilocoSpec().fields)),
+    ("Hardware", "Who can take part.", ["min_vram_mb", "allow_cpu"]),
+]
+GUARDRAIL_FIELDS: dict[str, str] = {
+    "action": "action", "kind": "kind", "patterns": "patterns", "guardrail_id": "guardrail_id",
+    "description": "description",
+}
+CHOICE_FIELDS = {"model_init", "compression", "aggregator"}
+FLOAT_FIELDS = {"heldout_fraction", "inner_lr", "weight_decay", "grad_clip", "outer_lr", "outer_momentum"}
+
+
+def _spec_field(path: str, serializer_class: type):
+    return serializer_class().fields[path.rsplit(".", 1)[-1]]
+
+
+def _label(name: str) -> str:
+    return name.replace("model_", "model ").replace("dataset_", "dataset ").replace("_", " ").capitalize()
+
+
+def _set_path(spec: dict, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        spec = spec.setdefault(key, {})
+    spec[leaf] = value
+
+
+class ProposalBaseForm(forms.Form):
+    title = forms.CharField(max_length=200, help_text="A short summary people will see in the list.")
+    body = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 6}),
+        help_text="Why the community should want this. Markdown: **bold**, lists, links, code blocks.",
+    )
+    open_now = forms.BooleanField(
+        required=False,
+        initial=True,
+        label="Open the vote now",
+        help_text="Untick to save a draft you can still cancel and open later. Once open, the window, quorum "
+        "and threshold in force are frozen onto the proposal.",
+    )
+
+    def add_spec_errors(self, errors: dict) -> None:
+        """Attach a DRF error dict (``{"spec": {...}, "title": [...]}``) to the matching inputs."""
+        for name, messages in _flatten(errors).items():
+            field = self.field_for_error(name)
+            for message in messages:
+                if field and field in self.fields:
+                    self.add_error(field, message)
+                else:
+                    self.add_error(None, f"{name}: {message}")
+
+    def field_for_error(self, name: str) -> str | None:
+        if name in ("title", "body"):
+            return name
+        return None
+
+
+def _flatten(detail, prefix: str = "") -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            name = prefix if key == "non_field_errors" else (f"{prefix}.{key}" if prefix else str(key))
+            out.update(_flatten(value, name))
+    elif isinstance(detail, list):
+        out.setdefault(prefix, []).extend(str(item) for item in detail)
+    else:
+        out.setdefault(prefix, []).append(str(detail))
+    return out
+
+
+class TrainingProposalForm(ProposalBaseForm):
+    kind = Proposal.Kind.TRAINING
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        defaults = {}
+        default_spec = spec_normalise(kind="training", spec={})
+        for name, (path, serializer_class) in TRAINING_FIELDS.items():
+            spec_field = _spec_field(path, serializer_class)
+            value = default_spec
+            for key in path.split("."):
+                value = value[key]
+            defaults[name] = value
+            common = {"label": _label(name), "help_text": spec_field.help_text, "required": False, "initial": value}
+            if name == "allow_cpu":
+                self.fields[name] = forms.BooleanField(**common)
+            elif name in CHOICE_FIELDS:
+                self.fields[name] = forms.ChoiceField(choices=list(spec_field.choices.items()), **common)
+            else:
+                # Plain text inputs: type and range checks are the serializer's, so messages match the API.
+                attrs = {"inputmode": "decimal"} if name in FLOAT_FIELDS else {}
+                self.fields[name] = forms.CharField(widget=forms.TextInput(attrs=attrs), **common)
+        self.defaults = defaults
+
+    def groups(self):
+        return [(title, text, [self[name] for name in names]) for title, text, names in TRAINING_GROUPS]
+
+    def spec(self) -> dict:
+        spec: dict = {}
+        for name, (path, _) in TRAINING_FIELDS.items():
+            value = self.cleaned_data.get(name)
+            if name == "allow_cpu":
+                _set_path(spec, path, bool(value))
+            elif name == "dataset_sha256":
+                _set_path(spec, path, value or None)
+            elif value not in (None, ""):
+                _set_path(spec, path, value)
+        return spec
+
+    def field_for_error(self, name: str) -> str | None:
+        for field, (path, _) in TRAINING_FIELDS.items():
+            if name == f"spec.{path}":
+                return field
+        return super().field_for_error(name)
+
+
+class GuardrailProposalForm(ProposalBaseForm):
+    kind = Proposal.Kind.GUARDRAIL
+    action = forms.ChoiceField(
+        choices=[("adopt", "Adopt a new guardrail"), ("retire", "Retire a guardrail in force")],
+        initial="adopt",
+        help_text=GuardrailSpec().fields["action"].help_text,
+    )
+    guardrail_kind = forms.ChoiceField(
+        choices=Guardrail.Kind.choices,
+        required=False,
+        label="Kind",
+        help_text="Data filters drop matching documents before workers train on them; output filters stop the "
+        "playground from showing matching text.",
+    )
+    patterns = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 5, "spellcheck": "false", "class": "mono"}),
+        help_text="One Python regular expression per line, matched case-insensitively (for example "
+        "<code>\\bpassword\\s*=</code>). 1–50 lines, each at most 200 characters.",
+    )
+    guardrail_id = forms.TypedChoiceField(
+        coerce=int, required=False, empty_value=None, label="Guardrail to retire",
+        help_text="Only for retiring: which guardrail in force should go.",
+    )
+    description = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text=GuardrailSpec().fields["description"].help_text,
+    )
+
+    def __init__(self, *args, guardrails=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["guardrail_id"].choices = [("", "—")] + [
+            (g.pk, f"#{g.pk} {g.title} ({g.get_kind_display().lower()})") for g in guardrails
+        ]
+
+    def spec(self) -> dict:
+        data = self.cleaned_data
+        if data.get("action") == "retire":
+            return {"action": "retire", "guardrail_id": data.get("guardrail_id"),
+                    "description": data.get("description", "")}
+        lines = [line.strip() for line in (data.get("patterns") or "").splitlines()]
+        return {
+            "action": "adopt",
+            "kind": data.get("guardrail_kind"),
+            "patterns": [line for line in lines if line],
+            "description": data.get("description", ""),
+        }
+
+    def field_for_error(self, name: str) -> str | None:
+        if name.startswith("spec.patterns"):
+            return "patterns"
+        mapping = {"spec.kind": "guardrail_kind", "spec.guardrail_id": "guardrail_id",
+                   "spec.description": "description", "spec.action": "action"}
+        return mapping.get(name) or super().field_for_error(name)
+
+    def add_spec_errors(self, errors: dict) -> None:
+        # Pattern errors are keyed by index; say which pattern.
+        patterns = (errors.get("spec") or {}).get("patterns") if isinstance(errors.get("spec"), dict) else None
+        if isinstance(patterns, dict):
+            errors = {**errors, "spec": {**errors["spec"]}}
+            errors["spec"]["patterns"] = [
+                f"Pattern {int(index) + 1}: {msg}" for index, msgs in patterns.items() for msg in msgs
+            ]
+        super().add_spec_errors(errors)
+
+
+class VetoForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}), max_length=2000,
+        help_text="Required. Published in the ledger with the veto.",
+    )
+
+
+class CommentForm(forms.Form):
+    body = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}), max_length=5000, label="Add a comment",
+        help_text="Markdown. Be kind; comments are public.",
+    )
