@@ -57,12 +57,12 @@ class Checkpoint(models.Model):
     def __str__(self) -> str:
         return f"{self.model_id}@{self.sha256[:12]}"
 
+    def get_absolute_url(self) -> str:
+        return reverse("api-checkpoint", args=[self.sha256])
+
     @property
     def storage_name(self) -> str:
         return checkpoint_storage_name(self.sha256)
-
-    def get_absolute_url(self) -> str:
-        return reverse("api-checkpoint", args=[self.sha256])
 
 
 def checkpoint_storage_name(sha256: str) -> str:

@@ -1,10 +1,13 @@
 from django.urls import path
-from django.views.generic import TemplateView
+
+from training import views
 
 app_name = "training"
-_soon = TemplateView.as_view(template_name="agora/soon.html")
 urlpatterns = [
-    path("runs/", _soon, name="run_list"),
-    path("models/", _soon, name="model_list"),
-    path("playground/", _soon, name="playground"),
+    path("runs/", views.run_list, name="run_list"),
+    path("runs/<int:pk>/", views.run_detail, name="run_detail"),
+    path("runs/<int:pk>/progress", views.run_progress, name="run_progress"),
+    path("models/", views.model_list, name="model_list"),
+    path("models/<slug:slug>/", views.model_detail, name="model_detail"),
+    path("playground/", views.playground, name="playground"),
 ]

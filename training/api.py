@@ -1,0 +1,150 @@
+"""Worker protocol v1 (claim, checkpoint, result, fail) and the member API for runs."""
+
+from __future__ import annotations
+
+import json
+
+from django.http import FileResponse, Http404, HttpResponse, HttpResponseNotModified
+from django.views.decorators.http import require_GET
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import generics, serializers
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from governance.selectors import guardrails_active
+from marketplace.auth import IsWorker, WorkerTokenAuthentication
+from training import blobs, selectors, services
+from training.errors import UploadTooLarge
+from training.serializers import (
+    MetricsSerializer,
+    ResultAcceptedSerializer,
+    RunDetailSerializer,
+    RunListSerializer,
+    TaskFailSerializer,
+    task_payload,
+)
+
+# The multipart envelope and the metrics field on top of the update itself.
+_ENVELOPE_ALLOWANCE = 64 * 1024
+
+
+class _WorkerApi(APIView):
+    authentication_classes = [WorkerTokenAuthentication]
+    permission_classes = [IsWorker]
+
+
+class TaskClaimApi(_WorkerApi):
+    @extend_schema(request=None, responses={200: OpenApiTypes.OBJECT, 204: OpenApiResponse(description="no work")},
+                   summary="Claim the next task this worker can run")
+    def post(self, request):
+        task = services.task_claim(worker=request.auth)
+        if task is None:
+            return Response(status=204)
+        body = task_payload(task, request=request, guardrails=guardrails_active(kind="data_filter"),
+                            max_upload_bytes=services.max_upload_bytes(task.round.run))
+        return Response(body)
+
+
+def _parse_metrics(raw) -> dict:
+    if raw is None or raw == "":
+        raise serializers.ValidationError({"metrics": ["This field is required (a JSON object)."]})
+    if hasattr(raw, "read"):
+        raw = raw.read(_ENVELOPE_ALLOWANCE)
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError, UnicodeDecodeError) as exc:
+        raise serializers.ValidationError({"metrics": [f"not valid JSON: {exc}"]}) from None
+    if not isinstance(value, dict):
+        raise serializers.ValidationError({"metrics": ["must be a JSON object"]})
+    serializer = MetricsSerializer(data=value)
+    if not serializer.is_valid():
+        raise serializers.ValidationError({"metrics": serializer.errors})
+    return dict(serializer.validated_data)
+
+
+class TaskResultApi(_WorkerApi):
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(
+        request={"multipart/form-data": {"type": "object", "properties": {
+            "update": {"type": "string", "format": "binary"}, "metrics": {"type": "string"}}}},
+        responses={202: ResultAcceptedSerializer},
+        summary="Upload a task's pseudo-gradient (safetensors) and its metrics",
+    )
+    def post(self, request, task_id: int):
+        # Ownership, state and size are checked before the body is read.
+        task = services.task_for_worker(task_id=task_id, worker=request.auth)
+        limit = services.max_upload_bytes(task.round.run)
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > limit + _ENVELOPE_ALLOWANCE:
+            raise UploadTooLarge(f"request is {length} bytes; this task accepts updates of at most {limit}")
+        upload = request.FILES.get("update")
+        if upload is None:
+            raise serializers.ValidationError({"update": ["This field is required (a safetensors file)."]})
+        if upload.size > limit:
+            raise UploadTooLarge(f"update is {upload.size} bytes; this task accepts at most {limit}")
+        metrics = _parse_metrics(request.data.get("metrics") or request.FILES.get("metrics"))
+        data = upload.read()
+        task = services.task_submit_result(task_id=task.pk, worker=request.auth, data=data, metrics=metrics)
+        return Response({"accepted_for_aggregation": True, "task_id": task.pk, "update_sha256": task.update_sha256},
+                        status=202)
+
+
+class TaskFailApi(_WorkerApi):
+    parser_classes = [JSONParser, FormParser, MultiPartParser]
+
+    @extend_schema(request=TaskFailSerializer, responses={200: OpenApiTypes.OBJECT},
+                   summary="Give a task up so that it goes to another worker")
+    def post(self, request, task_id: int):
+        serializer = TaskFailSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        task = services.task_fail(task_id=task_id, worker=request.auth, reason=serializer.validated_data["reason"])
+        return Response({"task_id": task.pk, "status": task.status})
+
+
+@require_GET
+def checkpoint_download(request, sha256: str):
+    """Checkpoint bytes by content hash: immutable, cacheable forever, public like the weights themselves."""
+    checkpoint = selectors.checkpoint_get(sha256=sha256.lower())
+    if checkpoint is None:
+        raise Http404("no such checkpoint")
+    etag = f'"{checkpoint.sha256}"'
+    headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
+    if etag in [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]:
+        response = HttpResponseNotModified()
+    else:
+        try:
+            fh = blobs.store().open(checkpoint.storage_name, "rb")
+        except OSError:
+            return HttpResponse("checkpoint file is missing from storage", status=503, content_type="text/plain")
+        response = FileResponse(fh, content_type="application/octet-stream", as_attachment=True,
+                                filename=f"{checkpoint.model_id}-{checkpoint.sha256[:12]}.safetensors")
+        response["Content-Length"] = str(checkpoint.size)
+    for key, value in headers.items():
+        response[key] = value
+    return response
+
+
+class RunListApi(generics.ListAPIView):
+    serializer_class = RunListSerializer
+    permission_classes = [AllowAny]
+
+    def get_queryset(self):
+        return selectors.runs_list(status=self.request.query_params.get("status", ""))
+
+
+class RunDetailApi(APIView):
+    permission_classes = [AllowAny]
+
+    @extend_schema(responses=RunDetailSerializer, summary="A run with its rounds, losses and contributors")
+    def get(self, request, pk: int):
+        run = selectors.run_get(pk=pk)
+        run.losses = selectors.run_loss_points(run)
+        run.contributors = selectors.run_contributors(run)
+        return Response(RunDetailSerializer(run, context={"request": request}).data)

@@ -1,0 +1,11 @@
+"""Reactions to other apps' signals. Receivers only enqueue; the Celery task calls the service."""
+
+from __future__ import annotations
+
+from django.db import transaction
+
+
+def on_training_proposal_approved(sender, proposal_id: int, **kwargs) -> None:
+    from training.tasks import start_run
+
+    transaction.on_commit(lambda: start_run.delay(proposal_id))

@@ -1,0 +1,133 @@
+"""Reads for training pages and the API. Each selector owns its joins so page queries stay constant."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.db.models import Prefetch, QuerySet
+from django.shortcuts import get_object_or_404
+
+from training.models import Checkpoint, CommunityModel, Round, Task, TrainingRun
+
+
+def home_summary() -> dict:
+    return {"runs_active": TrainingRun.objects.filter(
+        status__in=[TrainingRun.Status.PENDING, TrainingRun.Status.RUNNING]).count()}
+
+
+def runs_list(*, status: str = "") -> QuerySet[TrainingRun]:
+    qs = TrainingRun.objects.select_related("model", "proposal", "final_checkpoint").prefetch_related(
+        Prefetch("rounds", queryset=Round.objects.order_by("index")))
+    if status:
+        qs = qs.filter(status=status)
+    return qs.order_by("-created_at", "-id")
+
+
+def run_get(*, pk: int) -> TrainingRun:
+    tasks = Task.objects.select_related("worker", "worker__owner").order_by("shard_index", "id")
+    rounds = Round.objects.order_by("index").prefetch_related(Prefetch("tasks", queryset=tasks))
+    qs = TrainingRun.objects.select_related(
+        "model", "proposal", "proposal__author", "base_checkpoint", "final_checkpoint"
+    ).prefetch_related(Prefetch("rounds", queryset=rounds))
+    return get_object_or_404(qs, pk=pk)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+@dataclass
+class LossPoint:
+    round: int
+    heldout: float | None
+    train: float | None
+    accepted: bool | None
+
+
+def run_loss_points(run: TrainingRun) -> list[LossPoint]:
+    """Held-out loss after each round (round 0: before the first) and mean worker train loss (loss_end)."""
+    rounds = list(run.rounds.all())
+    points: list[LossPoint] = []
+    if rounds and _finite(rounds[0].eval_loss_before):
+        points.append(LossPoint(0, rounds[0].eval_loss_before, None, None))
+    for r in rounds:
+        if r.aggregated_at is None:
+            continue
+        train = [t.metrics.get("loss_end") for t in r.tasks.all()
+                 if t.status in (Task.Status.ACCEPTED, Task.Status.REJECTED, Task.Status.COMPLETED)]
+        train = [x for x in train if _finite(x)]
+        heldout = r.eval_loss_after if r.accepted else r.eval_loss_before
+        points.append(LossPoint(r.index, heldout if _finite(heldout) else None,
+                                statistics.fmean(train) if train else None, r.accepted))
+    return points
+
+
+@dataclass
+class Contributor:
+    worker_id: int
+    name: str
+    owner: str
+    accepted: int = 0
+    rejected: int = 0
+    other: int = 0
+    credits: Decimal = Decimal(0)
+    reliability: float = 0.0
+
+
+def run_contributors(run: TrainingRun) -> list[Contributor]:
+    """Per worker: accepted and rejected updates and credits earned in this run (from prefetched tasks)."""
+    out: dict[int, Contributor] = {}
+    for r in run.rounds.all():
+        for t in r.tasks.all():
+            if t.worker_id is None:
+                continue
+            c = out.get(t.worker_id)
+            if c is None:
+                c = out[t.worker_id] = Contributor(t.worker_id, t.worker.name, t.worker.owner.get_username(),
+                                                   reliability=t.worker.reliability)
+            if t.status == Task.Status.ACCEPTED:
+                c.accepted += 1
+                c.credits += t.credit or 0
+            elif t.status == Task.Status.REJECTED:
+                c.rejected += 1
+            else:
+                c.other += 1
+    return sorted(out.values(), key=lambda c: (-c.credits, -c.accepted, c.worker_id))
+
+
+def run_current_round(run: TrainingRun) -> Round | None:
+    rounds = list(run.rounds.all())
+    return rounds[-1] if rounds else None
+
+
+def run_ledger(run: TrainingRun, *, limit: int = 100):
+    from ledger.selectors import entries_for_subjects
+
+    return entries_for_subjects(subjects=[run.ledger_subject, f"proposal:{run.proposal_id}"], limit=limit)
+
+
+def models_list() -> QuerySet[CommunityModel]:
+    return CommunityModel.objects.select_related("current_checkpoint").order_by("slug")
+
+
+def model_get(*, slug: str) -> CommunityModel:
+    return get_object_or_404(CommunityModel.objects.select_related("current_checkpoint"), slug=slug)
+
+
+def model_checkpoints(model: CommunityModel) -> QuerySet[Checkpoint]:
+    return Checkpoint.objects.filter(model=model).select_related("run", "round").order_by("-created_at")
+
+
+def model_runs(model: CommunityModel) -> QuerySet[TrainingRun]:
+    return TrainingRun.objects.filter(model=model).select_related("proposal").order_by("-created_at")
+
+
+def playground_models() -> list[CommunityModel]:
+    return list(models_list().filter(current_checkpoint__isnull=False))
+
+
+def checkpoint_get(*, sha256: str) -> Checkpoint | None:
+    return Checkpoint.objects.filter(sha256=sha256).first()

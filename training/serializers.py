@@ -1,0 +1,155 @@
+"""Shapes of the worker protocol and the member API. No business rules here."""
+
+from __future__ import annotations
+
+import math
+
+from django.urls import reverse
+from rest_framework import serializers
+
+from training.models import Checkpoint, Round, Task, TrainingRun
+
+
+def task_payload(task: Task, *, request, guardrails: list[dict], max_upload_bytes: int) -> dict:
+    """The task JSON of worker protocol v1 (see contracts: the agent relies on every key)."""
+    rnd = task.round
+    run = rnd.run
+    spec, d = run.spec, run.diloco
+    ds = spec["dataset"]
+    return {
+        "id": task.pk,
+        "run_id": run.pk,
+        "round": rnd.index,
+        "checkpoint_sha256": rnd.checkpoint_in_id,
+        "checkpoint_url": request.build_absolute_uri(reverse("api-checkpoint", args=[rnd.checkpoint_in_id])),
+        "model": {"arch": spec["model"]["arch"], "config": spec["model"]["config"]},
+        "dataset": {
+            "source": ds["source"],
+            "sha256": ds.get("sha256"),
+            "heldout_fraction": ds.get("heldout_fraction", 0.1),
+            "shard_index": task.shard_index,
+            "shard_count": int(d["workers_per_round"]),
+        },
+        "inner": {
+            "steps": d["inner_steps"],
+            "lr": d["inner_lr"],
+            "batch_size": d["batch_size"],
+            "seq_len": d["seq_len"],
+            "weight_decay": d["weight_decay"],
+            "warmup": d["warmup"],
+            "grad_clip": d["grad_clip"],
+        },
+        "compression": d["compression"],
+        "guardrails": guardrails,
+        "seed": task.seed,
+        "deadline": task.deadline.isoformat(),
+        "max_upload_bytes": max_upload_bytes,
+    }
+
+
+class FiniteFloatField(serializers.FloatField):
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if not math.isfinite(value):
+            raise serializers.ValidationError("must be a finite number")
+        return value
+
+
+class MetricsSerializer(serializers.Serializer):
+    loss_start = FiniteFloatField(min_value=0)
+    loss_end = FiniteFloatField(min_value=0)
+    steps = serializers.IntegerField(min_value=0, max_value=10**9)
+    tokens = serializers.IntegerField(min_value=0, max_value=10**15)
+    seconds = FiniteFloatField(min_value=0, max_value=10**7)
+
+
+class TaskFailSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=1000, allow_blank=True, required=False, default="")
+
+
+class ResultAcceptedSerializer(serializers.Serializer):
+    accepted_for_aggregation = serializers.BooleanField()
+    task_id = serializers.IntegerField()
+    update_sha256 = serializers.CharField()
+
+
+class CheckpointRefSerializer(serializers.ModelSerializer):
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Checkpoint
+        fields = ["sha256", "size", "created_at", "eval_loss", "url"]
+
+    def get_url(self, obj) -> str:
+        request = self.context.get("request")
+        path = reverse("api-checkpoint", args=[obj.sha256])
+        return request.build_absolute_uri(path) if request else path
+
+
+class TaskSummarySerializer(serializers.ModelSerializer):
+    worker_id = serializers.IntegerField(allow_null=True)
+    worker_name = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Task
+        fields = ["id", "shard_index", "status", "worker_id", "worker_name", "claimed_at", "completed_at",
+                  "update_sha256", "metrics", "reason", "update_norm", "credit"]
+
+    def get_worker_name(self, obj) -> str | None:
+        return obj.worker.name if obj.worker_id else None
+
+
+class RoundSerializer(serializers.ModelSerializer):
+    checkpoint_in = serializers.CharField(source="checkpoint_in_id")
+    checkpoint_out = serializers.CharField(source="checkpoint_out_id", allow_null=True)
+    tasks = TaskSummarySerializer(many=True)
+
+    class Meta:
+        model = Round
+        fields = ["index", "status", "opened_at", "deadline", "aggregated_at", "aggregator", "checkpoint_in",
+                  "checkpoint_out", "eval_loss_before", "eval_loss_after", "accepted", "reason", "tasks"]
+
+
+class RunListSerializer(serializers.ModelSerializer):
+    model = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    proposal_id = serializers.IntegerField()
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = TrainingRun
+        fields = ["id", "url", "proposal_id", "model", "status", "current_round", "total_rounds", "created_at",
+                  "finished_at"]
+
+    def get_url(self, obj) -> str:
+        request = self.context.get("request")
+        path = reverse("api-run-detail", args=[obj.pk])
+        return request.build_absolute_uri(path) if request else path
+
+
+class ContributorSerializer(serializers.Serializer):
+    worker_id = serializers.IntegerField()
+    name = serializers.CharField()
+    owner = serializers.CharField()
+    accepted = serializers.IntegerField()
+    rejected = serializers.IntegerField()
+    credits = serializers.DecimalField(max_digits=14, decimal_places=4)
+
+
+class LossPointSerializer(serializers.Serializer):
+    round = serializers.IntegerField()
+    heldout = serializers.FloatField(allow_null=True)
+    train = serializers.FloatField(allow_null=True)
+    accepted = serializers.BooleanField(allow_null=True)
+
+
+class RunDetailSerializer(RunListSerializer):
+    spec = serializers.JSONField()
+    base_checkpoint = CheckpointRefSerializer()
+    final_checkpoint = CheckpointRefSerializer(allow_null=True)
+    rounds = RoundSerializer(many=True)
+    losses = LossPointSerializer(many=True)
+    contributors = ContributorSerializer(many=True)
+
+    class Meta(RunListSerializer.Meta):
+        fields = RunListSerializer.Meta.fields + ["reason", "spec", "base_checkpoint", "final_checkpoint", "rounds",
+                                                  "losses", "contributors"]

@@ -1,0 +1,43 @@
+"""Celery tasks driving training runs. Each takes ids, calls services, and is safe to run twice."""
+
+from __future__ import annotations
+
+from celery import shared_task
+from django.db import transaction
+
+from training import services
+
+_LIMITS = {"acks_late": True, "ignore_result": True}
+
+
+@shared_task(name="training.start_run", soft_time_limit=240, time_limit=300, **_LIMITS)
+def start_run(proposal_id: int) -> int | None:
+    run = services.run_start(proposal_id=proposal_id)
+    return run.pk if run else None
+
+
+@shared_task(name="training.round_check", soft_time_limit=services.AGGREGATION_STALE_S - 120,
+             time_limit=services.AGGREGATION_STALE_S - 60, **_LIMITS)
+def round_check(round_id: int) -> bool:
+    """Expire late tasks; when the round is ready, aggregate it right here (the service is exactly-once)."""
+    if services.round_check(round_id=round_id):
+        return services.round_aggregate(round_id=round_id) is not None
+    return False
+
+
+@shared_task(name="training.aggregate_round", soft_time_limit=services.AGGREGATION_STALE_S - 120,
+             time_limit=services.AGGREGATION_STALE_S - 60, **_LIMITS)
+def aggregate_round(round_id: int) -> bool:
+    return services.round_aggregate(round_id=round_id) is not None
+
+
+@shared_task(name="training.tick", soft_time_limit=50, time_limit=60, **_LIMITS)
+def tick() -> dict:
+    """The beat's sweep: start approved runs, re-open dead aggregations, expire late tasks, and hand ready
+    rounds to ``training.aggregate_round``."""
+    started = services.runs_start_approved()
+    released = services.rounds_release_stale()
+    ready = [rid for rid in services.rounds_open_ids() if services.round_check(round_id=rid)]
+    for rid in ready:
+        transaction.on_commit(lambda rid=rid: aggregate_round.delay(rid))
+    return {"started": started, "released": released, "ready": ready}

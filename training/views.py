@@ -1,0 +1,75 @@
+from django.core.paginator import Paginator
+from django.shortcuts import render
+from django.urls import reverse
+from django.utils.safestring import mark_safe
+
+from governance.models import Guardrail
+from training import selectors
+from training.charts import loss_chart_svg
+from training.forms import PlaygroundForm
+from training.playground import sample_generate
+
+
+def run_list(request):
+    status = request.GET.get("status", "")
+    page = Paginator(selectors.runs_list(status=status), 25).get_page(request.GET.get("page"))
+    return render(request, "training/run_list.html", {"page": page, "status": status})
+
+
+def _run_context(run):
+    points = selectors.run_loss_points(run)
+    current = selectors.run_current_round(run)
+    return {
+        "run": run,
+        "current": current,
+        "current_tasks": list(current.tasks.all()) if current else [],
+        "rounds": list(run.rounds.all()),
+        "points": points,
+        "chart": mark_safe(loss_chart_svg(points, title=f"Run {run.pk}: loss per round")),  # noqa: S308 (built from numbers)
+        "contributors": selectors.run_contributors(run),
+        "progress_pct": round(100 * sum(1 for r in run.rounds.all() if r.aggregated_at) / run.total_rounds),
+    }
+
+
+def run_detail(request, pk: int):
+    run = selectors.run_get(pk=pk)
+    context = _run_context(run)
+    context["ledger_entries"] = selectors.run_ledger(run)
+    return render(request, "training/run_detail.html", context)
+
+
+def run_progress(request, pk: int):
+    """The live part of the run page, polled by htmx while the run is active."""
+    run = selectors.run_get(pk=pk)
+    return render(request, "training/_run_progress.html", _run_context(run))
+
+
+def model_list(request):
+    return render(request, "training/model_list.html", {"models": selectors.models_list()})
+
+
+def model_detail(request, slug: str):
+    model = selectors.model_get(slug=slug)
+    return render(request, "training/model_detail.html", {
+        "model": model,
+        "checkpoints": selectors.model_checkpoints(model),
+        "runs": selectors.model_runs(model),
+    })
+
+
+def playground(request):
+    models = selectors.playground_models()
+    form = PlaygroundForm(request.POST or None, models=models,
+                          initial={"model": request.GET.get("model") or (models[0].slug if models else None)})
+    sample = guardrail = None
+    if request.method == "POST" and request.user.is_authenticated and form.is_valid():
+        model = next(m for m in models if m.slug == form.cleaned_data["model"])
+        sample = sample_generate(model=model, prompt=form.cleaned_data["prompt"],
+                                 max_new_tokens=form.cleaned_data["max_new_tokens"],
+                                 temperature=form.cleaned_data["temperature"], seed=form.cleaned_data["seed"])
+        if sample.blocked_by:
+            guardrail = Guardrail.objects.select_related("proposal").filter(pk=sample.blocked_by["id"]).first()
+    context = {"form": form, "models": models, "sample": sample, "guardrail": guardrail,
+               "login_url": reverse("login") + "?next=" + reverse("training:playground")}
+    template = "training/_playground_result.html" if request.htmx and sample else "training/playground.html"
+    return render(request, template, context)
