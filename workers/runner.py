@@ -1,0 +1,229 @@
+"""One task, end to end: checkpoint -> model -> data shard -> inner loop -> encoded pseudo-gradient.
+
+The training comes from ``diloco``; this module only wires the task JSON of the worker protocol to it:
+
+1. the checkpoint is fetched into a content-addressed cache (``<cache>/checkpoints/<sha256>.safetensors``),
+   verified by sha256 after download and again before reuse;
+2. the model is ``diloco.models.build_model(model.arch, model.config)`` with the checkpoint's weights;
+3. the data is ``shard_documents(filter_documents(split_documents(load_documents(source, sha256),
+   heldout_fraction)[0], guardrails)[0], shard_index, shard_count)``, encoded as bytes;
+4. ``diloco.inner.inner_train`` runs the task's inner settings and seed on the agent's device, starting from
+   the AdamW state this machine kept for the run (``<cache>/optim/<run_id>.safetensors``; DiLoCo keeps the
+   inner optimizer state per worker), which is saved again afterwards;
+5. the pseudo-gradient is encoded with ``diloco.codecs.encode_update(delta, task.compression)``.
+
+The agent uploads the output (or reports the failure); the runner talks to the server only to download.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from workers.client import Client, DownloadError
+from workers.config import write_private_file
+
+log = logging.getLogger("agora.worker.runner")
+
+
+class TaskAborted(Exception):
+    """The volunteer (or a revoked token) stopped the task before it finished."""
+
+
+class TaskError(Exception):
+    """The task cannot be run as given (malformed task, data too small, result too large ...)."""
+
+
+class Hooks(Protocol):
+    def check(self) -> None:
+        """Called between steps: raises :class:`TaskAborted` to stop, may block while paused."""
+
+    def on_step(self, step: int, steps: int, loss: float) -> None: ...
+
+
+@dataclass
+class TaskOutput:
+    update: bytes
+    metrics: dict
+    details: dict
+
+
+class ProgressDisplay:
+    """A tqdm bar on stderr when it is a terminal; otherwise a log line every ``every_s`` seconds."""
+
+    def __init__(self, total: int, desc: str, *, every_s: float = 30.0, tty: bool | None = None):
+        self.total = total
+        self.desc = desc
+        self.every_s = every_s
+        self._last_log = time.monotonic()
+        self._bar = None
+        if tty if tty is not None else sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def update(self, step: int, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self._bar.refresh()
+            return
+        now = time.monotonic()
+        if now - self._last_log >= self.every_s or step == self.total:
+            self._last_log = now
+            log.info("%s: step %d/%d (%.0f%%), loss %.4f", self.desc, step, self.total, 100.0 * step / self.total,
+                     loss)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _field(task: dict, dotted: str):
+    value = task
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise TaskError(f"the task has no {dotted}")
+        value = value[part]
+    return value
+
+
+class TaskRunner:
+    def __init__(self, *, client: Client, cache_dir: Path, device: str = "cpu", progress_every_s: float = 30.0):
+        self.client = client
+        self.cache_dir = Path(cache_dir)
+        self.device = device
+        self.progress_every_s = progress_every_s
+
+    # --- cache ----------------------------------------------------------------------------------
+
+    def checkpoint_file(self, sha256: str) -> Path:
+        return self.cache_dir / "checkpoints" / f"{sha256.lower()}.safetensors"
+
+    def optimizer_file(self, run_id: int) -> Path:
+        return self.cache_dir / "optim" / f"{int(run_id)}.safetensors"
+
+    def fetch_checkpoint(self, sha256: str, *, url: str | None = None, hooks: Hooks | None = None) -> bytes:
+        from diloco.checkpoint import sha256_hex
+
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
+            raise TaskError(f"checkpoint_sha256 is not a sha256: {sha256!r}")
+        path = self.checkpoint_file(sha256)
+        if path.exists():
+            data = path.read_bytes()
+            if sha256_hex(data) == sha256.lower():
+                log.debug("checkpoint %s… from the cache", sha256[:12])
+                return data
+            log.warning("cached checkpoint %s… is corrupt; downloading it again", sha256[:12])
+            path.unlink(missing_ok=True)
+
+        def on_bytes(done: int, total: int | None) -> None:
+            if hooks is not None:
+                hooks.check()
+
+        log.info("downloading checkpoint %s…", sha256[:12])
+        try:
+            self.client.download_checkpoint(sha256.lower(), path, url=url, on_bytes=on_bytes)
+        except DownloadError as exc:
+            raise TaskError(str(exc)) from exc
+        return path.read_bytes()
+
+    def _load_optimizer_state(self, run_id: int, model, cfg) -> dict | None:
+        from safetensors.torch import load as st_load
+
+        from diloco.inner import import_optimizer_state, make_optimizer
+
+        path = self.optimizer_file(run_id)
+        if not path.exists():
+            return None
+        try:
+            state = st_load(path.read_bytes())
+            import_optimizer_state(model, make_optimizer(model, cfg), state)  # validates names and shapes
+        except Exception as exc:  # a stale or damaged file must not fail the task: start the optimizer afresh
+            log.warning("discarding the saved optimizer state of run %s (%s)", run_id, exc)
+            path.unlink(missing_ok=True)
+            return None
+        return state
+
+    def _save_optimizer_state(self, run_id: int, state: dict) -> None:
+        from safetensors.torch import save as st_save
+
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        write_private_file(self.optimizer_file(run_id), st_save(tensors, metadata={"run_id": str(run_id)}))
+
+    # --- the task -------------------------------------------------------------------------------
+
+    def load_tokens(self, task: dict):
+        from diloco.data import encode_documents, load_documents, shard_documents, split_documents
+        from diloco.guardrails import filter_documents
+
+        dataset = _field(task, "dataset")
+        docs = load_documents(_field(task, "dataset.source"), dataset.get("sha256"),
+                              cache_dir=str(self.cache_dir / "datasets"))
+        train, _ = split_documents(docs, float(dataset.get("heldout_fraction", 0.0)))
+        guardrails = [g for g in task.get("guardrails") or [] if g.get("kind") == "data_filter"]
+        kept, dropped = filter_documents(train, guardrails)
+        shard = shard_documents(kept, int(_field(task, "dataset.shard_index")), int(_field(task, "dataset.shard_count")))
+        return encode_documents(shard), {"documents": len(shard), "dropped_by_guardrails": dropped}
+
+    def run(self, task: dict, hooks: Hooks) -> TaskOutput:
+        from diloco.checkpoint import load_weights
+        from diloco.codecs import encode_update
+        from diloco.inner import InnerConfig, inner_train
+        from diloco.models import build_model
+
+        task_id = _field(task, "id")
+        run_id = _field(task, "run_id")
+        inner = _field(task, "inner")
+        compression = _field(task, "compression")
+        try:
+            cfg = InnerConfig(**{k: inner[k] for k in InnerConfig.__dataclass_fields__ if k in inner})
+        except (TypeError, ValueError) as exc:
+            raise TaskError(f"the task's inner settings are invalid: {exc}") from exc
+
+        data = self.fetch_checkpoint(_field(task, "checkpoint_sha256"), url=task.get("checkpoint_url"), hooks=hooks)
+        hooks.check()
+        state, _meta = load_weights(data)
+        model = build_model(_field(task, "model.arch"), dict(_field(task, "model.config")))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise TaskError(f"the checkpoint does not fit model {task['model']}: {exc}") from exc
+        del state, data
+
+        tokens, data_info = self.load_tokens(task)
+        hooks.check()
+        if tokens.numel() < cfg.seq_len + 1:
+            raise TaskError(f"the data shard has {tokens.numel()} bytes, fewer than seq_len + 1 = {cfg.seq_len + 1}")
+        optimizer_state = self._load_optimizer_state(run_id, model, cfg)
+        log.info("task %s: %d inner steps on %s (%d bytes of data in %d documents, %d dropped by guardrails%s)",
+                 task_id, cfg.steps, self.device, tokens.numel(), data_info["documents"],
+                 data_info["dropped_by_guardrails"], ", optimizer state resumed" if optimizer_state else "")
+
+        display = ProgressDisplay(cfg.steps, f"task {task_id}", every_s=self.progress_every_s)
+
+        def progress(step: int, loss: float) -> None:
+            display.update(step, loss)
+            hooks.on_step(step, cfg.steps, loss)
+
+        try:
+            result = inner_train(model, tokens, cfg, seed=int(_field(task, "seed")), device=self.device,
+                                 optimizer_state=optimizer_state, progress=progress)
+        finally:
+            display.close()
+        if not (math.isfinite(result.loss_start) and math.isfinite(result.loss_end)):
+            raise TaskError(f"training diverged (loss {result.loss_start} -> {result.loss_end})")
+        self._save_optimizer_state(run_id, result.optimizer_state)
+        update = encode_update(result.pseudo_gradient, compression)
+        limit = task.get("max_upload_bytes")
+        if limit and len(update) > int(limit):
+            raise TaskError(f"the encoded update has {len(update)} bytes, over the task's limit of {limit}")
+        metrics = {"loss_start": float(result.loss_start), "loss_end": float(result.loss_end),
+                   "steps": int(result.steps), "tokens": int(result.tokens), "seconds": round(float(result.seconds), 3)}
+        return TaskOutput(update=update, metrics=metrics,
+                          details={**data_info, "update_bytes": len(update), "device": self.device})
