@@ -1,0 +1,36 @@
+import pytest
+from rest_framework.test import APIClient
+
+from tests.marketplace.factories import WorkerFactory, bearer
+from training import blobs
+
+
+@pytest.fixture(autouse=True)
+def checkpoint_storage(settings, tmp_path):
+    """Every test gets its own blob store, so "nothing stored" can be checked by listing it."""
+    root = tmp_path / "blobs"
+    settings.STORAGES = {**settings.STORAGES, "checkpoints": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(root)}}}
+    blobs.clear_caches()
+    yield root
+    blobs.clear_caches()
+
+
+def stored_files(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.fixture
+def cpu_worker(member):
+    return WorkerFactory(owner=member, gpus=[], cuda_version="")
+
+
+@pytest.fixture
+def gpu_worker(other_member):
+    return WorkerFactory(owner=other_member, gpus=[{"name": "RTX 4090", "memory_mb": 24576}])
+
+
+def client_for(worker) -> APIClient:
+    client = APIClient()
+    client.credentials(**bearer(worker))
+    return client
