@@ -149,23 +149,6 @@ def heldout_tokens(dataset: dict) -> Tensor:
                     str(settings.VAR_DIR / "datasets"))
 
 
-def safetensors_metadata(data: bytes) -> dict[str, str] | None:
-    """The ``__metadata__`` of safetensors bytes, or None when they are not safetensors at all."""
-    if len(data) < 8:
-        return None
-    n = int.from_bytes(data[:8], "little")
-    if n <= 0 or 8 + n > len(data):
-        return None
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, ValueError):
-        return None
-    if not isinstance(header, dict):
-        return None
-    meta = header.get("__metadata__") or {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def clear_caches() -> None:
     _states.clear()
     _models.clear()
