@@ -22,10 +22,16 @@ class ProposalCreateInput(serializers.Serializer):
     )
     open = serializers.BooleanField(default=True, help_text="Open the vote at once (otherwise stays a draft).")
 
-    def validate(self, attrs):
-        # Shape only; the service normalises again and checks what needs the database.
-        attrs["spec"] = spec_normalise(kind=attrs["kind"], spec=attrs["spec"])
-        return attrs
+    def validate_spec(self, value):
+        # Validated here, beside title and kind, so every bad field is reported at once; the service
+        # normalises again (a no-op on a normalised spec) and checks what needs the database.
+        kind = self.initial_data.get("kind")
+        if kind not in Proposal.Kind.values:
+            return value
+        try:
+            return spec_normalise(kind=kind, spec=value)
+        except serializers.ValidationError as exc:
+            raise serializers.ValidationError(exc.detail["spec"]) from None
 
 
 class VoteInput(serializers.Serializer):

@@ -1,0 +1,99 @@
+"""Spec validation through the API: defaults, normalisation, and bad fields named with nothing stored."""
+
+import pytest
+
+from governance.models import Proposal
+from governance.specs import content_hash, spec_normalise
+from ledger.models import Entry
+
+pytestmark = pytest.mark.django_db
+URL = "/api/v1/proposals/"
+
+
+def test_defaults_are_filled_and_the_hash_covers_the_frozen_spec(member_client):
+    response = member_client.post(URL, {"kind": "training", "title": "Small run", "spec": {
+        "model": {"name": " Byte-GPT-Small "}, "diloco": {"rounds": 5}}}, format="json")
+    assert response.status_code == 201, response.json()
+    spec = response.json()["spec"]
+    assert spec["model"]["name"] == "byte-gpt-small"  # normalised
+    assert spec["diloco"]["rounds"] == 5 and spec["diloco"]["inner_lr"] == 0.0004  # default filled in
+    assert spec["hardware"] == {"min_vram_mb": 0, "allow_cpu": True}
+    proposal = Proposal.objects.get()
+    assert proposal.content_hash == content_hash(spec) == response.json()["content_hash"]
+    assert len(proposal.content_hash) == 64
+    assert proposal.status == Proposal.Status.ACTIVE  # "open" defaults to true
+
+
+def test_normalising_twice_changes_nothing():
+    once = spec_normalise(kind="training", spec={"dataset": {"source": "file:/data//corpus/../c.txt"}})
+    assert once["dataset"]["source"] == "file:/data/c.txt"
+    assert spec_normalise(kind="training", spec=once) == once
+
+
+HTTPS = {"source": "https://example.org/corpus.txt"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"diloco": {"inner_lr": "fast"}}, "spec.diloco.inner_lr"),
+        ({"diloco": {"inner_lr": 0}}, "spec.diloco.inner_lr"),
+        ({"diloco": {"inner_lr": 5}}, "spec.diloco.inner_lr"),
+        ({"diloco": {"rounds": 0}}, "spec.diloco.rounds"),
+        ({"diloco": {"rounds": 2.5}}, "spec.diloco.rounds"),
+        ({"diloco": {"min_workers": 3, "workers_per_round": 2}}, "spec.diloco.min_workers"),
+        ({"diloco": {"warmup": 50, "inner_steps": 10}}, "spec.diloco.warmup"),
+        ({"diloco": {"compression": "zip"}}, "spec.diloco.compression"),
+        ({"diloco": {"aggregator": "max"}}, "spec.diloco.aggregator"),
+        ({"diloco": {"seq_len": 128}}, "spec.diloco.seq_len"),  # > block_size 64
+        ({"diloco": {"inner_Lr": 0.1}}, "spec.diloco.inner_Lr"),  # typo: unknown field
+        ({"model": {"config": {"n_embd": 66, "n_head": 4}}}, "spec.model.config.n_embd"),
+        ({"model": {"name": "no spaces please"}}, "spec.model.name"),
+        ({"model": {"arch": "llama"}}, "spec.model.arch"),
+        ({"model": {"init": "random"}}, "spec.model.init"),
+        ({"dataset": HTTPS}, "spec.dataset.sha256"),
+        ({"dataset": {**HTTPS, "sha256": "abc"}}, "spec.dataset.sha256"),
+        ({"dataset": {"source": "http://example.org/x"}}, "spec.dataset.source"),
+        ({"dataset": {"source": "file:relative.txt"}}, "spec.dataset.source"),
+        ({"dataset": {"heldout_fraction": 0.9}}, "spec.dataset.heldout_fraction"),
+        ({"hardware": {"min_vram_mb": -1}}, "spec.hardware.min_vram_mb"),
+        ({"diloco": "fast"}, "spec.diloco"),
+    ],
+)
+def test_bad_training_field_is_named_and_nothing_is_stored(member_client, spec, field):
+    response = member_client.post(URL, {"kind": "training", "title": "Bad run", "spec": spec}, format="json")
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error"] == "invalid"
+    assert field in body["fields"], body
+    assert body["detail"].startswith(f"{field}: ")
+    assert not Proposal.objects.exists() and not Entry.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"kind": "data_filter", "patterns": ["ok", "(unclosed"]}, "spec.patterns.1"),
+        ({"kind": "data_filter", "patterns": []}, "spec.patterns"),
+        ({"kind": "data_filter", "patterns": ["x" * 201]}, "spec.patterns.0"),
+        ({"kind": "data_filter", "patterns": [f"p{i}" for i in range(51)]}, "spec.patterns"),
+        ({"kind": "banana", "patterns": ["x"]}, "spec.kind"),
+        ({"patterns": ["x"]}, "spec.kind"),
+        ({"action": "retire"}, "spec.guardrail_id"),
+        ({"action": "retire", "guardrail_id": 12345}, "spec.guardrail_id"),
+        ({"action": "retire", "guardrail_id": 1, "patterns": ["x"]}, "spec.patterns"),
+    ],
+)
+def test_bad_guardrail_field_is_named_and_nothing_is_stored(member_client, spec, field):
+    response = member_client.post(URL, {"kind": "guardrail", "title": "Bad rule", "spec": spec}, format="json")
+    assert response.status_code == 400
+    assert field in response.json()["fields"], response.json()
+    assert not Proposal.objects.exists() and not Entry.objects.exists()
+
+
+def test_several_bad_fields_are_all_reported(member_client):
+    response = member_client.post(URL, {"kind": "training", "title": "x", "spec": {
+        "diloco": {"inner_lr": -1, "batch_size": 0}, "hardware": {"allow_cpu": "perhaps"}}}, format="json")
+    assert response.status_code == 400
+    fields = response.json()["fields"]
+    assert {"title", "spec.diloco.inner_lr", "spec.diloco.batch_size", "spec.hardware.allow_cpu"} <= set(fields)
