@@ -1,8 +1,9 @@
 """Aggregating k pseudo-gradients into one, and screening them first.
 
-Every method walks the tensors in blocks of ``BLOCK`` elements, stacking the k workers' block views
-(which fit in cache) instead of materialising a k × parameters matrix, so memory stays at one
-update's worth beyond the inputs and the inputs are read once.
+Every method walks the tensors in blocks of ``BLOCK`` elements spread over torch's thread count,
+combining the k workers' block views in cache (a sorting network of element-wise min/max for median
+and trimmed mean) instead of materialising a k × parameters matrix: memory stays at one update's worth
+beyond the inputs (plus a k × BLOCK scratch per thread), and the inputs are read once.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
 METHODS = ("mean", "trimmed_mean", "median", "norm_clipped_mean")
-BLOCK = 1 << 15
+BLOCK = 1 << 15  # 32768 elements: torch's intra-op grain, so each block op runs on one thread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,40 +45,87 @@ def _flat(t: Tensor) -> Tensor:
     return t.detach().to(torch.float32).reshape(-1).contiguous()
 
 
-def _blocks(n: int):
-    for start in range(0, n, BLOCK):
-        yield start, min(n, start + BLOCK)
+def _sorting_network(k: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort comparators (i < j: min to i) for k rows.
+
+    Built for the next power of two; comparators that touch the (virtual, +inf) padding rows are
+    no-ops and are dropped, so the network sorts exactly k rows. k = 8 needs 19 comparators.
+    """
+    n = 1 << max(0, (k - 1).bit_length())
+    pairs: list[tuple[int, int]] = []
+
+    def merge(lo: int, hi: int, r: int) -> None:
+        step = r * 2
+        if step < hi - lo:
+            merge(lo, hi, step)
+            merge(lo + r, hi, step)
+            pairs.extend((i, i + r) for i in range(lo + r, hi - r, step))
+        else:
+            pairs.append((lo, lo + r))
+
+    def sort(lo: int, hi: int) -> None:
+        if hi - lo >= 1:
+            mid = lo + (hi - lo) // 2
+            sort(lo, mid)
+            sort(mid + 1, hi)
+            merge(lo, hi, 1)
+
+    sort(0, n - 1)
+    return [(i, j) for i, j in pairs if j < k]
 
 
-def _reduce(updates, names, block_fn) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
+def _sort_rows(stacked: Tensor, network: list[tuple[int, int]], tmp: Tensor) -> None:
+    """Sort a (k, n) block along dim 0 in place with element-wise min/max (much faster than torch.sort
+    along a short leading dimension)."""
+    for i, j in network:
+        a, b = stacked[i], stacked[j]
+        torch.minimum(a, b, out=tmp)
+        torch.maximum(a, b, out=b)
+        a.copy_(tmp)
+
+
+def _parallel_blocks(updates, names, kernel, *, need_stack: bool, out_dtype=torch.float32):
+    """Run ``kernel(views, stacked, out_block, scratch)`` over every block of every tensor.
+
+    Blocks are at most ``BLOCK`` elements, below torch's intra-op parallel grain, and are spread over
+    ``torch.get_num_threads()`` Python threads (torch releases the GIL inside its kernels), each with its
+    own (k, BLOCK) scratch buffer. Returns ``{name: result}`` shaped like the inputs.
+    """
     k = len(updates)
-    buf = torch.empty(k, BLOCK)
-    for name in names:
-        flats = [_flat(u[name]) for u in updates]
-        shape = updates[0][name].shape
-        result = torch.empty(flats[0].numel())
-        for s, e in _blocks(result.numel()):
-            stacked = torch.stack([f[s:e] for f in flats], out=buf[:, : e - s])
-            block_fn(stacked, result[s:e])
-        out[name] = result.view(shape)
-    return out
+    flats = {name: [_flat(u[name]) for u in updates] for name in names}
+    outs = {name: torch.empty(flats[name][0].numel(), dtype=out_dtype) for name in names}
+    tasks = [(name, s, min(outs[name].numel(), s + BLOCK))
+             for name in names for s in range(0, outs[name].numel(), BLOCK)]
+    n_threads = max(1, min(torch.get_num_threads(), len(tasks)))
+
+    def work(part: list[tuple[str, int, int]]) -> object:
+        scratch = {"buf": torch.empty(k, BLOCK) if need_stack else None, "tmp": torch.empty(BLOCK), "acc": None}
+        for name, s, e in part:
+            views = [f[s:e] for f in flats[name]]
+            stacked = torch.stack(views, out=scratch["buf"][:, : e - s]) if need_stack else None
+            kernel(views, stacked, outs[name][s:e], scratch)
+        return scratch["acc"]
+
+    size = math.ceil(len(tasks) / n_threads)
+    parts = [tasks[i : i + size] for i in range(0, len(tasks), size)]
+    if len(parts) == 1:
+        accs = [work(parts[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+            accs = list(pool.map(work, parts))
+    return {name: outs[name].view(updates[0][name].shape) for name in names}, accs
 
 
 def _mean(updates, names) -> dict[str, Tensor]:
     k = len(updates)
-    out: dict[str, Tensor] = {}
-    for name in names:
-        flats = [_flat(u[name]) for u in updates]
-        result = torch.empty(flats[0].numel())
-        for s, e in _blocks(result.numel()):
-            r = result[s:e]
-            r.copy_(flats[0][s:e])
-            for f in flats[1:]:
-                r.add_(f[s:e])
-            r.div_(k)
-        out[name] = result.view(updates[0][name].shape)
-    return out
+
+    def kernel(views, _stacked, out, _scratch):
+        torch.add(views[0], views[1], out=out) if k > 1 else out.copy_(views[0])
+        for v in views[2:]:
+            out.add_(v)
+        out.mul_(1.0 / k)
+
+    return _parallel_blocks(updates, names, kernel, need_stack=False)[0]
 
 
 def _trimmed_mean(updates, names, trim_fraction: float) -> dict[str, Tensor]:
@@ -85,29 +134,32 @@ def _trimmed_mean(updates, names, trim_fraction: float) -> dict[str, Tensor]:
     if t == 0:
         return _mean(updates, names)
     kept = k - 2 * t
+    network = _sorting_network(k)
 
-    def fn(stacked: Tensor, out: Tensor) -> None:
+    def kernel(_views, stacked, out, scratch):
         if t == 1:
             torch.sum(stacked, dim=0, out=out)
-            out.sub_(stacked.amax(dim=0)).sub_(stacked.amin(dim=0)).div_(kept)
+            out.sub_(stacked.amax(dim=0)).sub_(stacked.amin(dim=0)).mul_(1.0 / kept)
         else:
-            torch.sum(stacked.sort(dim=0).values[t : k - t], dim=0, out=out)
-            out.div_(kept)
+            _sort_rows(stacked, network, scratch["tmp"][: out.numel()])
+            torch.sum(stacked[t : k - t], dim=0, out=out)
+            out.mul_(1.0 / kept)
 
-    return _reduce(updates, names, fn)
+    return _parallel_blocks(updates, names, kernel, need_stack=True)[0]
 
 
 def _median(updates, names) -> dict[str, Tensor]:
     k = len(updates)
+    network = _sorting_network(k)
 
-    def fn(stacked: Tensor, out: Tensor) -> None:
+    def kernel(_views, stacked, out, scratch):
+        _sort_rows(stacked, network, scratch["tmp"][: out.numel()])
         if k % 2:
-            out.copy_(stacked.median(dim=0).values)
+            out.copy_(stacked[k // 2])
         else:
-            mid = stacked.sort(dim=0).values[k // 2 - 1 : k // 2 + 1]
-            torch.mean(mid, dim=0, out=out)
+            torch.add(stacked[k // 2 - 1], stacked[k // 2], out=out).mul_(0.5)
 
-    return _reduce(updates, names, fn)
+    return _parallel_blocks(updates, names, kernel, need_stack=True)[0]
 
 
 def update_norms(updates: list[dict[str, Tensor]]) -> list[float]:
@@ -121,17 +173,13 @@ def _norm_clipped_mean(updates, names, clip_norm: float | None) -> dict[str, Ten
     norms = update_norms(updates)
     clip = statistics.median(norms) if clip_norm is None else float(clip_norm)
     weights = [(min(1.0, clip / n) if n > 0 else 1.0) / k for n in norms]
-    out: dict[str, Tensor] = {}
-    for name in names:
-        flats = [_flat(u[name]) for u in updates]
-        result = torch.empty(flats[0].numel())
-        for s, e in _blocks(result.numel()):
-            r = result[s:e]
-            torch.mul(flats[0][s:e], weights[0], out=r)
-            for f, w in zip(flats[1:], weights[1:], strict=True):
-                r.add_(f[s:e], alpha=w)
-        out[name] = result.view(updates[0][name].shape)
-    return out
+
+    def kernel(views, _stacked, out, _scratch):
+        torch.mul(views[0], weights[0], out=out)
+        for v, w in zip(views[1:], weights[1:], strict=True):
+            out.add_(v, alpha=w)
+
+    return _parallel_blocks(updates, names, kernel, need_stack=False)[0]
 
 
 def aggregate(
@@ -167,15 +215,15 @@ def aggregate(
 
 
 def _gram(updates: list[dict[str, Tensor]], names: list[str]) -> Tensor:
+    """The k × k matrix of dot products between updates (float64), in one blockwise pass."""
+
+    def kernel(_views, stacked, _out, scratch):
+        g = (stacked @ stacked.T).to(torch.float64)
+        scratch["acc"] = g if scratch["acc"] is None else scratch["acc"] + g
+
+    _, accs = _parallel_blocks(updates, names, kernel, need_stack=True)
     k = len(updates)
-    gram = torch.zeros(k, k, dtype=torch.float64)
-    buf = torch.empty(k, BLOCK)
-    for name in names:
-        flats = [_flat(u[name]) for u in updates]
-        for s, e in _blocks(flats[0].numel()):
-            stacked = torch.stack([f[s:e] for f in flats], out=buf[:, : e - s])
-            gram += (stacked @ stacked.T).to(torch.float64)
-    return gram
+    return sum((a for a in accs if a is not None), torch.zeros(k, k, dtype=torch.float64))
 
 
 def _cosine_with_others(gram: Tensor, i: int, others: list[int]) -> float:

@@ -118,3 +118,16 @@ def test_screen_single_update():
     honest, _ = _honest(1)
     (screen,) = screen_updates(honest)
     assert screen.accepted and screen.cosine == 0.0
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 11])
+def test_median_and_trimmed_match_sort_reference(k):
+    g = torch.Generator().manual_seed(k)
+    updates = [{"x": torch.randn(70_001, generator=g), "y": torch.randn(3, 4, generator=g)} for _ in range(k)]
+    for name in ("x", "y"):
+        ordered = torch.stack([u[name] for u in updates]).sort(0).values
+        median = ordered[(k - 1) // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+        assert torch.allclose(aggregate(updates, "median")[name], median, atol=1e-6)
+        t = min(int(0.3 * k), (k - 1) // 2)
+        trimmed = ordered[t : k - t].mean(0)
+        assert torch.allclose(aggregate(updates, "trimmed_mean", trim_fraction=0.3)[name], trimmed, atol=1e-5)
