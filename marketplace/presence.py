@@ -69,11 +69,14 @@ def presence_forget(worker_id: int) -> None:
 
 
 def token_cache_get(digest: str) -> dict | None:
-    return cache.get(TOKEN_PREFIX + digest)
+    facts = cache.get(TOKEN_PREFIX + digest)
+    if not isinstance(facts, dict) or time.time() - facts.get("cached_at", 0) > TOKEN_CACHE_S:
+        return None
+    return facts
 
 
 def token_cache_set(digest: str, facts: dict) -> None:
-    cache.set(TOKEN_PREFIX + digest, facts, timeout=TOKEN_CACHE_S)
+    cache.set(TOKEN_PREFIX + digest, {**facts, "cached_at": time.time()}, timeout=TOKEN_CACHE_S)
 
 
 def token_cache_forget(digest: str) -> None:

@@ -29,3 +29,9 @@ def high_rates(settings):
     return settings
 
 
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """Every factory user gets a password; the default hasher is slow on purpose, which tests do not need."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
