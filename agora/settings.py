@@ -113,6 +113,7 @@ else:
     }
     CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
     _queue_dir = VAR_DIR / "celery" / "queue"
+    _queue_dir.mkdir(parents=True, exist_ok=True)  # kombu's filesystem transport does not create it
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_queue_dir),
         "data_folder_out": str(_queue_dir),
