@@ -1,0 +1,124 @@
+"""A member proposes and votes in a real Chromium; staff approves. Drives the pages, not the API."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import time_machine
+from django.conf import settings
+
+from governance import services
+from governance.models import Guardrail, Proposal
+from governance.tasks import close_due_proposals
+from ledger.selectors import ledger_verify
+from tests.factories import UserFactory
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+CHROMIUM = os.environ.get("AGORA_CHROMIUM", "/usr/bin/chromium")
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("AGORA_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"Chromium is required but missing at {CHROMIUM}")
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking"]
+        )
+        yield browser
+        browser.close()
+
+
+def log_in(browser, base_url: str, username: str):
+    page = browser.new_context(base_url=base_url).new_page()
+    page.set_default_timeout(15_000)
+    page.goto("/accounts/login/")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("form button[type=submit], form input[type=submit]")
+    page.wait_for_load_state()
+    return page
+
+
+def test_member_proposes_and_votes_then_staff_approves(browser, live_server, monkeypatch, tmp_path):
+    # Playwright's sync API runs an event loop in this thread; Django's ORM calls from the test are still sync.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    # Approval enqueues training's pickup task; on the embedded default that is a file in the queue folder.
+    (Path(settings.VAR_DIR) / "celery" / "queue").mkdir(parents=True, exist_ok=True)
+    member = UserFactory(username="ada")
+    staff = UserFactory(username="grace", is_staff=True)
+    others = UserFactory.create_batch(3)
+
+    page = log_in(browser, live_server.url, member.username)
+    assert page.locator("summary", has_text="ada").count() == 1
+
+    # A guardrail through the form: one pattern per line.
+    page.goto("/proposals/new/?kind=guardrail")
+    page.fill("#id_title", "Keep API keys out of training data")
+    page.select_option("#id_guardrail_kind", "data_filter")
+    page.fill("#id_patterns", "api[_-]?key\\s*=\nsk-[a-z0-9]{20,}")
+    page.fill("#id_description", "Documents with credentials are dropped.")
+    page.click("#proposal-form button[type=submit]")
+    page.wait_for_url("**/proposals/*/")
+    guardrail_proposal = Proposal.objects.get(kind="guardrail")
+    assert guardrail_proposal.status == "active"  # the form opens the vote by default
+    assert guardrail_proposal.spec["patterns"] == ["api[_-]?key\\s*=", "sk-[a-z0-9]{20,}"]
+
+    # A training run: the spec's fields are separate inputs with defaults.
+    page.goto("/proposals/new/?kind=training")
+    assert page.input_value("#id_inner_lr") == "0.0004"
+    page.fill("#id_title", "Train byte-gpt-small on the Python docs")
+    page.fill("#id_body", "Three rounds, **two** workers.")
+    page.fill("#id_rounds", "2")
+    page.click("#proposal-form button[type=submit]")
+    page.wait_for_url("**/proposals/*/")
+    training = Proposal.objects.get(kind="training")
+    assert training.spec["diloco"]["rounds"] == 2
+    page.screenshot(path=str(tmp_path / "proposal.png"), full_page=True)
+
+    # Voting swaps the tally panel in place: a marker on window survives, so the page did not reload.
+    page.evaluate("window.__agoraMarker = 'still-here'")
+    assert page.locator('[data-tally="yes"]').inner_text() == "0"
+    page.click("#vote-panel button[value=yes]")
+    page.locator('[data-tally="yes"]', has_text="1").wait_for()
+    assert page.locator("[data-my-vote]").inner_text() == "yes"
+    assert page.evaluate("window.__agoraMarker") == "still-here"
+    page.screenshot(path=str(tmp_path / "voted.png"), full_page=True)
+
+    for voter in others:
+        services.vote_cast(proposal=training, voter=voter, choice="yes")
+        services.vote_cast(proposal=guardrail_proposal, voter=voter, choice="yes")
+
+    # Close both windows as the beat task would, at the moment they end (no waiting three days).
+    training.refresh_from_db()
+    with time_machine.travel(training.closes_at + timedelta(seconds=1), tick=False):
+        assert sorted(close_due_proposals()) == sorted([training.pk, guardrail_proposal.pk])
+    training.refresh_from_db()
+    assert training.status == "succeeded"
+    assert Guardrail.objects.get(proposal=guardrail_proposal).active
+
+    admin_page = log_in(browser, live_server.url, staff.username)
+    admin_page.goto(f"/proposals/{training.pk}/")
+    admin_page.click("#approve-button")
+    admin_page.wait_for_load_state()
+    assert admin_page.locator("#proposal-status").inner_text() == "Approved"
+    admin_page.screenshot(path=str(tmp_path / "approved.png"), full_page=True)
+    training.refresh_from_db()
+    assert training.status == "approved" and training.decided_by == staff
+
+    admin_page.goto("/guardrails/")
+    assert admin_page.locator("text=Keep API keys out of training data").count() == 1
+    admin_page.goto("/ledger/")
+    ledger_text = admin_page.locator("main").inner_text()
+    for action in ("proposal.submitted", "vote.cast", "proposal.closed", "guardrail.enacted", "proposal.approved"):
+        assert action in ledger_text
+    admin_page.screenshot(path=str(tmp_path / "ledger.png"), full_page=True)
+    assert ledger_verify().ok
