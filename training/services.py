@@ -401,9 +401,13 @@ def _task_replace(task: Task, rnd: Round) -> Task:
 
 
 def _enqueue_round_check(round_id: int) -> None:
+    """Runs after commit: a broker hiccup must not turn a stored result into an error (the tick catches up)."""
     from training.tasks import round_check
 
-    round_check.delay(round_id)
+    try:
+        round_check.delay(round_id)
+    except Exception:
+        log.exception("could not enqueue the check of round %s; the next tick will do it", round_id)
 
 
 @transaction.atomic
@@ -479,8 +483,9 @@ class _Outcome:
 
 @transaction.atomic
 def _round_claim_for_aggregation(*, round_id: int, now) -> tuple[Round, str, list[Task]] | None:
-    rnd = Round.objects.select_for_update().select_related("run").get(pk=round_id)
-    if rnd.status != Round.Status.OPEN or rnd.run.status != TrainingRun.Status.RUNNING or not _round_ready(rnd, now):
+    rnd = Round.objects.select_for_update().select_related("run").filter(pk=round_id).first()
+    if rnd is None or rnd.status != Round.Status.OPEN or rnd.run.status != TrainingRun.Status.RUNNING \
+            or not _round_ready(rnd, now):
         return None
     token = uuid.uuid4().hex
     rnd.status, rnd.aggregation_token, rnd.aggregation_started_at = Round.Status.AGGREGATING, token, now
@@ -715,6 +720,8 @@ def rounds_release_stale(*, now=None) -> list[int]:
 def round_check(*, round_id: int, now=None) -> bool:
     """Expire late tasks, extend a starved round, and say whether the round is ready to aggregate."""
     now = now or timezone.now()
+    if not Round.objects.filter(pk=round_id).exists():
+        return False
     round_expire_late_tasks(round_id=round_id, now=now)
     round_extend_if_starved(round_id=round_id, now=now)
     rnd = Round.objects.select_related("run").get(pk=round_id)

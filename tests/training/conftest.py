@@ -16,6 +16,14 @@ def checkpoint_storage(settings, tmp_path):
     blobs.clear_caches()
 
 
+@pytest.fixture(autouse=True)
+def enqueued(monkeypatch):
+    """Round checks the services enqueue after commit, recorded instead of sent to a broker."""
+    calls: list[int] = []
+    monkeypatch.setattr("training.services._enqueue_round_check", calls.append)
+    return calls
+
+
 def stored_files(root) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
 

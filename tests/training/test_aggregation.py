@@ -1,0 +1,258 @@
+import threading
+
+import pytest
+import torch
+from django.db import connections
+
+from diloco.checkpoint import load_weights
+from diloco.codecs import decode_update
+from diloco.outer import OuterOptimizer
+from ledger.models import Entry
+from ledger.selectors import ledger_verify
+from marketplace.models import CreditGrant, Worker
+from tests.marketplace.factories import WorkerFactory
+from training import blobs, services
+from training.models import CommunityModel, Round, Task, TrainingRun
+
+from .factories import approved_proposal, metrics_json, random_update, train_update
+
+pytestmark = pytest.mark.django_db
+
+
+def _start(**diloco):
+    return services.run_start(proposal_id=approved_proposal(diloco=diloco).pk)
+
+
+def _claim_and_submit(run, workers, make):
+    """Each worker claims a task of the run's open round and uploads ``make(task_json, i)``."""
+    from rest_framework.test import APIRequestFactory
+
+    request = APIRequestFactory().get("/")
+    from training.serializers import task_payload
+
+    tasks = []
+    for i, worker in enumerate(workers):
+        task = services.task_claim(worker=worker)
+        assert task is not None
+        body = task_payload(task, request=request, guardrails=[], max_upload_bytes=0)
+        data, metrics = make(body, i)
+        services.task_submit_result(task_id=task.pk, worker=worker, data=data, metrics=metrics)
+        tasks.append(task)
+    return tasks
+
+
+def honest(body, i):
+    return train_update(body)
+
+
+def _metrics():
+    import json
+
+    return json.loads(metrics_json())
+
+
+def test_round_aggregates_once_and_the_next_round_opens():
+    run = _start(workers_per_round=2, rounds=2)
+    workers = [WorkerFactory(gpus=[]) for _ in range(2)]
+    _claim_and_submit(run, workers, honest)
+    rnd = Round.objects.get(run=run, index=1)
+
+    first = services.round_aggregate(round_id=rnd.pk)
+    assert first is not None and first.status == Round.Status.DONE and first.accepted
+    assert services.round_aggregate(round_id=rnd.pk) is None  # a second call changes nothing
+    assert Entry.objects.filter(action="round.aggregated").count() == 1
+    assert first.eval_loss_after < first.eval_loss_before
+    assert Round.objects.get(run=run, index=2).status == Round.Status.OPEN
+    assert Round.objects.get(run=run, index=2).checkpoint_in_id == first.checkpoint_out_id
+    assert set(Task.objects.filter(round=rnd).values_list("status", flat=True)) == {Task.Status.ACCEPTED}
+
+    entry = Entry.objects.get(action="round.aggregated")
+    assert entry.payload["checkpoint"] == first.checkpoint_out_id and entry.payload["aggregator"] == "mean"
+    assert sorted(a["task_id"] for a in entry.payload["accepted"]) == sorted(
+        Task.objects.filter(round=rnd).values_list("pk", flat=True))
+    assert all(len(a["update_sha256"]) == 64 for a in entry.payload["accepted"])
+
+
+def test_not_ready_round_is_not_aggregated():
+    run = _start(workers_per_round=2, min_workers=2)
+    _claim_and_submit(run, [WorkerFactory(gpus=[])], honest)
+    assert services.round_aggregate(round_id=Round.objects.get(run=run).pk) is None
+    assert Round.objects.get(run=run).status == Round.Status.OPEN
+
+
+def test_credits_and_reliability_follow_the_verdicts():
+    run = _start(workers_per_round=3, rounds=1, aggregator="trimmed_mean")
+    workers = [WorkerFactory(gpus=[]) for _ in range(3)]
+    state = blobs.checkpoint_state(run.base_checkpoint_id)[0]
+
+    def make(body, i):
+        if i == 2:  # a poisoner: a huge random update
+            return random_update(state, scale=10.0, seed=9), _metrics()
+        return train_update(body)
+
+    tasks = _claim_and_submit(run, workers, make)
+    rnd = services.round_aggregate(round_id=Round.objects.get(run=run).pk)
+    assert rnd.accepted
+    good, bad = [Task.objects.get(pk=t.pk) for t in tasks[:2]], Task.objects.get(pk=tasks[2].pk)
+    assert all(t.status == Task.Status.ACCEPTED and t.credit > 0 for t in good)
+    assert bad.status == Task.Status.REJECTED and "median norm" in bad.reason
+    assert bad.credit is None
+    assert set(CreditGrant.objects.values_list("reference", flat=True)) == {f"task:{t.pk}" for t in good}
+    reliab = {w.pk: Worker.objects.get(pk=w.pk).reliability for w in workers}
+    assert reliab[workers[0].pk] > 0.5 and reliab[workers[1].pk] > 0.5 and reliab[workers[2].pk] < 0.5
+    payload = Entry.objects.get(action="round.aggregated").payload
+    assert [r["task_id"] for r in payload["rejected"]] == [bad.pk]
+    assert "median norm" in payload["rejected"][0]["reason"]
+    # The run finished: its final checkpoint is the model's current version.
+    run.refresh_from_db()
+    assert run.status == TrainingRun.Status.FINISHED and run.final_checkpoint_id == rnd.checkpoint_out_id
+    assert CommunityModel.objects.get(pk=run.model_id).current_checkpoint_id == rnd.checkpoint_out_id
+    assert Entry.objects.filter(action="run.finished").count() == 1
+    assert ledger_verify().ok
+
+
+def test_sign_flipped_update_is_rejected_while_honest_ones_aggregate():
+    run = _start(workers_per_round=3, rounds=1, aggregator="mean")
+    workers = [WorkerFactory(gpus=[]) for _ in range(3)]
+    honest_bodies = []
+
+    def make(body, i):
+        data, metrics = train_update(body)
+        honest_bodies.append(data)
+        if i == 2:
+            from diloco.codecs import encode_update
+
+            ref = blobs.model_reference("byte-gpt", body["model"]["config"])
+            flipped = {k: -3 * v for k, v in decode_update(data, ref).items()}
+            return encode_update(flipped, "int8"), metrics
+        return data, metrics
+
+    tasks = _claim_and_submit(run, workers, make)
+    rnd = services.round_aggregate(round_id=Round.objects.get(run=run).pk)
+    assert rnd.accepted
+    bad = Task.objects.get(pk=tasks[2].pk)
+    assert bad.status == Task.Status.REJECTED and "opposes" in bad.reason
+
+
+def test_poisoned_step_is_rejected_and_the_old_checkpoint_kept():
+    """Updates that agree with each other (so screening passes) but ruin the model fail evaluation."""
+    run = _start(workers_per_round=2, rounds=2, aggregator="mean")
+    state = blobs.checkpoint_state(run.base_checkpoint_id)[0]
+    same = random_update(state, scale=0.5, seed=3)
+    workers = [WorkerFactory(gpus=[]) for _ in range(2)]
+    _claim_and_submit(run, workers, lambda body, i: (same, _metrics()))
+    rnd = services.round_aggregate(round_id=Round.objects.get(run=run, index=1).pk)
+
+    assert rnd.status == Round.Status.REJECTED and rnd.accepted is False
+    assert "held-out loss rose" in rnd.reason
+    assert rnd.checkpoint_out_id == rnd.checkpoint_in_id == run.base_checkpoint_id
+    assert Round.objects.get(run=run, index=2).checkpoint_in_id == run.base_checkpoint_id
+    run.refresh_from_db()
+    assert run.outer_state_name == ""  # the momentum did not absorb the poisoned step
+    assert Entry.objects.filter(action="round.rejected").count() == 1
+    assert not CreditGrant.objects.exists()
+    assert all(w.reliability == 0.5 for w in Worker.objects.filter(pk__in=[w.pk for w in workers]))
+
+
+def test_outer_optimizer_state_survives_a_restart():
+    """Two rounds aggregated with caches cleared in between equal two steps of one in-memory optimizer."""
+    run = _start(workers_per_round=1, min_workers=1, rounds=3, aggregator="mean", outer_momentum=0.9)
+    worker = WorkerFactory(gpus=[])
+    base = {k: v.clone() for k, v in blobs.checkpoint_state(run.base_checkpoint_id)[0].items()}
+    ref = blobs.model_reference("byte-gpt", run.spec["model"]["config"])
+    deltas = []
+    for index in (1, 2):
+        def make(body, i, index=index):
+            data, metrics = train_update(body)
+            deltas.append(decode_update(data, ref))
+            return data, metrics
+
+        _claim_and_submit(run, [worker if index == 1 else WorkerFactory(gpus=[])], make)
+        assert services.round_aggregate(round_id=Round.objects.get(run=run, index=index).pk).accepted
+        blobs.clear_caches()  # a fresh process
+    run.refresh_from_db()
+    expected = OuterOptimizer(base, lr=0.7, momentum=0.9, nesterov=True)
+    expected.step(deltas[0])
+    params = expected.step(deltas[1])
+    out_sha = Round.objects.get(run=run, index=2).checkpoint_out_id
+    got, _ = load_weights(blobs.checkpoint_bytes(out_sha))
+    for name, value in params.items():
+        assert torch.equal(got[name], value), name
+    saved, _ = load_weights(blobs.blob_read(run.outer_state_name))
+    assert any(k.endswith(".weight") or "momentum" in k for k in saved)
+
+
+def test_aggregation_after_deadline_with_min_workers():
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    run = _start(workers_per_round=3, min_workers=2, rounds=1)
+    workers = [WorkerFactory(gpus=[]) for _ in range(2)]
+    _claim_and_submit(run, workers, honest)
+    rnd = Round.objects.get(run=run)
+    assert not services.round_check(round_id=rnd.pk)
+    later = timezone.now() + timedelta(seconds=61)
+    Round.objects.filter(pk=rnd.pk).update(deadline=timezone.now() - timedelta(seconds=1))
+    assert services.round_check(round_id=rnd.pk, now=later)
+    done = services.round_aggregate(round_id=rnd.pk)
+    assert done.accepted
+    assert Task.objects.filter(round=rnd, status=Task.Status.EXPIRED).count() == 1  # the unclaimed shard
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_aggregations_commit_exactly_once():
+    run = _start(workers_per_round=2, rounds=2)
+    _claim_and_submit(run, [WorkerFactory(gpus=[]) for _ in range(2)], honest)
+    rnd = Round.objects.get(run=run, index=1)
+    barrier = threading.Barrier(4)
+    results, errors = [], []
+
+    def body():
+        try:
+            barrier.wait()
+            for _attempt in range(50):
+                try:
+                    results.append(services.round_aggregate(round_id=rnd.pk))
+                    break
+                except Exception as exc:
+                    if "locked" not in str(exc):
+                        raise
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=body) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sum(r is not None for r in results) == 1
+    assert Entry.objects.filter(action="round.aggregated").count() == 1
+    assert Round.objects.filter(run=run).count() == 2
+    assert CreditGrant.objects.count() == 2
+    assert ledger_verify().ok
+
+
+def test_a_dead_aggregation_is_reopened_and_a_late_finisher_commits_nothing(monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    run = _start(workers_per_round=2, rounds=2)
+    _claim_and_submit(run, [WorkerFactory(gpus=[]) for _ in range(2)], honest)
+    rnd = Round.objects.get(run=run, index=1)
+    claimed = services._round_claim_for_aggregation(round_id=rnd.pk, now=timezone.now())
+    assert claimed is not None
+    _, old_token, old_tasks = claimed
+    # The worker that held the claim died; the tick re-opens the round after the stale timeout.
+    later = timezone.now() + timedelta(seconds=services.AGGREGATION_STALE_S + 1)
+    assert services.rounds_release_stale(now=later) == [rnd.pk]
+    assert services.round_aggregate(round_id=rnd.pk).accepted
+    # The old attempt wakes up and tries to commit: nothing happens.
+    outcome = services._aggregate_compute(Round.objects.select_related("run").get(pk=rnd.pk), old_token, old_tasks)
+    assert services._aggregate_commit(rnd.pk, old_token, outcome) is None
+    assert Entry.objects.filter(action="round.aggregated").count() == 1
+    assert Round.objects.filter(run=run).count() == 2
