@@ -173,7 +173,7 @@ class TaskRunner:
 
     def run(self, task: dict, hooks: Hooks) -> TaskOutput:
         from diloco.checkpoint import load_weights
-        from diloco.codecs import encode_update
+        from diloco.codecs import CODECS, encode_update
         from diloco.inner import InnerConfig, inner_train
         from diloco.models import build_model
 
@@ -181,6 +181,8 @@ class TaskRunner:
         run_id = _field(task, "run_id")
         inner = _field(task, "inner")
         compression = _field(task, "compression")
+        if compression not in CODECS:
+            raise TaskError(f"unknown compression {compression!r} (this agent knows {', '.join(CODECS)})")
         try:
             cfg = InnerConfig(**{k: inner[k] for k in InnerConfig.__dataclass_fields__ if k in inner})
         except (TypeError, ValueError) as exc:
