@@ -20,6 +20,7 @@ install: $(STAMP)
 run: export DJANGO_DEBUG ?= 1
 run: export AGORA_PUBLIC_URL ?= http://$(HOST):$(PORT)
 run: export AGORA_HOST := $(HOST)
+run: export AGORA_HEARTBEAT_INTERVAL_S ?= 5
 run: export AGORA_PORT := $(PORT)
 run: $(STAMP)
 	$(BIN)/python manage.py migrate --noinput

@@ -1,0 +1,98 @@
+"""Seed a demo: members, an admin, a guardrail in force, open proposals, a community model and an approved
+training proposal that becomes a run as soon as Celery picks it up. Safe to run again: it does nothing
+when the demo is already there."""
+
+import time
+from datetime import timedelta
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+from django.db import transaction
+from django.test.utils import override_settings
+from django.utils import timezone
+
+from governance import services as gov
+from governance.models import Proposal
+from training.services import community_model_ensure
+
+PASSWORD = "agora-demo"
+DEMO_MODEL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64}
+
+TRAINING_SPEC = {
+    "model": {"name": "byte-gpt-demo", "arch": "byte-gpt", "config": DEMO_MODEL, "init": "current"},
+    "dataset": {"source": "builtin:python-docs", "heldout_fraction": 0.1},
+    "diloco": {"rounds": 20, "workers_per_round": 2, "min_workers": 1, "inner_steps": 30, "inner_lr": 0.002,
+               "batch_size": 8, "seq_len": 64, "warmup": 5, "compression": "int8", "aggregator": "mean",
+               "round_timeout_s": 120},
+    "hardware": {"min_vram_mb": 0, "allow_cpu": True},
+}
+LONGER_SPEC = {
+    **TRAINING_SPEC,
+    "diloco": {**TRAINING_SPEC["diloco"], "rounds": 200, "workers_per_round": 4, "aggregator": "trimmed_mean"},
+    "hardware": {"min_vram_mb": 8000, "allow_cpu": False},
+}
+GUARDRAIL_SPEC = {
+    "action": "adopt",
+    "kind": "output_filter",
+    "patterns": [r"\bpassword\s*[:=]", r"BEGIN (RSA|OPENSSH) PRIVATE KEY"],
+    "description": "Never let the playground print things that look like credentials.",
+}
+DATA_FILTER_SPEC = {
+    "action": "adopt",
+    "kind": "data_filter",
+    "patterns": [r"\bdeprecated since version 2\."],
+    "description": "Drop documentation sections about long-gone Python 2 behaviour before training.",
+}
+
+
+class Command(BaseCommand):
+    help = "Seed demo members, proposals, a guardrail and an approved training run (idempotent)."
+
+    def handle(self, *args, **options):
+        User = get_user_model()
+        if User.objects.filter(username="alice").exists():
+            self.stdout.write("demo data already present")
+            return
+        with transaction.atomic():
+            admin = User.objects.create_user("admin", "admin@example.org", PASSWORD, is_staff=True,
+                                             is_superuser=True)
+            members = [User.objects.create_user(name, f"{name}@example.org", PASSWORD)
+                       for name in ("alice", "bob", "carol", "dave")]
+            alice, bob, carol, dave = members
+            community_model_ensure(slug="byte-gpt-demo", name="Byte GPT (demo)", arch="byte-gpt",
+                                   config=DEMO_MODEL, seed=0)
+
+        # Proposals decided in a short window so the demo starts with a guardrail in force and a run going.
+        with override_settings(AGORA_VOTING_PERIOD=timedelta(seconds=2), AGORA_QUORUM=3):
+            guardrail = gov.proposal_submit(author=alice, kind=Proposal.Kind.GUARDRAIL,
+                                            title="Keep credentials out of generated text",
+                                            body="Block playground outputs that look like passwords or keys.",
+                                            spec=GUARDRAIL_SPEC, open_now=True)
+            training = gov.proposal_submit(
+                author=bob, kind=Proposal.Kind.TRAINING, title="Teach the demo model Python's documentation",
+                body="Twenty DiLoCo rounds of the byte-level GPT on `builtin:python-docs`, two CPU workers a round.\n\n"
+                     "* int8 pseudo-gradients\n* mean aggregation with screening\n",
+                spec=TRAINING_SPEC, open_now=True)
+            for voter in members[:3]:
+                gov.vote_cast(proposal=guardrail, voter=voter, choice="yes")
+                gov.vote_cast(proposal=training, voter=voter, choice="yes" if voter != carol else "abstain")
+            wait = (max(guardrail.closes_at, training.closes_at) - timezone.now()).total_seconds()
+            time.sleep(max(0.0, wait) + 0.1)
+            gov.proposal_close(proposal_id=guardrail.pk)
+            gov.proposal_close(proposal_id=training.pk)
+        gov.proposal_approve(proposal=Proposal.objects.get(pk=training.pk), by=admin)
+
+        # Open for votes in the browser.
+        data_filter = gov.proposal_submit(author=carol, kind=Proposal.Kind.GUARDRAIL,
+                                          title="Drop Python 2 material from training data",
+                                          body="Sections about Python 2 only confuse a model of today's Python.",
+                                          spec=DATA_FILTER_SPEC, open_now=True)
+        gov.vote_cast(proposal=data_filter, voter=dave, choice="yes")
+        gov.proposal_submit(author=dave, kind=Proposal.Kind.TRAINING, title="A longer run on GPU volunteers",
+                            body="Two hundred rounds with four GPU workers a round, trimmed-mean aggregation.",
+                            spec=LONGER_SPEC, open_now=True)
+        gov.proposal_submit(author=alice, kind=Proposal.Kind.TRAINING, title="Draft: a wider model",
+                            body="Still a draft: try `n_embd` 128.", spec=TRAINING_SPEC)
+        self.stdout.write(self.style.SUCCESS(
+            f"demo seeded: users admin, alice, bob, carol, dave (password {PASSWORD}); "
+            f"training proposal #{training.pk} approved"))
