@@ -3,7 +3,7 @@ from django import forms
 
 class PlaygroundForm(forms.Form):
     model = forms.ChoiceField(help_text="A community model; the playground samples from its current version.")
-    prompt = forms.CharField(max_length=500, required=False, widget=forms.Textarea(attrs={"rows": 3}),
+    prompt = forms.CharField(max_length=500, required=False, strip=False, widget=forms.Textarea(attrs={"rows": 3}),
                              help_text="Text the model continues (bytes; up to 500 characters).")
     max_new_tokens = forms.IntegerField(min_value=1, max_value=400, initial=200, label="Length",
                                         help_text="Bytes to generate (1–400).")
