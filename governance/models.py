@@ -103,6 +103,10 @@ class Vote(models.Model):
 
     class Meta:
         ordering = ["created_at", "id"]
+        indexes = [
+            # Covers the tally subqueries (sum of weight per proposal and choice) without touching the table.
+            models.Index(fields=["proposal", "choice", "weight"], name="gov_vote_tally"),
+        ]
         constraints = [
             models.UniqueConstraint(fields=["proposal", "voter"], name="gov_vote_one_per_member"),
             models.CheckConstraint(condition=models.Q(weight__gte=0), name="gov_vote_weight_nonnegative"),
