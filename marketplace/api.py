@@ -22,6 +22,7 @@ from marketplace.serializers import (
     SuspendIn,
     WorkerMeOut,
     WorkerOut,
+    heartbeat_parse,
 )
 from marketplace.throttles import EnrollRateThrottle, WorkerRateThrottle
 
@@ -56,9 +57,7 @@ class HeartbeatApi(WorkerApiMixin, APIView):
 
     @extend_schema(request=HeartbeatIn, responses={200: HeartbeatOut})
     def post(self, request):
-        data = HeartbeatIn(data=request.data)
-        data.is_valid(raise_exception=True)
-        value = services.worker_heartbeat(worker=request.auth, **data.validated_data)
+        value = services.worker_heartbeat(worker=request.auth, **heartbeat_parse(request.data))
         state = selectors.live_state_from(request.auth, value)
         return Response({"poll_after_s": settings.AGORA_HEARTBEAT_INTERVAL_S, "worker_state": state})
 

@@ -24,8 +24,14 @@ _USER_FIELDS = ("id", "username", "is_active", "is_staff")
 
 
 def _deferred_instance(model, facts: dict, fields: tuple[str, ...], db: str = "default"):
-    names = [f.attname for f in model._meta.concrete_fields if f.attname in fields]
+    # from_db wants the loaded attnames in the model's field order.
+    names = _ordered.get((model, fields))
+    if names is None:
+        names = _ordered[(model, fields)] = [f.attname for f in model._meta.concrete_fields if f.attname in fields]
     return model.from_db(db, names, [facts[name] for name in names])
+
+
+_ordered: dict = {}
 
 
 def _facts_from_db(digest: str) -> dict | None:

@@ -7,7 +7,10 @@ make a silent worker look alive. Values are plain dicts of numbers and strings.
 
 The token cache maps ``sha256(worker token)`` -> the few facts authentication needs (worker id, owner,
 status) for ``TOKEN_CACHE_S`` seconds, so a heartbeat costs no SQL once warm. Every service that changes
-a worker's status forgets its entry (immediately and again on commit).
+a worker's status forgets its entry (immediately and again on commit), so revocation and suspension take
+effect at once; the time limit only bounds changes made outside the services (an owner deactivated in the
+admin). It is longer than the heartbeat interval on purpose: with a 30 s interval and a 30 s cache every
+heartbeat of an agent would find its entry just expired.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 
-TOKEN_CACHE_S = 30
+TOKEN_CACHE_S = 120
 PRESENCE_PREFIX = "presence:"
 TOKEN_PREFIX = "wtok:"
 

@@ -136,11 +136,17 @@ def test_heartbeat_rate_limit_keys_on_the_worker(worker, other_worker, settings)
     first, second = APIClient(), APIClient()
     first.credentials(**bearer(worker))
     second.credentials(**bearer(other_worker))
-    codes = [first.post(HEARTBEAT, {"state": "idle"}, format="json").status_code for _ in range(4)]
-    assert codes == [200, 200, 200, 429]
-    assert first.post(HEARTBEAT, {"state": "idle"}, format="json").json()["error"] == "throttled"
-    # Same address, another worker: its own budget.
-    assert second.post(HEARTBEAT, {"state": "idle"}, format="json").status_code == 200
+    start = timezone.now().replace(second=10, microsecond=0)  # well inside one minute window
+    with time_machine.travel(start, tick=False):
+        codes = [first.post(HEARTBEAT, {"state": "idle"}, format="json").status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        throttled = first.post(HEARTBEAT, {"state": "idle"}, format="json")
+        assert throttled.json()["error"] == "throttled"
+        assert int(throttled["Retry-After"]) == 50
+        # Same address, another worker: its own budget.
+        assert second.post(HEARTBEAT, {"state": "idle"}, format="json").status_code == 200
+    with time_machine.travel(start + timedelta(minutes=1), tick=False):
+        assert first.post(HEARTBEAT, {"state": "idle"}, format="json").status_code == 200
 
 
 def test_enroll_rate_limit(api_client, settings):
