@@ -192,8 +192,4 @@ def home_summary() -> dict:
     return {
         "active_proposals": Proposal.objects.filter(status=Proposal.Status.ACTIVE).count(),
         "active_guardrails": Guardrail.objects.filter(active=True).count(),
-        "recent_proposals": list(
-            with_tallies(Proposal.objects.select_related("author").exclude(status=Proposal.Status.DRAFT))
-            .order_by("-created_at", "-id")[:5]
-        ),
     }

@@ -7,7 +7,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from governance.markdown import render_markdown
-from governance.models import Guardrail, Proposal, Vote
+from governance.models import Proposal, Vote
 from governance.selectors import annotated_tally
 from governance.specs import spec_normalise
 
@@ -120,12 +120,3 @@ class CommentOutput(serializers.Serializer):
     @extend_schema_field(OpenApiTypes.STR)
     def get_body_html(self, obj) -> str:
         return render_markdown(obj.body)
-
-
-class GuardrailOutput(serializers.ModelSerializer):
-    proposal_id = serializers.IntegerField()
-
-    class Meta:
-        model = Guardrail
-        fields = ["id", "title", "kind", "patterns", "description", "active", "enacted_at", "proposal_id"]
-
