@@ -232,6 +232,17 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Several models have a `kind` or `status`; give each enum its own name in the schema.
+    "ENUM_NAME_OVERRIDES": {
+        "ProposalKindEnum": "governance.models.Proposal.Kind",
+        "ProposalStatusEnum": "governance.models.Proposal.Status",
+        "GuardrailKindEnum": "governance.models.Guardrail.Kind",
+        "WorkerStatusEnum": "marketplace.models.Worker.Status",
+        "RunStatusEnum": "training.models.TrainingRun.Status",
+        "RoundStatusEnum": "training.models.Round.Status",
+        "TaskStatusEnum": "training.models.Task.Status",
+        "VoteChoiceEnum": "governance.models.Vote.Choice",
+    },
 }
 
 # --- Agora ------------------------------------------------------------------------------------

@@ -26,6 +26,12 @@ def _clear_cache():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    # The default PBKDF2 hasher costs ~0.3 s per user; the permission matrices create hundreds.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def member(db):
     return UserFactory()
