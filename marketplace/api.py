@@ -8,7 +8,9 @@ from django.http import Http404
 from drf_spectacular.utils import extend_schema
 from rest_framework import status
 from rest_framework.generics import ListAPIView
+from rest_framework.parsers import JSONParser
 from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -45,8 +47,15 @@ class EnrollApi(APIView):
 
 
 class WorkerApiMixin:
+    """Agents speak JSON only: one parser, one renderer, and no content negotiation to run per request."""
+
     authentication_classes = [WorkerTokenAuthentication]
     permission_classes = [IsWorker]
+    parser_classes = [JSONParser]
+    renderer_classes = [JSONRenderer]
+
+    def perform_content_negotiation(self, request, force=False):
+        return self.renderer_classes[0](), "application/json"
 
 
 class HeartbeatApi(WorkerApiMixin, APIView):

@@ -11,7 +11,10 @@ writes only loaded fields, so these instances are safe to hand to services.
 
 from __future__ import annotations
 
+from functools import partial
+
 from django.contrib.auth import get_user_model
+from django.utils.functional import SimpleLazyObject
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.permissions import BasePermission
 
@@ -69,8 +72,8 @@ def worker_for_token(token: str) -> tuple[object, Worker]:
     if status == Worker.Status.SUSPENDED:
         raise WorkerSuspended()
     worker = _deferred_instance(Worker, facts["worker"], _WORKER_FIELDS)
-    owner = _deferred_instance(get_user_model(), facts["owner"], _USER_FIELDS)
-    worker._state.fields_cache["owner"] = owner
+    # Built only if something looks at request.user (a heartbeat does not).
+    owner = SimpleLazyObject(partial(_deferred_instance, get_user_model(), facts["owner"], _USER_FIELDS))
     return owner, worker
 
 

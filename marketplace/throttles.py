@@ -3,11 +3,12 @@ and ``heartbeat``), so they follow the settings."""
 
 from __future__ import annotations
 
-from django.core.cache.backends.redis import RedisCache
+from django.core.cache import cache as default_cache
 from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
 
 from marketplace.models import Worker
+from marketplace.presence import fast_redis
 
 
 class _LiveRates:
@@ -51,11 +52,11 @@ class WorkerRateThrottle(_LiveRates, ScopedRateThrottle):
 
     def _count(self, key: str) -> int:
         timeout = int(self.duration) + 1
-        if isinstance(self.cache, RedisCache):
+        fast = fast_redis() if self.cache is default_cache else None
+        if fast is not None:
             # Django's RedisCache stores integers unpickled, so a raw INCR stays readable by cache.get.
-            full_key = self.cache.make_and_validate_key(key)
-            client = self.cache._cache.get_client(full_key, write=True)
-            pipe = client.pipeline(transaction=False)
+            full_key = fast.key(key)
+            pipe = fast.client.pipeline(transaction=False)
             pipe.incr(full_key)
             pipe.expire(full_key, timeout)
             count, _ = pipe.execute()
