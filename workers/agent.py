@@ -48,7 +48,7 @@ class AgentOptions:
     min_poll_s: float = 1.0
     max_poll_s: float = 300.0
     backoff_base_s: float = 1.0
-    backoff_cap_s: float = 300.0
+    backoff_cap_s: float = 120.0
     pause_check_s: float = 0.5
     report_attempts: int = 8
 
@@ -300,12 +300,12 @@ class Agent:
 
     def _run_task(self, task: dict) -> None:
         task_id = int(task["id"])
+        self._set_state("busy", task_id, 0.0)
         log.info("claimed task %s (run %s, round %s, shard %s/%s)", task_id, task.get("run_id"), task.get("round"),
                  (task.get("dataset") or {}).get("shard_index"), (task.get("dataset") or {}).get("shard_count"))
         cfgmod.state_save(self.config_path, {"task_id": task_id, "run_id": task.get("run_id"),
                                              "round": task.get("round"), "deadline": task.get("deadline"),
                                              "started_at": datetime.now(UTC).isoformat()})
-        self._set_state("busy", task_id, 0.0)
         beat = _Heartbeater(self, self.client.clone())
         beat.start()
         try:
