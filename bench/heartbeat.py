@@ -101,6 +101,24 @@ async def _open_loop(client, make, *, rate: float, seconds: float):
     return latencies, statuses, time.perf_counter() - start
 
 
+def _server_cpu(pid: int | None) -> float:
+    """CPU seconds used so far by gunicorn (master and workers): a cost per request that does not depend on
+    how busy the rest of the machine is."""
+    if not pid:
+        return 0.0
+    import psutil
+
+    master = psutil.Process(pid)
+    total = 0.0
+    for proc in [master, *master.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 async def _drive(args) -> list[dict]:
     import httpx
 
@@ -113,6 +131,7 @@ async def _drive(args) -> list[dict]:
             make = _request_factory(endpoint, tokens)
             # Warm-up: connections opened, token cache filled for a slice of the agents, code paths hot.
             await _closed_loop(client, make, requests=args.warmup, seconds=30, concurrency=args.concurrency)
+            cpu_before = _server_cpu(args.server_pid)
             if mode == "closed":
                 lat, statuses, elapsed = await _closed_loop(
                     client, make, requests=args.requests, seconds=args.seconds, concurrency=args.concurrency)
@@ -126,6 +145,7 @@ async def _drive(args) -> list[dict]:
                 "rps": len(lat) / elapsed, "p50_ms": _percentile(lat, 0.5) * 1000,
                 "p99_ms": _percentile(lat, 0.99) * 1000, "mean_ms": statistics.fmean(lat) * 1000 if lat else 0,
                 "statuses": statuses,
+                "server_cpu_us": (_server_cpu(args.server_pid) - cpu_before) / max(1, len(lat)) * 1e6,
             })
     return results
 
@@ -204,6 +224,7 @@ def main(argv=None):
     parser.add_argument("--drive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--tokens-file", help=argparse.SUPPRESS)
+    parser.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--endpoints", nargs="*", default=["ping", "heartbeat"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -250,7 +271,7 @@ def main(argv=None):
                 [sys.executable, "-m", "bench.heartbeat", "--drive", "--url", url, "--tokens-file", str(tokens_file),
                  "--concurrency", str(args.concurrency), "--requests", str(args.requests),
                  "--seconds", str(args.seconds), "--open-seconds", str(args.open_seconds),
-                 "--warmup", str(args.warmup), "--agents", str(args.agents), "--interval", str(args.interval),
+                 "--warmup", str(args.warmup), "--server-pid", str(server.pid), "--agents", str(args.agents), "--interval", str(args.interval),
                  "--endpoints", *endpoints],
                 cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, check=True)
         finally:
@@ -267,13 +288,20 @@ def main(argv=None):
 
     print(f"\ngunicorn gthread -w {args.gunicorn_workers} --threads {args.threads} on 127.0.0.1; load generator "
           f"in a separate process on the same {os.cpu_count()} cores; {len(tokens)} distinct worker tokens\n")
-    print(f"{'endpoint':<52} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}  statuses")
+    print(f"{'endpoint':<52} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'server CPU us/req':>17}"
+          "  statuses")
     for r in results:
-        print(f"{r['label']:<52} {r['requests']:>8} {r['rps']:>8.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}  "
-              f"{r['statuses']}")
+        print(f"{r['label']:<52} {r['requests']:>8} {r['rps']:>8.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+              f"{r['server_cpu_us']:>17.0f}  {r['statuses']}")
     closed = {r["endpoint"]: r for r in results if r["mode"] == "closed"}
     ratio = closed["heartbeat"]["rps"] / closed["ping"]["rps"]
     print(f"\nheartbeat / trivial view throughput: {ratio:.2f}")
+    hb_cpu = closed["heartbeat"]["server_cpu_us"]
+    if hb_cpu:
+        print(f"server CPU per heartbeat {hb_cpu:.0f} us: {os.cpu_count()} cores given to the server alone would "
+              f"sustain about {os.cpu_count() * 1e6 / hb_cpu:.0f} heartbeats/s")
+    load = os.getloadavg()[0]
+    print(f"load average at the end: {load:.1f} on {os.cpu_count()} cores (other work on the machine skews req/s)")
     print(f"sweep after the run: {swept['persisted']} workers' last_seen_at persisted in one bulk update")
 
 
