@@ -118,6 +118,7 @@ else:
         "data_folder_in": str(_queue_dir),
         "data_folder_out": str(_queue_dir),
         "processed_folder": str(VAR_DIR / "celery" / "processed"),
+        "control_folder": str(VAR_DIR / "celery" / "control"),
         "store_processed": False,
     }
 
@@ -259,6 +260,8 @@ AGORA_HEARTBEAT_INTERVAL_S = env.int("AGORA_HEARTBEAT_INTERVAL_S", default=30)
 AGORA_OFFLINE_AFTER_S = env.int("AGORA_OFFLINE_AFTER_S", default=100)  # about three missed heartbeats
 AGORA_ENROLLMENT_TOKEN_TTL = timedelta(hours=env.float("AGORA_ENROLLMENT_TOKEN_TTL_HOURS", default=24))
 AGORA_PUBLIC_URL = env("AGORA_PUBLIC_URL", default="http://127.0.0.1:8000")
+# Training: where the server evaluates held-out loss after each round (cpu, cuda, or auto).
+AGORA_TRAINING_DEVICE = env("AGORA_TRAINING_DEVICE", default="cpu")
 
 LOGGING = {
     "version": 1,
