@@ -21,6 +21,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import torch
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
@@ -508,13 +509,23 @@ def _previous_eval(rnd: Round) -> float | None:
     return prev.eval_loss_after if prev.accepted else prev.eval_loss_before
 
 
+def eval_device() -> str:
+    """Where held-out evaluation runs: ``AGORA_TRAINING_DEVICE`` (``cpu``, ``cuda``, or ``auto``)."""
+    wanted = getattr(settings, "AGORA_TRAINING_DEVICE", "cpu") or "cpu"
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return wanted
+
+
 def _eval(state: dict, run: TrainingRun, tokens) -> float:
     m = run.spec["model"]
+    device = eval_device()
     model = build_model(m["arch"], m["config"])
     model.load_state_dict(state)
+    model.to(device)
     d = run.diloco
     return evaluate_loss(model, tokens, batch_size=int(d["batch_size"]), seq_len=int(d["seq_len"]),
-                         batches=EVAL_BATCHES, seed=0)
+                         batches=EVAL_BATCHES, seed=0, device=device)
 
 
 def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
