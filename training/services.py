@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from diloco.aggregate import aggregate, screen_updates
+from diloco.aggregate import aggregate, screen_updates, update_norms
 from diloco.checkpoint import load_weights, save_weights, sha256_hex
 from diloco.codecs import CodecError, decode_update, payload_nbytes
 from diloco.evaluate import evaluate_loss
@@ -55,6 +56,9 @@ EVAL_TOLERANCE = 0.10
 # An aggregation that has not committed after this long is presumed dead and the round re-opened.
 AGGREGATION_STALE_S = 900
 EVAL_BATCHES = 8
+# Screening: an update whose norm is this many times the median (this round's, or the last round's
+# accepted updates') is rejected.
+MAX_NORM_RATIO = 5.0
 # Credits are kilotokens of inner training, computed from the spec (not from what the worker reports).
 CREDIT_PER_TOKEN = Decimal("0.001")
 _UPLOAD_HEADER_ALLOWANCE = 64 * 1024
@@ -517,6 +521,16 @@ def eval_device() -> str:
     return wanted
 
 
+def _previous_median_norm(rnd: Round) -> float | None:
+    norms = list(Task.objects.filter(round__run_id=rnd.run_id, round__index__lt=rnd.index, status=Task.Status.ACCEPTED,
+                                     update_norm__isnull=False)
+                 .order_by("-round__index").values_list("round__index", "update_norm")[:256])
+    if not norms:
+        return None
+    latest = norms[0][0]
+    return statistics.median(n for index, n in norms if index == latest)
+
+
 def _eval(state: dict, run: TrainingRun, tokens) -> float:
     m = run.spec["model"]
     device = eval_device()
@@ -548,7 +562,22 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
             verdicts.append(_Verdict(task, False, f"update unreadable: {exc}"))
     timings["decode_s"] = time.perf_counter() - t0
     t = time.perf_counter()
-    screens = screen_updates(updates) if updates else []
+    # With two or three updates an attacker drags the round's median norm; the last round's accepted
+    # norms are out of its reach, so updates far from those are turned away before the round's screening.
+    history = _previous_median_norm(rnd)
+    if history and updates:
+        kept_updates, kept_owners = [], []
+        for task, update, norm in zip(owners, updates, update_norms(updates), strict=True):
+            ratio = norm / history
+            if not math.isfinite(norm) or ratio > MAX_NORM_RATIO or ratio < 1 / MAX_NORM_RATIO:
+                verdicts.append(_Verdict(task, False, f"norm {norm:.4g} is {ratio:.3g}x the previous round's median "
+                                         f"accepted norm {history:.4g} (limits 1/{MAX_NORM_RATIO:g}x to "
+                                         f"{MAX_NORM_RATIO:g}x)", norm))
+            else:
+                kept_updates.append(update)
+                kept_owners.append(task)
+        updates, owners = kept_updates, kept_owners
+    screens = screen_updates(updates, max_norm_ratio=MAX_NORM_RATIO) if updates else []
     good = []
     for task, update, screen in zip(owners, updates, screens, strict=True):
         verdicts.append(_Verdict(task, screen.accepted, screen.reason, screen.norm, screen.cosine))

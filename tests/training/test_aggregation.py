@@ -256,3 +256,21 @@ def test_a_dead_aggregation_is_reopened_and_a_late_finisher_commits_nothing(monk
     assert services._aggregate_commit(rnd.pk, old_token, outcome) is None
     assert Entry.objects.filter(action="round.aggregated").count() == 1
     assert Round.objects.filter(run=run).count() == 2
+
+
+def test_with_two_updates_a_huge_one_is_caught_by_the_previous_rounds_norms():
+    """The median of two norms is dragged by the attacker; the last round's accepted norms are not."""
+    run = _start(workers_per_round=2, rounds=2, aggregator="mean")
+    _claim_and_submit(run, [WorkerFactory(gpus=[]) for _ in range(2)], honest)
+    assert services.round_aggregate(round_id=Round.objects.get(run=run, index=1).pk).accepted
+    state = blobs.checkpoint_state(Round.objects.get(run=run, index=2).checkpoint_in_id)[0]
+
+    def make(body, i):
+        return (random_update(state, scale=1.0, seed=4), _metrics()) if i == 1 else train_update(body)
+
+    tasks = _claim_and_submit(run, [WorkerFactory(gpus=[]) for _ in range(2)], make)
+    rnd = services.round_aggregate(round_id=Round.objects.get(run=run, index=2).pk)
+    assert rnd.accepted, (rnd.reason, list(Task.objects.filter(round=rnd).values_list("status", "reason", "update_norm")))
+    bad = Task.objects.get(pk=tasks[1].pk)
+    assert bad.status == Task.Status.REJECTED and "previous round's median accepted norm" in bad.reason
+    assert Task.objects.get(pk=tasks[0].pk).status == Task.Status.ACCEPTED
