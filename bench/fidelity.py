@@ -1,7 +1,7 @@
 """Does DiLoCo keep the quality of data-parallel training at a fraction of the communication?
 
-    python -m bench.fidelity            # full: run lengths 200/400/800 steps, lr sweeps (~10 min on 2 cores)
-    python -m bench.fidelity --quick    # smaller model, 100/200 steps, no sweep (~1-2 min)
+    python -m bench.fidelity            # full: run lengths 200/400/800 steps, lr sweeps (~9 CPU-minutes)
+    python -m bench.fidelity --quick    # smaller model, 100/200 steps, no sweep (~70 s on 2 idle cores)
 
 Every arm sees the same held-out split of ``builtin:python-docs`` and (except the single worker) the
 same number of training tokens; k = 4 workers each own one shard of the training documents.
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
         dp_grid, inner_grid, outer_grid = [2e-3], [2e-3], [0.7]
     else:
         model = {"n_layer": 2, "n_embd": 128, "n_head": 4, "block_size": 64}
-        lengths, batch, seq_len = [200, 400, 800], 16, 64
+        lengths, batch, seq_len = [200, 400, 800], 8, 64
         dp_grid, inner_grid, outer_grid = [1e-3, 2e-3, 4e-3], [1e-3, 2e-3, 4e-3], [0.4, 0.7, 1.0]
     sweep_len = lengths[0]
     base = {"model": model, "batch": batch, "seq_len": seq_len}

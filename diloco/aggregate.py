@@ -163,9 +163,9 @@ def _median(updates, names) -> dict[str, Tensor]:
 
 
 def update_norms(updates: list[dict[str, Tensor]]) -> list[float]:
-    """Global L2 norm of each update over all its tensors (accumulated in float64)."""
-    return [math.sqrt(sum(float(torch.linalg.vector_norm(_flat(t), dtype=torch.float64)) ** 2
-                          for t in u.values())) for u in updates]
+    """Global L2 norm of each update over all its tensors (per-tensor norms combined in float64)."""
+    return [math.sqrt(sum(float(torch.linalg.vector_norm(t.detach().float())) ** 2 for t in u.values()))
+            for u in updates]
 
 
 def _norm_clipped_mean(updates, names, clip_norm: float | None) -> dict[str, Tensor]:
