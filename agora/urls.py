@@ -14,6 +14,9 @@ api_v1 = [
 ]
 
 urlpatterns = [
+    # The API first: agents poll it thousands of times a second, so it should resolve without walking
+    # the page patterns.
+    path("api/v1/", include(api_v1)),
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("ping", views.ping, name="ping"),
@@ -25,7 +28,6 @@ urlpatterns = [
     path("", include("marketplace.urls")),
     path("", include("training.urls")),
     path("ledger/", include("ledger.urls")),
-    path("api/v1/", include(api_v1)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="api-redoc"),
