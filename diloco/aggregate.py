@@ -253,18 +253,17 @@ def screen_updates(
         raise ValueError("max_norm_ratio must be >= 1")
     names = _check(updates) if updates else []
     k = len(updates)
-    finite = [all(bool(torch.isfinite(t).all()) for t in u.values()) for u in updates]
+    # One pass over the data: the Gram matrix (accumulated in float64, so squares of float32 values cannot
+    # overflow) has a non-finite diagonal exactly when an update holds a NaN or an infinity. Only the
+    # rejected updates are scanned again, to name the offending tensor.
+    gram = _gram(updates, names) if updates else torch.zeros(0, 0, dtype=torch.float64)
+    finite = [bool(torch.isfinite(gram[i, i])) for i in range(k)]
     reasons: dict[int, str] = {}
     for i in range(k):
         if not finite[i]:
-            bad = next(n for n, t in updates[i].items() if not bool(torch.isfinite(t).all()))
-            reasons[i] = f"non-finite values in {bad}"
+            bad = next((n for n, t in updates[i].items() if not bool(torch.isfinite(t).all())), None)
+            reasons[i] = f"non-finite values in {bad}" if bad else "values so large that the norm overflows"
     ok = [i for i in range(k) if finite[i]]
-    gram = torch.zeros(k, k, dtype=torch.float64)
-    if ok:
-        sub = _gram([updates[i] for i in ok], names)
-        idx = torch.tensor(ok)
-        gram[idx[:, None], idx[None, :]] = sub
     norms = [math.sqrt(max(float(gram[i, i]), 0.0)) if finite[i] else -1.0 for i in range(k)]
     if ok:
         median = statistics.median(norms[i] for i in ok)
