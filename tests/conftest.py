@@ -19,6 +19,21 @@ def pytest_sessionstart(session):
         assert os.environ.get("REDIS_URL"), "CI requires REDIS_URL"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _close_stray_connections(django_db_setup, django_db_blocker):
+    """Live-server threads and killed child processes can leave sessions open on the test database;
+    close them so pytest-django can drop it at the end."""
+    yield
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with django_db_blocker.unblock(), connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+
+
 @pytest.fixture(autouse=True)
 def _clear_cache():
     """Throttles and worker presence live in the cache; every test starts from an empty one."""
