@@ -1,6 +1,6 @@
 """Does DiLoCo keep the quality of data-parallel training at a fraction of the communication?
 
-    python -m bench.fidelity            # full: 750/1500/3000 steps (60 outer rounds), lr sweeps (~10 min on 2 cores)
+    python -m bench.fidelity            # full: 750/1500/3000 steps (60 outer rounds), lr sweeps (~15 min on 2 shared cores)
     python -m bench.fidelity --quick    # 100/200 steps, no sweep (~1 min on 2 idle cores)
 
 Every arm sees the same held-out split of ``builtin:python-docs`` and (except the single worker) the
