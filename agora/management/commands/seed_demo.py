@@ -21,7 +21,7 @@ DEMO_MODEL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64}
 TRAINING_SPEC = {
     "model": {"name": "byte-gpt-demo", "arch": "byte-gpt", "config": DEMO_MODEL, "init": "current"},
     "dataset": {"source": "builtin:python-docs", "heldout_fraction": 0.1},
-    "diloco": {"rounds": 20, "workers_per_round": 2, "min_workers": 1, "inner_steps": 30, "inner_lr": 0.002,
+    "diloco": {"rounds": 60, "workers_per_round": 2, "min_workers": 1, "inner_steps": 30, "inner_lr": 0.002,
                "batch_size": 8, "seq_len": 64, "warmup": 5, "compression": "int8", "aggregator": "mean",
                "round_timeout_s": 120},
     "hardware": {"min_vram_mb": 0, "allow_cpu": True},
@@ -70,7 +70,7 @@ class Command(BaseCommand):
                                             spec=GUARDRAIL_SPEC, open_now=True)
             training = gov.proposal_submit(
                 author=bob, kind=Proposal.Kind.TRAINING, title="Teach the demo model Python's documentation",
-                body="Twenty DiLoCo rounds of the byte-level GPT on `builtin:python-docs`, two CPU workers a round.\n\n"
+                body="Sixty DiLoCo rounds of the byte-level GPT on `builtin:python-docs`, two CPU workers a round.\n\n"
                      "* int8 pseudo-gradients\n* mean aggregation with screening\n",
                 spec=TRAINING_SPEC, open_now=True)
             for voter in members[:3]:
