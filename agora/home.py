@@ -1,16 +1,9 @@
-"""The home page gathers a little from each area."""
+"""The home page gathers a little from each area (the project package may import every app)."""
+
+from governance.selectors import home_summary as governance_summary
+from marketplace.selectors import home_summary as marketplace_summary
+from training.selectors import home_summary as training_summary
 
 
 def home_context() -> dict:
-    context: dict = {}
-    for module, name in (
-        ("governance.selectors", "home_summary"),
-        ("marketplace.selectors", "home_summary"),
-        ("training.selectors", "home_summary"),
-    ):
-        try:
-            summary = getattr(__import__(module, fromlist=[name]), name)
-        except (ImportError, AttributeError):
-            continue
-        context.update(summary())
-    return context
+    return {**governance_summary(), **marketplace_summary(), **training_summary()}
