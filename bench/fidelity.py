@@ -1,6 +1,6 @@
 """Does DiLoCo keep the quality of data-parallel training at a fraction of the communication?
 
-    python -m bench.fidelity            # full: 750/1500/3000 steps (60 outer rounds), lr sweeps (~15 min on 2 shared cores)
+    python -m bench.fidelity            # full: 750/1500/3000 steps (60 outer rounds), lr sweeps (~20 min on 2 shared cores)
     python -m bench.fidelity --quick    # 100/200 steps, no sweep (~1 min on 2 idle cores)
 
 Every arm sees the same held-out split of ``builtin:python-docs`` and (except the single worker) the
@@ -8,10 +8,11 @@ same number of training tokens; k = 4 workers each own one shard of the training
 
 - data-parallel (DP): every step averages the gradients of the k workers' micro-batches (gradient
   accumulation), i.e. one AdamW step on the k× larger batch; one sync (an fp32 gradient all-reduce) per
-  step. lr tuned by a 3-value sweep at the first run length.
+  step. lr tuned by a 4-value sweep at the first run length.
 - DiLoCo fp32 / int8: k workers, H = 50 inner AdamW steps between syncs (warmup then constant lr), outer
-  Nesterov SGD with the DiLoCo paper's outer lr 0.7 and momentum 0.9. The inner lr is swept like DP's
-  (at the first run length, with fp32); int8 reuses fp32's tuned values.
+  Nesterov SGD with momentum 0.9. The inner lr is swept like DP's (4 values, at the first run length,
+  fp32, with the DiLoCo paper's outer lr 0.7), then the outer lr (3 values) with that inner lr; int8
+  reuses fp32's tuned values.
 - FedAvg: DiLoCo with outer lr 1 and no momentum (the average of the workers' models).
 - single worker: one worker doing the same number of inner steps on its own shard and batch (k× fewer
   tokens), the DiLoCo paper's baseline.
@@ -25,9 +26,11 @@ Communication, bytes per worker, sent + received (both directions are counted fo
   encoded with the same codec. For int8 the server broadcasts the int8-quantised outer update and keeps
   the dequantised parameters itself, so server and workers hold the same weights (this is simulated,
   not just counted). Byte counts are the real encoded (safetensors) sizes.
-Simulated time over a 100 Mbit/s link per worker = steps × the median compute time of one training step
-(one micro-batch forward/backward + AdamW step, measured once on this CPU, one thread; workers run in
-parallel) + bytes sent and received / 100 Mbit/s (a half-duplex budget; latency is ignored).
+Simulated time over a 100 Mbit/s link per worker = steps × the compute time of one training step
+(one micro-batch forward/backward + AdamW step on this CPU, one thread; workers run in parallel) + bytes
+sent and received / 100 Mbit/s (a half-duplex budget; latency is ignored). The step time is the median
+of 30 steps, measured before the runs and again after them; the lower of the two medians is used, since
+other load on a shared machine only ever makes a step slower.
 """
 
 from __future__ import annotations
@@ -196,43 +199,54 @@ def main(argv=None) -> None:
     batch, seq_len, outer_lr, momentum = 8, 64, 0.7, 0.9
     if args.quick:
         lengths = [100, 200]
-        dp_grid, inner_grid = [4e-3], [4e-3]
+        dp_grid, inner_grid, outer_grid = [4e-3], [4e-3], [outer_lr]
     else:
         lengths = [750, 1500, 3000]
-        dp_grid, inner_grid = [2e-3, 4e-3, 8e-3], [2e-3, 4e-3, 8e-3]
+        dp_grid, inner_grid = [2e-3, 4e-3, 8e-3, 1.6e-2], [1e-3, 2e-3, 4e-3, 8e-3]
+        outer_grid = [0.4, outer_lr, 1.0]
     sweep_len = lengths[0]
     base = {"model": model, "batch": batch, "seq_len": seq_len}
     n_params = _n_params(model)
     print(f"model byte-gpt {model} = {n_params:,} parameters; k={K} workers, per-worker batch {batch}x{seq_len}, "
-          f"H={H}, outer lr {outer_lr} Nesterov momentum {momentum}; DP batch {K * batch}x{seq_len}", flush=True)
-    step_s = _step_seconds(model, batch, seq_len, repeat=30)
-    print(f"measured compute per training step on this CPU (1 thread, median of 30): {1e3 * step_s:.1f} ms",
+          f"H={H}, outer Nesterov momentum {momentum}, outer lr from {outer_grid}; DP batch {K * batch}x{seq_len}", flush=True)
+    step_before = _step_seconds(model, batch, seq_len, repeat=30)
+    print(f"measured compute per training step on this CPU (1 thread, median of 30): {1e3 * step_before:.1f} ms",
           flush=True)
 
     with _pool(args.jobs) as pool:
-        best_dp, best_inner = dp_grid[0], inner_grid[0]
+        best_dp, best_inner, best_outer = dp_grid[0], inner_grid[0], outer_grid[0]
         if len(dp_grid) > 1 or len(inner_grid) > 1:
+            def diloco_job(lr, olr):
+                return {**base, "kind": "diloco", "name": f"DiLoCo fp32 inner lr={lr:g} outer lr={olr:g}", "lr": lr,
+                        "outer_lr": olr, "momentum": momentum, "codec": "fp32", "steps": sweep_len,
+                        "eval_at": [sweep_len]}
+
             jobs = [{**base, "kind": "dp", "name": f"DP lr={lr:g}", "lr": lr, "steps": sweep_len,
                      "eval_at": [sweep_len]} for lr in dp_grid]
-            jobs += [{**base, "kind": "diloco", "name": f"DiLoCo fp32 inner lr={lr:g}", "lr": lr,
-                      "outer_lr": outer_lr, "momentum": momentum, "codec": "fp32", "steps": sweep_len,
-                      "eval_at": [sweep_len]} for lr in inner_grid]
+            jobs += [diloco_job(lr, outer_lr) for lr in inner_grid]
             results = list(pool.map(_run, jobs))
-            rows = [(j["name"], sweep_len, f"{_final(r):.4f}") for j, r in zip(jobs, results, strict=True)]
             dp_res, di_res = results[: len(dp_grid)], results[len(dp_grid):]
             best_dp = dp_grid[min(range(len(dp_grid)), key=lambda i: _final(dp_res[i]))]
             best_inner = inner_grid[min(range(len(inner_grid)), key=lambda i: _final(di_res[i]))]
+            # Then the outer lr, with the chosen inner lr (outer lr 0.7 was already run above).
+            outer_jobs = [diloco_job(best_inner, olr) for olr in outer_grid if olr != outer_lr]
+            outer_res = dict(zip((j["outer_lr"] for j in outer_jobs), pool.map(_run, outer_jobs), strict=True))
+            outer_res[outer_lr] = di_res[inner_grid.index(best_inner)]
+            best_outer = min(outer_grid, key=lambda olr: _final(outer_res[olr]))
+            jobs += outer_jobs
+            results += [outer_res[j["outer_lr"]] for j in outer_jobs]
+            rows = [(j["name"], sweep_len, f"{_final(r):.4f}") for j, r in zip(jobs, results, strict=True)]
             print_table(["sweep run", "steps", "held-out loss"], rows,
                         title=f"lr sweep at {sweep_len} steps (chosen: DP lr {best_dp:g}; DiLoCo inner lr "
-                              f"{best_inner:g}); reused at every length")
+                              f"{best_inner:g}, outer lr {best_outer:g}); reused at every length")
 
         steps = lengths[-1]
         common = {**base, "steps": steps, "eval_at": list(range(H, steps + 1, H))}
         arms = [
             {**common, "kind": "dp", "name": "data-parallel", "lr": best_dp},
-            {**common, "kind": "diloco", "name": "DiLoCo fp32", "lr": best_inner, "outer_lr": outer_lr,
+            {**common, "kind": "diloco", "name": "DiLoCo fp32", "lr": best_inner, "outer_lr": best_outer,
              "momentum": momentum, "codec": "fp32"},
-            {**common, "kind": "diloco", "name": "DiLoCo int8", "lr": best_inner, "outer_lr": outer_lr,
+            {**common, "kind": "diloco", "name": "DiLoCo int8", "lr": best_inner, "outer_lr": best_outer,
              "momentum": momentum, "codec": "int8"},
             {**common, "kind": "diloco", "name": "FedAvg fp32", "lr": best_inner, "outer_lr": 1.0,
              "momentum": 0.0, "codec": "fp32"},
@@ -240,6 +254,11 @@ def main(argv=None) -> None:
              "momentum": 0.0, "codec": None, "workers": 1},
         ]
         results = {r["name"]: r for r in pool.map(_run, arms)}
+
+    step_after = _step_seconds(model, batch, seq_len, repeat=30)
+    step_s = min(step_before, step_after)
+    print(f"\ncompute per training step: {1e3 * step_before:.1f} ms before the runs, {1e3 * step_after:.1f} ms after; "
+          f"using {1e3 * step_s:.1f} ms", flush=True)
 
     def link_s(point, scale=1.0):
         return point["bytes"] * scale * 8 / LINK_BITS_PER_S
