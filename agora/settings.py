@@ -262,6 +262,8 @@ AGORA_ENROLLMENT_TOKEN_TTL = timedelta(hours=env.float("AGORA_ENROLLMENT_TOKEN_T
 AGORA_PUBLIC_URL = env("AGORA_PUBLIC_URL", default="http://127.0.0.1:8000")
 # Training: where the server evaluates held-out loss after each round (cpu, cuda, or auto).
 AGORA_TRAINING_DEVICE = env("AGORA_TRAINING_DEVICE", default="cpu")
+# ... and in what precision: auto (bf16 where the device runs it natively, else fp32), fp32, or bf16.
+AGORA_EVAL_PRECISION = env("AGORA_EVAL_PRECISION", default="auto")
 
 LOGGING = {
     "version": 1,

@@ -85,7 +85,7 @@ class Block(nn.Module):
 class ByteGPT(nn.Module):
     """Pre-LayerNorm GPT over bytes (vocabulary 256)."""
 
-    def __init__(self, cfg: GPTConfig, *, seed: int = 0):
+    def __init__(self, cfg: GPTConfig, *, seed: int | None = 0):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -94,7 +94,8 @@ class ByteGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.reset_parameters(seed)
+        if seed is not None:  # None: the caller loads weights (see model_with_weights)
+            self.reset_parameters(seed)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
@@ -138,6 +139,20 @@ def build_model(arch: str, config: dict, *, seed: int = 0) -> nn.Module:
     cfg = GPTConfig.from_dict(config)
     with torch.random.fork_rng(devices=[]):
         return ByteGPT(cfg, seed=seed)
+
+
+def model_with_weights(arch: str, config: dict, state: dict[str, Tensor]) -> nn.Module:
+    """A model whose parameters *are* ``state``'s tensors (shared, not copied), built without drawing
+    initial weights. Much cheaper than :func:`build_model` plus ``load_state_dict`` for a large model;
+    meant for inference on weights that nobody modifies. Names and shapes must match exactly."""
+    if arch != "byte-gpt":
+        raise ValueError(f"unknown model arch {arch!r} (known: {', '.join(ARCHES)})")
+    if not isinstance(config, dict):
+        raise ValueError("model config must be a dict")
+    with torch.device("meta"):
+        model = ByteGPT(GPTConfig.from_dict(config), seed=None)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
 
 
 def init_state(arch: str, config: dict, seed: int) -> dict[str, Tensor]:

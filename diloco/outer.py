@@ -56,9 +56,12 @@ class OuterOptimizer:
         self.steps += 1
         return {k: v.clone() for k, v in self.params.items()}
 
-    def state_tensors(self) -> dict[str, Tensor]:
-        """Momentum buffers as ``{"momentum.<name>": tensor}`` plus ``"__step__"``: safetensors-ready."""
-        out = {f"{_PREFIX}{k}": v.clone() for k, v in self.buffers.items()}
+    def state_tensors(self, *, copy: bool = True) -> dict[str, Tensor]:
+        """Momentum buffers as ``{"momentum.<name>": tensor}`` plus ``"__step__"``: safetensors-ready.
+
+        ``copy=False`` returns the live buffers (no 4-bytes-per-parameter copy) for a caller that will
+        not step this optimizer again while it uses them."""
+        out = {f"{_PREFIX}{k}": (v.clone() if copy else v) for k, v in self.buffers.items()}
         out[_STEP_KEY] = torch.tensor([self.steps], dtype=torch.int64)
         return out
 

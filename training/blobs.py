@@ -85,6 +85,7 @@ class LRU:
 
 _states = LRU(4)
 _models = LRU(2)
+_outer_states = LRU(2)
 
 
 class CheckpointCorrupt(Exception):
@@ -108,6 +109,17 @@ def checkpoint_state(sha256: str) -> tuple[dict[str, Tensor], dict]:
 def remember_state(sha256: str, state: dict[str, Tensor], meta: dict) -> None:
     """Put weights we just wrote into the cache, so the next round does not read them back."""
     _states.put(sha256, (state, meta))
+
+
+def outer_state(name: str) -> dict[str, Tensor]:
+    """A run's outer optimizer state blob as tensors, cached by name (each name is written once).
+    Callers must not modify the tensors."""
+    return _outer_states.get_or_load(name, lambda: load_weights(blob_read(name))[0])
+
+
+def remember_outer_state(name: str, tensors: dict[str, Tensor]) -> None:
+    """Cache the outer state we just wrote, so the next round does not read it back."""
+    _outer_states.put(name, tensors)
 
 
 def checkpoint_model(sha256: str) -> torch.nn.Module:
@@ -152,5 +164,6 @@ def heldout_tokens(dataset: dict) -> Tensor:
 def clear_caches() -> None:
     _states.clear()
     _models.clear()
+    _outer_states.clear()
     _reference.cache_clear()
     _heldout.cache_clear()

@@ -17,6 +17,7 @@ import math
 import statistics
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
@@ -28,10 +29,10 @@ from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from diloco.aggregate import aggregate, screen_updates, update_norms
-from diloco.checkpoint import load_weights, save_weights, sha256_hex
+from diloco.checkpoint import save_weights, sha256_hex
 from diloco.codecs import CodecError, decode_update, payload_nbytes
-from diloco.evaluate import evaluate_loss
-from diloco.models import build_model, init_state
+from diloco.evaluate import eval_dtype, evaluate_loss
+from diloco.models import build_model, init_state, model_with_weights
 from diloco.outer import OuterOptimizer
 from governance.models import Proposal
 from governance.services import proposal_enact
@@ -531,15 +532,18 @@ def _previous_median_norm(rnd: Round) -> float | None:
     return statistics.median(n for index, n in norms if index == latest)
 
 
+def eval_precision() -> torch.dtype | None:
+    """The autocast dtype of held-out evaluation (``AGORA_EVAL_PRECISION``); None is fp32."""
+    return eval_dtype(getattr(settings, "AGORA_EVAL_PRECISION", "auto") or "auto", eval_device())
+
+
 def _eval(state: dict, run: TrainingRun, tokens) -> float:
     m = run.spec["model"]
     device = eval_device()
-    model = build_model(m["arch"], m["config"])
-    model.load_state_dict(state)
-    model.to(device)
+    model = model_with_weights(m["arch"], m["config"], state).to(device)
     d = run.diloco
     return evaluate_loss(model, tokens, batch_size=int(d["batch_size"]), seq_len=int(d["seq_len"]),
-                         batches=EVAL_BATCHES, seed=0, device=device)
+                         batches=EVAL_BATCHES, seed=0, device=device, autocast_dtype=eval_precision())
 
 
 def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
@@ -596,9 +600,7 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
     pseudo_gradient = aggregate(good, d["aggregator"])
     timings["aggregate_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    outer_state = None
-    if run.outer_state_name:
-        outer_state, _ = load_weights(blobs.blob_read(run.outer_state_name))
+    outer_state = blobs.outer_state(run.outer_state_name) if run.outer_state_name else None
     lr, momentum = float(d["outer_lr"]), float(d["outer_momentum"])
     if outer_state:
         opt = OuterOptimizer.from_state(state_in, outer_state, lr=lr, momentum=momentum, nesterov=True)
@@ -607,27 +609,54 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
     new_state = opt.step(pseudo_gradient)
     timings["outer_step_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    eval_after = _eval(new_state, run, tokens)
-    timings["eval_after_s"] = time.perf_counter() - t
-    if not _finite(eval_after):
-        return _Outcome(verdicts, False, "held-out loss after the step is not finite", eval_before, None,
-                        timings=timings)
-    if eval_after > eval_before * (1 + EVAL_TOLERANCE):
-        return _Outcome(verdicts, False,
-                        f"held-out loss rose from {eval_before:.4f} to {eval_after:.4f} "
-                        f"(more than {EVAL_TOLERANCE:.0%}); step rejected",
-                        eval_before, eval_after, timings=timings)
-    t = time.perf_counter()
-    sha, size = _checkpoint_blob(new_state, _model_meta(m["arch"], m["config"], run_id=run.pk, round=rnd.index))
-    timings["save_checkpoint_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    outer_bytes = save_weights(opt.state_tensors(), {"run_id": run.pk, "round": rnd.index})
     outer_name = f"outer/run-{run.pk}/round-{rnd.index}-{token}.safetensors"
-    blobs.blob_write(outer_name, outer_bytes)
-    timings["save_outer_state_s"] = time.perf_counter() - t
+    meta = _model_meta(m["arch"], m["config"], run_id=run.pk, round=rnd.index)
+    # The new weights and optimizer state are serialised, hashed and written while the held-out loss is
+    # evaluated: the two overlap, and a step the evaluation turns down has its blobs removed again.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agora-save") as pool:
+        saving = pool.submit(_save_step, new_state, meta, opt.state_tensors(copy=False), outer_name)
+        t_eval = time.perf_counter()
+        try:
+            eval_after = _eval(new_state, run, tokens)
+        finally:
+            timings["eval_after_s"] = time.perf_counter() - t_eval
+            sha, size, outer_sha, save_timings = saving.result()
+    timings.update(save_timings)
+    timings["eval_and_save_s"] = time.perf_counter() - t
+    rejection = ""
+    if not _finite(eval_after):
+        rejection = "held-out loss after the step is not finite"
+    elif eval_after > eval_before * (1 + EVAL_TOLERANCE):
+        rejection = (f"held-out loss rose from {eval_before:.4f} to {eval_after:.4f} "
+                     f"(more than {EVAL_TOLERANCE:.0%}); step rejected")
+    if rejection:
+        _discard_step(sha, outer_name)
+        return _Outcome(verdicts, False, rejection, eval_before, eval_after if _finite(eval_after) else None,
+                        timings=timings)
     return _Outcome(verdicts, True, "", eval_before, eval_after, new_state=new_state, checkpoint_sha=sha,
-                    checkpoint_size=size, outer_state_name=outer_name, outer_state_sha=sha256_hex(outer_bytes),
+                    checkpoint_size=size, outer_state_name=outer_name, outer_state_sha=outer_sha,
                     timings=timings)
+
+
+def _save_step(new_state: dict, meta: dict, outer_tensors: dict, outer_name: str) -> tuple[str, int, str, dict]:
+    """Write a step's checkpoint (content addressed) and outer optimizer state; returns
+    (checkpoint sha256, checkpoint size, outer state sha256, timings)."""
+    t = time.perf_counter()
+    sha, size = _checkpoint_blob(new_state, meta)
+    t_outer = time.perf_counter()
+    outer_bytes = save_weights(outer_tensors, {"run_id": meta.get("run_id"), "round": meta.get("round")})
+    blobs.blob_write(outer_name, outer_bytes)
+    blobs.remember_outer_state(outer_name, outer_tensors)
+    done = time.perf_counter()
+    return sha, size, sha256_hex(outer_bytes), {"save_checkpoint_s": t_outer - t, "save_outer_state_s": done - t_outer}
+
+
+def _discard_step(sha: str, outer_name: str) -> None:
+    """Remove the blobs of a step that was turned down. The checkpoint blob stays if some checkpoint row
+    already names the same bytes (identical weights written by an earlier round)."""
+    blobs.blob_delete(outer_name)
+    if not Checkpoint.objects.filter(sha256=sha).exists():
+        blobs.blob_delete(checkpoint_storage_name(sha))
 
 
 def _credit_amount(run: TrainingRun) -> Decimal:

@@ -12,7 +12,9 @@ from ledger.selectors import ledger_verify
 from marketplace.models import CreditGrant, Worker
 from tests.marketplace.factories import WorkerFactory
 from training import blobs, services
-from training.models import CommunityModel, Round, Task, TrainingRun
+from training.models import CommunityModel, Round, Task, TrainingRun, checkpoint_storage_name
+
+from .conftest import stored_files
 
 from .factories import approved_proposal, metrics_json, random_update, train_update
 
@@ -134,7 +136,7 @@ def test_sign_flipped_update_is_rejected_while_honest_ones_aggregate():
     assert bad.status == Task.Status.REJECTED and "opposes" in bad.reason
 
 
-def test_poisoned_step_is_rejected_and_the_old_checkpoint_kept():
+def test_poisoned_step_is_rejected_and_the_old_checkpoint_kept(checkpoint_storage):
     """Updates that agree with each other (so screening passes) but ruin the model fail evaluation."""
     run = _start(workers_per_round=2, rounds=2, aggregator="mean")
     state = blobs.checkpoint_state(run.base_checkpoint_id)[0]
@@ -152,10 +154,17 @@ def test_poisoned_step_is_rejected_and_the_old_checkpoint_kept():
     assert Entry.objects.filter(action="round.rejected").count() == 1
     assert not CreditGrant.objects.exists()
     assert all(w.reliability == 0.5 for w in Worker.objects.filter(pk__in=[w.pk for w in workers]))
+    # The rejected step's checkpoint and outer state, written while it was evaluated, are gone again.
+    kept = stored_files(checkpoint_storage)
+    assert not [name for name in kept if name.startswith("outer/")]
+    checkpoints = [name for name in kept if name.endswith(".safetensors") and not name.startswith("updates")]
+    assert checkpoints == [checkpoint_storage_name(run.base_checkpoint_id)], kept
 
 
-def test_outer_optimizer_state_survives_a_restart():
-    """Two rounds aggregated with caches cleared in between equal two steps of one in-memory optimizer."""
+@pytest.mark.parametrize("fresh_process", [True, False], ids=["caches-cleared", "same-process"])
+def test_outer_optimizer_state_survives_a_restart(fresh_process):
+    """Two rounds aggregated with caches cleared in between (or kept, as in one long-lived worker)
+    equal two steps of one in-memory optimizer."""
     run = _start(workers_per_round=1, min_workers=1, rounds=3, aggregator="mean", outer_momentum=0.9)
     worker = WorkerFactory(gpus=[])
     base = {k: v.clone() for k, v in blobs.checkpoint_state(run.base_checkpoint_id)[0].items()}
@@ -169,7 +178,8 @@ def test_outer_optimizer_state_survives_a_restart():
 
         _claim_and_submit(run, [worker if index == 1 else WorkerFactory(gpus=[])], make)
         assert services.round_aggregate(round_id=Round.objects.get(run=run, index=index).pk).accepted
-        blobs.clear_caches()  # a fresh process
+        if fresh_process:
+            blobs.clear_caches()
     run.refresh_from_db()
     expected = OuterOptimizer(base, lr=0.7, momentum=0.9, nesterov=True)
     expected.step(deltas[0])
