@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 from django.http import FileResponse, Http404, HttpResponse, HttpResponseNotModified
-from django.views.decorators.http import require_GET
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import generics, serializers
+from rest_framework.decorators import api_view, authentication_classes, permission_classes
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
-from rest_framework.permissions import AllowAny
+from rest_framework.permissions import AllowAny, IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -21,6 +21,7 @@ from training.errors import UploadTooLarge
 from training.serializers import (
     MetricsSerializer,
     ResultAcceptedSerializer,
+    RunCancelInput,
     RunDetailSerializer,
     RunListSerializer,
     TaskFailSerializer,
@@ -108,7 +109,16 @@ class TaskFailApi(_WorkerApi):
         return Response({"task_id": task.pk, "status": task.status})
 
 
-@require_GET
+@extend_schema(
+    summary="Checkpoint weights (safetensors) by sha256: immutable, cacheable forever, public",
+    responses={(200, "application/octet-stream"): OpenApiTypes.BINARY,
+               304: OpenApiResponse(description="not modified (If-None-Match matched the ETag)"),
+               404: OpenApiResponse(description="no such checkpoint"),
+               503: OpenApiResponse(description="the checkpoint's file is missing from storage")},
+)
+@api_view(["GET"])
+@authentication_classes([])
+@permission_classes([AllowAny])
 def checkpoint_download(request, sha256: str):
     """Checkpoint bytes by content hash: immutable, cacheable forever, public like the weights themselves."""
     checkpoint = selectors.checkpoint_get(sha256=sha256.lower())
@@ -139,12 +149,28 @@ class RunListApi(generics.ListAPIView):
         return selectors.runs_list(status=self.request.query_params.get("status", ""))
 
 
+def _run_detail(request, pk: int) -> Response:
+    run = selectors.run_get(pk=pk)
+    run.losses = selectors.run_loss_points(run)
+    run.contributors = selectors.run_contributors(run)
+    return Response(RunDetailSerializer(run, context={"request": request}).data)
+
+
 class RunDetailApi(APIView):
     permission_classes = [AllowAny]
 
     @extend_schema(responses=RunDetailSerializer, summary="A run with its rounds, losses and contributors")
     def get(self, request, pk: int):
-        run = selectors.run_get(pk=pk)
-        run.losses = selectors.run_loss_points(run)
-        run.contributors = selectors.run_contributors(run)
-        return Response(RunDetailSerializer(run, context={"request": request}).data)
+        return _run_detail(request, pk)
+
+
+class RunCancelApi(APIView):
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(request=RunCancelInput, responses=RunDetailSerializer,
+                   summary="Cancel a pending or running run (staff), with a public reason")
+    def post(self, request, pk: int):
+        data = RunCancelInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.run_cancel(run=selectors.run_get(pk=pk), by=request.user, reason=data.validated_data["reason"])
+        return _run_detail(request, pk)

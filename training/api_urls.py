@@ -9,4 +9,5 @@ urlpatterns = [
     path("checkpoints/<str:sha256>", api.checkpoint_download, name="api-checkpoint"),
     path("runs/", api.RunListApi.as_view(), name="api-run-list"),
     path("runs/<int:pk>/", api.RunDetailApi.as_view(), name="api-run-detail"),
+    path("runs/<int:pk>/cancel", api.RunCancelApi.as_view(), name="api-run-cancel"),
 ]

@@ -48,3 +48,10 @@ class InvalidUpdate(TrainingError):
 class RunError(TrainingError):
     code = "run_error"
     http_status = 409
+
+
+class RunForbidden(TrainingError):
+    """The caller may not do this to a run (e.g. a member who is not staff canceling one)."""
+
+    code = "forbidden"
+    http_status = 403

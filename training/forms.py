@@ -14,3 +14,10 @@ class PlaygroundForm(forms.Form):
     def __init__(self, *args, models=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["model"].choices = [(m.slug, m.name or m.slug) for m in models]
+
+
+class RunCancelForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2}), max_length=2000,
+        help_text="Required. Published in the ledger; the run stops and its open tasks expire.",
+    )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from django.urls import reverse
 from rest_framework import serializers
 
+from governance.specs import FiniteFloatField
 from training.models import Checkpoint, Round, Task, TrainingRun
 
 
@@ -45,14 +44,6 @@ def task_payload(task: Task, *, request, guardrails: list[dict], max_upload_byte
         "deadline": task.deadline.isoformat(),
         "max_upload_bytes": max_upload_bytes,
     }
-
-
-class FiniteFloatField(serializers.FloatField):
-    def to_internal_value(self, data):
-        value = super().to_internal_value(data)
-        if not math.isfinite(value):
-            raise serializers.ValidationError("must be a finite number")
-        return value
 
 
 class MetricsSerializer(serializers.Serializer):
@@ -153,3 +144,7 @@ class RunDetailSerializer(RunListSerializer):
     class Meta(RunListSerializer.Meta):
         fields = RunListSerializer.Meta.fields + ["reason", "spec", "base_checkpoint", "final_checkpoint", "rounds",
                                                   "losses", "contributors"]
+
+
+class RunCancelInput(serializers.Serializer):
+    reason = serializers.CharField(max_length=2000, help_text="Published in the ledger with the cancellation.")

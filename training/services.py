@@ -27,6 +27,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
+from rest_framework import serializers
 
 from diloco.aggregate import aggregate, screen_updates, update_norms
 from diloco.checkpoint import save_weights, sha256_hex
@@ -42,6 +43,8 @@ from training import blobs
 from training.errors import (
     InvalidUpdate,
     NotYourTask,
+    RunError,
+    RunForbidden,
     TaskCompleted,
     TaskExpired,
     TaskNotOpen,
@@ -212,11 +215,26 @@ def runs_start_approved() -> list[int]:
     return started
 
 
+MAX_CANCEL_REASON = 2_000
+
+
 @transaction.atomic
 def run_cancel(*, run: TrainingRun, by, reason: str) -> TrainingRun:
+    """pending/running -> canceled (terminal), staff only, with a public reason.
+
+    Open tasks expire at once, so agents stop getting work from the run and their uploads are refused
+    (410); an aggregation already under way commits nothing (see ``_aggregate_commit``).
+    """
+    if by is None or not getattr(by, "is_authenticated", False) or not by.is_staff:
+        raise RunForbidden("only staff can cancel a training run")
+    reason = (reason or "").strip()
+    if not reason:
+        raise serializers.ValidationError({"reason": ["Canceling a run needs a reason; it is published in the ledger."]})
+    if len(reason) > MAX_CANCEL_REASON:
+        raise serializers.ValidationError({"reason": [f"At most {MAX_CANCEL_REASON} characters."]})
     run = TrainingRun.objects.select_for_update().get(pk=run.pk)
     if not run.is_active:
-        raise TrainingError(f"only a pending or running run can be canceled, not a {run.status} one")
+        raise RunError(f"only a pending or running run can be canceled, not a {run.status} one")
     run.status, run.reason, run.finished_at = TrainingRun.Status.CANCELED, reason, timezone.now()
     run.save(update_fields=["status", "reason", "finished_at"])
     Task.objects.filter(round__run=run, status__in=[Task.Status.PENDING, Task.Status.ASSIGNED]).update(
@@ -669,7 +687,11 @@ def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
     rnd = Round.objects.select_for_update().select_related("run", "run__model").get(pk=round_id)
     if rnd.status != Round.Status.AGGREGATING or rnd.aggregation_token != token:
         return None
-    run = rnd.run
+    run = TrainingRun.objects.select_for_update().select_related("model").get(pk=rnd.run_id)
+    if run.status != TrainingRun.Status.RUNNING:  # canceled while this round was being aggregated
+        log.info("run %s is %s; the aggregation of round %s is discarded", run.pk, run.status, rnd.index)
+        return None
+    rnd.run = run
     now = timezone.now()
     step_rejected = not out.accepted
     credit = _credit_amount(run)

@@ -7,6 +7,7 @@ urlpatterns = [
     path("runs/", views.run_list, name="run_list"),
     path("runs/<int:pk>/", views.run_detail, name="run_detail"),
     path("runs/<int:pk>/progress", views.run_progress, name="run_progress"),
+    path("runs/<int:pk>/cancel", views.run_cancel, name="run_cancel"),
     path("models/", views.model_list, name="model_list"),
     path("models/<slug:slug>/", views.model_detail, name="model_detail"),
     path("playground/", views.playground, name="playground"),

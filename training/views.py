@@ -1,12 +1,18 @@
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.shortcuts import render
+from django.http import HttpResponseForbidden
+from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.safestring import mark_safe
+from django.views.decorators.http import require_POST
+from rest_framework import serializers
 
 from governance.models import Guardrail
-from training import selectors
+from training import selectors, services
 from training.charts import loss_chart_svg
-from training.forms import PlaygroundForm
+from training.errors import TrainingError
+from training.forms import PlaygroundForm, RunCancelForm
 from training.playground import sample_generate
 
 
@@ -35,7 +41,26 @@ def run_detail(request, pk: int):
     run = selectors.run_get(pk=pk)
     context = _run_context(run)
     context["ledger_entries"] = selectors.run_ledger(run)
+    if request.user.is_staff and run.is_active:
+        context["cancel_form"] = RunCancelForm()
     return render(request, "training/run_detail.html", context)
+
+
+@require_POST
+@login_required
+def run_cancel(request, pk: int):
+    run = selectors.run_get(pk=pk)
+    try:
+        services.run_cancel(run=run, by=request.user, reason=request.POST.get("reason", ""))
+    except TrainingError as exc:
+        if exc.http_status == 403:
+            return HttpResponseForbidden(str(exc))
+        messages.error(request, str(exc))
+    except serializers.ValidationError as exc:
+        messages.error(request, " ".join(str(m) for msgs in exc.detail.values() for m in msgs))
+    else:
+        messages.success(request, "Run canceled. Agents get no more work from it.")
+    return redirect("training:run_detail", pk=pk)
 
 
 def run_progress(request, pk: int):
