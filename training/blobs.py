@@ -24,6 +24,9 @@ from diloco.data import encode_documents, load_documents, split_documents
 from diloco.models import build_model
 
 
+_WRITE_CHUNK = 8 * 2**20
+
+
 def store():
     return storages["checkpoints"]
 
@@ -35,7 +38,11 @@ def blob_write(name: str, data: bytes, *, content_addressed: bool = False) -> No
         if content_addressed:
             return
         st.delete(name)
-    saved = st.save(name, ContentFile(data))
+    content = ContentFile(data)
+    # Storage backends copy in chunks; Django's 64 kB default means thousands of GIL-holding round trips
+    # for a checkpoint, which starve an evaluation running alongside in another thread.
+    content.DEFAULT_CHUNK_SIZE = _WRITE_CHUNK
+    saved = st.save(name, content)
     if saved != name:  # a concurrent writer won the name; for content-addressed blobs the bytes are the same
         st.delete(saved)
         if not content_addressed:

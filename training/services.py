@@ -11,6 +11,7 @@ commits nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -635,7 +636,8 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
         saving = pool.submit(_save_step, new_state, meta, opt.state_tensors(copy=False), outer_name)
         t_eval = time.perf_counter()
         try:
-            eval_after = _eval(new_state, run, tokens)
+            with _one_core_spared():
+                eval_after = _eval(new_state, run, tokens)
         finally:
             timings["eval_after_s"] = time.perf_counter() - t_eval
             sha, size, outer_sha, save_timings = saving.result()
@@ -654,6 +656,20 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
     return _Outcome(verdicts, True, "", eval_before, eval_after, new_state=new_state, checkpoint_sha=sha,
                     checkpoint_size=size, outer_state_name=outer_name, outer_state_sha=outer_sha,
                     timings=timings)
+
+
+@contextlib.contextmanager
+def _one_core_spared():
+    """While a CPU evaluation overlaps the blob writes, give torch one thread fewer than it has: with
+    every core busy computing, the writer thread's turns make torch's threads wait on each other, and
+    the overlap ends up slower than doing the two one after the other."""
+    before = torch.get_num_threads()
+    if before > 1 and torch.device(eval_device()).type == "cpu":
+        torch.set_num_threads(before - 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _save_step(new_state: dict, meta: dict, outer_tensors: dict, outer_name: str) -> tuple[str, int, str, dict]:
