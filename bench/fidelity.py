@@ -207,7 +207,7 @@ def main(argv=None) -> None:
         dp_grid, inner_grid, outer_grid = [4e-3], [4e-3], [outer_lr]
     else:
         lengths = [750, 1500, 3000]
-        dp_grid, inner_grid = [2e-3, 4e-3, 8e-3, 1.6e-2], [1e-3, 2e-3, 4e-3, 8e-3]
+        dp_grid, inner_grid = [1e-3, 2e-3, 4e-3, 8e-3], [5e-4, 1e-3, 2e-3, 4e-3]
         outer_grid = [0.4, outer_lr, 1.0]
     base = {"model": model, "batch": batch, "seq_len": seq_len}
     n_params = _n_params(model)
