@@ -123,10 +123,10 @@ def main(argv=None):
             ("  screen (norms, cosines)", med("screen_s")),
             ("  aggregate (trimmed mean)", med("aggregate_s")),
             ("  outer Nesterov step", med("outer_step_s")),
-            ("  held-out eval and saving, overlapped (wall)", med("eval_and_save_s")),
+            ("  held-out eval and saving (wall; overlapped where it pays)", med("eval_and_save_s")),
             ("    held-out eval after the step", med("eval_after_s")),
-            ("    save checkpoint (alongside the eval)", med("save_checkpoint_s")),
-            ("    save outer optimizer state (alongside the eval)", med("save_outer_state_s")),
+            ("    save checkpoint", med("save_checkpoint_s")),
+            ("    save outer optimizer state", med("save_outer_state_s")),
             ("  the rest (claim, commit with credits and ledger, open next round)",
              statistics.median(t - sum(v for k, v in p.items() if k in _SEQUENTIAL)
                                for t, p in zip(turnaround, phases, strict=True))),

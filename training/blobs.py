@@ -23,7 +23,6 @@ from diloco.codecs import reference_of
 from diloco.data import encode_documents, load_documents, split_documents
 from diloco.models import build_model
 
-
 _WRITE_CHUNK = 8 * 2**20
 
 

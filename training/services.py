@@ -12,6 +12,7 @@ commits nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -630,19 +631,23 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
     t = time.perf_counter()
     outer_name = f"outer/run-{run.pk}/round-{rnd.index}-{token}.safetensors"
     meta = _model_meta(m["arch"], m["config"], run_id=run.pk, round=rnd.index)
-    # The new weights and optimizer state are serialised, hashed and written while the held-out loss is
-    # evaluated: the two overlap, and a step the evaluation turns down has its blobs removed again.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agora-save") as pool:
-        saving = pool.submit(_save_step, new_state, meta, opt.state_tensors(copy=False), outer_name)
-        t_eval = time.perf_counter()
-        try:
-            with _one_core_spared():
-                eval_after = _eval(new_state, run, tokens)
-        finally:
-            timings["eval_after_s"] = time.perf_counter() - t_eval
-            sha, size, outer_sha, save_timings = saving.result()
-    timings.update(save_timings)
-    timings["eval_and_save_s"] = time.perf_counter() - t
+    save = functools.partial(_save_step, new_state, meta, opt.state_tensors(copy=False), outer_name)
+    saved = None
+    if _overlap_eval_with_writes():
+        # The new weights and optimizer state are serialised, hashed and written while the held-out loss
+        # is evaluated; a step the evaluation turns down has its blobs removed again.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agora-save") as pool:
+            saving = pool.submit(save)
+            t_eval = time.perf_counter()
+            try:
+                with _one_core_spared():
+                    eval_after = _eval(new_state, run, tokens)
+            finally:
+                timings["eval_after_s"] = time.perf_counter() - t_eval
+                saved = saving.result()
+    else:
+        eval_after = _eval(new_state, run, tokens)
+        timings["eval_after_s"] = time.perf_counter() - t
     rejection = ""
     if not _finite(eval_after):
         rejection = "held-out loss after the step is not finite"
@@ -650,12 +655,26 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
         rejection = (f"held-out loss rose from {eval_before:.4f} to {eval_after:.4f} "
                      f"(more than {EVAL_TOLERANCE:.0%}); step rejected")
     if rejection:
-        _discard_step(sha, outer_name)
+        if saved:
+            _discard_step(saved[0], outer_name)
+        timings["eval_and_save_s"] = time.perf_counter() - t
         return _Outcome(verdicts, False, rejection, eval_before, eval_after if _finite(eval_after) else None,
                         timings=timings)
+    sha, size, outer_sha, save_timings = saved or save()
+    timings.update(save_timings)
+    timings["eval_and_save_s"] = time.perf_counter() - t
     return _Outcome(verdicts, True, "", eval_before, eval_after, new_state=new_state, checkpoint_sha=sha,
                     checkpoint_size=size, outer_state_name=outer_name, outer_state_sha=outer_sha,
                     timings=timings)
+
+
+def _overlap_eval_with_writes() -> bool:
+    """Whether to write the step's blobs while evaluating it. Overlapping costs the evaluation a core
+    (see ``_one_core_spared``): worth it on a GPU, with bf16 on a CPU (the evaluation is then short), or
+    with four or more cores; with fp32 on two or three cores, evaluating first and writing after is faster."""
+    if torch.device(eval_device()).type != "cpu":
+        return True
+    return eval_precision() is not None or torch.get_num_threads() >= 4
 
 
 @contextlib.contextmanager

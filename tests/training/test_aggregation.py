@@ -15,7 +15,6 @@ from training import blobs, services
 from training.models import CommunityModel, Round, Task, TrainingRun, checkpoint_storage_name
 
 from .conftest import stored_files
-
 from .factories import approved_proposal, metrics_json, random_update, train_update
 
 pytestmark = pytest.mark.django_db
@@ -136,7 +135,14 @@ def test_sign_flipped_update_is_rejected_while_honest_ones_aggregate():
     assert bad.status == Task.Status.REJECTED and "opposes" in bad.reason
 
 
-def test_poisoned_step_is_rejected_and_the_old_checkpoint_kept(checkpoint_storage):
+@pytest.fixture(params=[True, False], ids=["writes-during-eval", "writes-after-eval"])
+def overlap(request, monkeypatch):
+    """Both ways of ordering the evaluation and the blob writes (which one runs depends on the machine)."""
+    monkeypatch.setattr(services, "_overlap_eval_with_writes", lambda: request.param)
+    return request.param
+
+
+def test_poisoned_step_is_rejected_and_the_old_checkpoint_kept(checkpoint_storage, overlap):
     """Updates that agree with each other (so screening passes) but ruin the model fail evaluation."""
     run = _start(workers_per_round=2, rounds=2, aggregator="mean")
     state = blobs.checkpoint_state(run.base_checkpoint_id)[0]
@@ -162,7 +168,7 @@ def test_poisoned_step_is_rejected_and_the_old_checkpoint_kept(checkpoint_storag
 
 
 @pytest.mark.parametrize("fresh_process", [True, False], ids=["caches-cleared", "same-process"])
-def test_outer_optimizer_state_survives_a_restart(fresh_process):
+def test_outer_optimizer_state_survives_a_restart(fresh_process, overlap):
     """Two rounds aggregated with caches cleared in between (or kept, as in one long-lived worker)
     equal two steps of one in-memory optimizer."""
     run = _start(workers_per_round=1, min_workers=1, rounds=3, aggregator="mean", outer_momentum=0.9)
@@ -284,3 +290,21 @@ def test_with_two_updates_a_huge_one_is_caught_by_the_previous_rounds_norms():
     bad = Task.objects.get(pk=tasks[1].pk)
     assert bad.status == Task.Status.REJECTED and "previous round's median accepted norm" in bad.reason
     assert Task.objects.get(pk=tasks[0].pk).status == Task.Status.ACCEPTED
+
+
+@pytest.mark.parametrize(("precision", "threads", "expected"), [
+    ("bf16", 2, True),   # a short evaluation: write alongside it
+    ("fp32", 2, False),  # evaluation-bound on two cores: evaluate with both, then write
+    ("fp32", 4, True),   # a core to spare
+])
+def test_eval_and_writes_overlap_only_where_it_pays(settings, precision, threads, expected):
+    settings.AGORA_EVAL_PRECISION, settings.AGORA_TRAINING_DEVICE = precision, "cpu"
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert services._overlap_eval_with_writes() is expected
+        with services._one_core_spared():
+            assert torch.get_num_threads() == threads - 1
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
