@@ -6,9 +6,9 @@
 
 Each round: 8 workers claim and upload int8 pseudo-gradients (``task_submit_result``, validated as in
 production), then ``round_aggregate`` runs: claim the round, read and decode the 8 updates, screen them,
-aggregate (trimmed mean), apply the outer Nesterov step, evaluate held-out loss while the checkpoint and
-the outer optimizer state are written (the two overlap), commit, open the next round. The Celery hop that triggers it in production
-(on_commit enqueue, worker pickup) is not included. Baselines measured in the same run: the plain
+aggregate (trimmed mean), apply the outer Nesterov step, evaluate held-out loss and write the checkpoint
+and the outer optimizer state (overlapped where that is faster), commit, open the next round. The Celery
+hop that triggers it in production (on_commit enqueue, worker pickup) is not included. Baselines measured in the same run: the plain
 aggregate of 8 decoded updates, and plain ``save_weights`` + storage write of one checkpoint.
 """
 
