@@ -719,9 +719,10 @@ def _credit_amount(run: TrainingRun) -> Decimal:
 
 @transaction.atomic
 def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
-    rnd = Round.objects.select_for_update().select_related("run", "run__model").get(pk=round_id)
+    rnd = Round.objects.select_for_update().get(pk=round_id)
     if rnd.status != Round.Status.AGGREGATING or rnd.aggregation_token != token:
         return None
+    # Round, then run: the order every other writer that takes both uses. run_cancel holds the run row.
     run = TrainingRun.objects.select_for_update().select_related("model").get(pk=rnd.run_id)
     if run.status != TrainingRun.Status.RUNNING:  # canceled while this round was being aggregated
         log.info("run %s is %s; the aggregation of round %s is discarded", run.pk, run.status, rnd.index)
