@@ -54,6 +54,7 @@ def main(argv=None):
         from diloco.aggregate import aggregate
         from diloco.checkpoint import save_weights
         from diloco.codecs import decode_update, encode_update
+        from diloco.models import warm_up
         from governance.models import Proposal
         from governance.specs import content_hash, spec_normalise
         from marketplace.models import Worker
@@ -69,6 +70,7 @@ def main(argv=None):
         workers = [Worker.objects.create(owner=user, name=f"bench-{i}", gpus=[], token_hash=secrets.token_hex(32))
                    for i in range(args.workers)]
         run = services.run_start(proposal_id=proposal.pk)
+        warm_up()  # as a Celery worker process does when it starts
         state, _ = blobs.checkpoint_state(run.base_checkpoint_id)
         n_params = sum(v.numel() for v in state.values())
         reference = blobs.model_reference("byte-gpt", CONFIG)

@@ -141,6 +141,13 @@ def build_model(arch: str, config: dict, *, seed: int = 0) -> nn.Module:
         return ByteGPT(cfg, seed=seed)
 
 
+def warm_up() -> None:
+    """Pay once, up front, what the first :func:`model_with_weights` in a process costs (about 1.5 s:
+    torch loads its meta-device support on first use)."""
+    with torch.device("meta"):
+        ByteGPT(GPTConfig.from_dict({"n_layer": 1, "n_embd": 8, "n_head": 1, "block_size": 8}), seed=None)
+
+
 def model_with_weights(arch: str, config: dict, state: dict[str, Tensor]) -> nn.Module:
     """A model whose parameters *are* ``state``'s tensors (shared, not copied), built without drawing
     initial weights. Much cheaper than :func:`build_model` plus ``load_state_dict`` for a large model;

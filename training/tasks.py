@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from celery import shared_task
+from celery.signals import worker_process_init
 from django.db import transaction
 
+from diloco.models import warm_up
 from training import services
 
 _LIMITS = {"acks_late": True, "ignore_result": True}
+
+
+@worker_process_init.connect
+def _warm_up_worker_process(**_kwargs) -> None:
+    """A worker process's first round aggregation should not be the one to load torch's meta-device
+    support (see ``diloco.models.warm_up``)."""
+    warm_up()
 
 
 @shared_task(name="training.start_run", soft_time_limit=240, time_limit=300, **_LIMITS)

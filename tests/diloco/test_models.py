@@ -102,3 +102,13 @@ def test_no_django_imports():
     code = "import sys; sys.modules['django'] = None; import diloco.models, diloco.aggregate, diloco.codecs; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+
+def test_after_warm_up_model_with_weights_works(tiny_config):
+    from diloco.models import model_with_weights, warm_up
+
+    warm_up()
+    state = init_state("byte-gpt", tiny_config, seed=0)
+    logits, _ = model_with_weights("byte-gpt", tiny_config, state)(torch.zeros(1, 4, dtype=torch.long))
+    assert logits.shape == (1, 4, 256)

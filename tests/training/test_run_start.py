@@ -74,3 +74,18 @@ def test_approval_signal_enqueues_the_pickup(django_capture_on_commit_callbacks,
     with django_capture_on_commit_callbacks(execute=True):
         training_proposal_approved.send(sender=Proposal, proposal_id=42)
     assert sent == [42]
+
+
+def test_celery_worker_processes_warm_up_at_start(monkeypatch):
+    import weakref
+
+    from celery.signals import worker_process_init
+
+    from training import tasks
+
+    receivers = [r() if isinstance(r, weakref.ReferenceType) else r for _, r in worker_process_init.receivers]
+    assert tasks._warm_up_worker_process in receivers
+    calls = []
+    monkeypatch.setattr(tasks, "warm_up", lambda: calls.append("warm"))
+    tasks._warm_up_worker_process()
+    assert calls == ["warm"]
