@@ -815,8 +815,10 @@ def round_aggregate(*, round_id: int) -> Round | None:
     if claimed is None:
         return None
     rnd, token, tasks = claimed
+    started = time.perf_counter()
     try:
         outcome = _aggregate_compute(rnd, token, tasks)
+        outcome.timings["aggregation_s"] = time.perf_counter() - started  # read, screen, step, eval, write
     except Exception:
         log.exception("aggregation of round %s failed; re-opening it", round_id)
         _round_release(round_id=round_id, token=token)

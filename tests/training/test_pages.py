@@ -1,5 +1,6 @@
 import pytest
 from django.db import connection
+from django.template.defaultfilters import floatformat
 from django.test.utils import CaptureQueriesContext
 
 from governance.models import Guardrail
@@ -50,6 +51,8 @@ def test_run_page_shows_progress_curve_contributors_and_ledger(client):
     assert 'hx-trigger="every 3s"' in html  # live while running
     for task in run.rounds.get(index=1).tasks.all():
         assert task.worker.name in html
+    took = run.rounds.get(index=1).timings["aggregation_s"]
+    assert f"{floatformat(took, 2)} s" in html  # how long the coordinator took over the round
     partial = client.get(f"/runs/{run.pk}/progress", HTTP_HX_REQUEST="true")
     assert partial.status_code == 200 and "<html" not in partial.content.decode()
 
@@ -88,6 +91,8 @@ def test_runs_api(client):
     detail = client.get(f"/api/v1/runs/{run.pk}/").json()
     assert detail["status"] == "running" and detail["current_round"] == 2
     assert detail["rounds"][0]["accepted"] is True
+    timings = detail["rounds"][0]["timings"]
+    assert timings["aggregation_s"] >= timings["aggregate_s"] > 0 and "eval_after_s" in timings
     assert detail["losses"][0]["round"] == 0 and detail["losses"][1]["heldout"] < detail["losses"][0]["heldout"]
     assert len(detail["contributors"]) == 2 and all(c["accepted"] == 1 for c in detail["contributors"])
 
