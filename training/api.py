@@ -172,5 +172,5 @@ class RunCancelApi(APIView):
     def post(self, request, pk: int):
         data = RunCancelInput(data=request.data)
         data.is_valid(raise_exception=True)
-        services.run_cancel(run=selectors.run_get(pk=pk), by=request.user, reason=data.validated_data["reason"])
+        services.run_cancel(run_id=pk, by=request.user, reason=data.validated_data["reason"])
         return _run_detail(request, pk)

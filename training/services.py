@@ -221,7 +221,7 @@ MAX_CANCEL_REASON = 2_000
 
 
 @transaction.atomic
-def run_cancel(*, run: TrainingRun, by, reason: str) -> TrainingRun:
+def run_cancel(*, run_id: int, by, reason: str) -> TrainingRun:
     """pending/running -> canceled (terminal), staff only, with a public reason.
 
     Open tasks expire at once, so agents stop getting work from the run and their uploads are refused
@@ -234,7 +234,9 @@ def run_cancel(*, run: TrainingRun, by, reason: str) -> TrainingRun:
         raise serializers.ValidationError({"reason": ["Canceling a run needs a reason; it is published in the ledger."]})
     if len(reason) > MAX_CANCEL_REASON:
         raise serializers.ValidationError({"reason": [f"At most {MAX_CANCEL_REASON} characters."]})
-    run = TrainingRun.objects.select_for_update().get(pk=run.pk)
+    run = TrainingRun.objects.select_for_update().filter(pk=run_id).first()
+    if run is None:
+        raise TrainingError(f"there is no run {run_id}", code="not_found", http_status=404)
     if not run.is_active:
         raise RunError(f"only a pending or running run can be canceled, not a {run.status} one")
     run.status, run.reason, run.finished_at = TrainingRun.Status.CANCELED, reason, timezone.now()

@@ -1,7 +1,7 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import HttpResponseForbidden
+from django.http import Http404, HttpResponseForbidden
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.safestring import mark_safe
@@ -49,10 +49,11 @@ def run_detail(request, pk: int):
 @require_POST
 @login_required
 def run_cancel(request, pk: int):
-    run = selectors.run_get(pk=pk)
     try:
-        services.run_cancel(run=run, by=request.user, reason=request.POST.get("reason", ""))
+        services.run_cancel(run_id=pk, by=request.user, reason=request.POST.get("reason", ""))
     except TrainingError as exc:
+        if exc.http_status == 404:
+            raise Http404(str(exc)) from exc
         if exc.http_status == 403:
             return HttpResponseForbidden(str(exc))
         messages.error(request, str(exc))

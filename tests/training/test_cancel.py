@@ -82,7 +82,7 @@ def test_a_canceled_run_hands_out_no_work_and_refuses_uploads(staff):
     task = services.task_claim(worker=worker)
     assert task is not None
 
-    services.run_cancel(run=run, by=staff, reason="Stop.")
+    services.run_cancel(run_id=run.pk, by=staff, reason="Stop.")
 
     assert services.task_claim(worker=late) is None
     assert not Task.objects.filter(round__run=run, status__in=[Task.Status.PENDING, Task.Status.ASSIGNED]).exists()
@@ -108,7 +108,7 @@ def test_an_aggregation_under_way_when_the_run_is_canceled_commits_nothing(staff
     outcome = services._aggregate_compute(*claimed)
     assert outcome.accepted
 
-    services.run_cancel(run=run, by=staff, reason="Stop.")
+    services.run_cancel(run_id=run.pk, by=staff, reason="Stop.")
     assert services._aggregate_commit(rnd.pk, claimed[1], outcome) is None
 
     run.refresh_from_db()
@@ -146,3 +146,9 @@ def test_anonymous_cancel_on_the_web_goes_to_login(client):
     run = _run()
     response = client.post(f"/runs/{run.pk}/cancel", {"reason": "x"})
     assert response.status_code == 302 and "/login" in response["Location"]
+
+
+def test_canceling_a_run_that_does_not_exist_is_404(client, staff_client, staff):
+    assert staff_client.post("/api/v1/runs/999/cancel", {"reason": "x"}, format="json").status_code == 404
+    client.force_login(staff)
+    assert client.post("/runs/999/cancel", {"reason": "x"}).status_code == 404
