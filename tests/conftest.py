@@ -36,9 +36,29 @@ def _close_stray_connections(django_db_setup, django_db_blocker):
 
 @pytest.fixture(autouse=True)
 def _clear_cache():
-    """Throttles and worker presence live in the cache; every test starts from an empty one."""
-    cache.clear()
+    """Throttles and worker presence live in the cache; every test starts from an empty one.
+
+    On Redis only this suite's keys go (its own prefix): `cache.clear()` would FLUSHDB a database that
+    other programs on the machine may share."""
+    _cache_clear_own_keys()
     yield
+
+
+def _cache_clear_own_keys() -> None:
+    backend = settings.CACHES["default"]["BACKEND"]
+    if not backend.endswith("RedisCache"):
+        cache.clear()
+        return
+    client = cache._cache.get_client(write=True)
+    pattern = cache.make_key("*")
+    batch = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            client.delete(*batch)
+            batch.clear()
+    if batch:
+        client.delete(*batch)
 
 
 @pytest.fixture(autouse=True)
