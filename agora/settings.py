@@ -94,12 +94,15 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- cache, broker ----------------------------------------------------------------------------
 REDIS_URL = env("REDIS_URL", default="")
+_CACHE_TIMEOUT_S = env.float("AGORA_CACHE_TIMEOUT_S", default=0.5)
 if REDIS_URL:
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": env("AGORA_CACHE_PREFIX", default="agora"),
+            # A dead or hung Redis must cost a request a fraction of a second (callers then fail soft).
+            "OPTIONS": {"socket_connect_timeout": _CACHE_TIMEOUT_S, "socket_timeout": _CACHE_TIMEOUT_S},
         }
     }
     CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
