@@ -1,13 +1,35 @@
-"""Datasets: loading (built-in, local file, sha256-pinned https), split, shards and batches."""
+"""Datasets: loading (built-in, local file, sha256-pinned https), split, shards and batches.
+
+Sources come from proposals anyone can write, and the server and the agents read them, so loading is
+fenced in by a :class:`SourcePolicy` (the caller passes its settings in; ``diloco`` reads none):
+
+- ``file:/abs/path`` is read only when it resolves (symlinks and ``..`` followed) to a regular file under
+  the policy's ``data_root``; with no data root, file sources are refused. Devices, FIFOs and
+  directories are refused, and so is anything over ``max_bytes``.
+- ``https://`` is fetched only from public addresses: the host is resolved, every address it resolves
+  to must be public (not private, loopback, link-local, multicast, reserved, unspecified, IPv4-mapped or
+  a tunnel/translation prefix), and the connection goes to the address that was checked (no second DNS
+  lookup to rebind). Redirects are followed by hand, each hop checked the same way; the body is capped
+  at ``max_bytes`` while it streams and must match the pinned sha256.
+- ``builtin:python-docs`` needs neither. Every other scheme (``http:`` included) is refused.
+
+Every refusal is a :class:`DatasetError` whose message names the source.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import ipaddress
 import os
 import random
+import socket
+import ssl
+import stat
 import tempfile
 import urllib.parse
-import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,12 +37,89 @@ from torch import Tensor
 
 BUILTIN_SOURCES = ("builtin:python-docs",)
 DOCUMENT_SEPARATOR = "\n\n"
-MAX_DOWNLOAD_BYTES = 2 * 1024**3
+DEFAULT_MAX_DATASET_BYTES = 256 * 1024**2
+MAX_REDIRECTS = 5
 _CHUNK = 1 << 20
+_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class DatasetError(ValueError):
-    """A dataset cannot be loaded: unknown source, missing file, download failure, sha256 mismatch."""
+    """A dataset cannot be loaded: unknown or refused source, missing file, download failure, sha256 mismatch."""
+
+
+def address_is_public(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether an IP address belongs to the public internet (what a dataset download may connect to).
+
+    ``is_global`` alone is not enough on every Python: multicast and some IPv6 prefixes that embed an
+    IPv4 address (6to4, NAT64, IPv4-mapped, Teredo) pass it, and can lead back to a private network.
+    """
+    try:
+        addr = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id or addr.ipv4_mapped or addr.sixtofour or addr.teredo:
+            return False
+        if addr in ipaddress.ip_network("64:ff9b::/96") or addr in ipaddress.ip_network("64:ff9b:1::/48"):
+            return False
+    return (addr.is_global and not addr.is_multicast and not addr.is_private and not addr.is_loopback
+            and not addr.is_link_local and not addr.is_reserved and not addr.is_unspecified)
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (the system resolver), in the order to try them."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise OSError(f"cannot resolve {host}: {exc}") from exc
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to ``host`` (SNI, certificate check and Host header) over a socket to one checked address."""
+
+    def __init__(self, host: str, port: int, *, address: str, context: ssl.SSLContext, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        try:
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def open_https(*, address: str, host: str, port: int, target: str, timeout: float,
+               context: ssl.SSLContext | None = None):
+    """GET ``target`` from ``host`` over a connection to ``address``; an ``http.client.HTTPResponse``."""
+    conn = _PinnedHTTPSConnection(host, port, address=address, context=context or ssl.create_default_context(),
+                                  timeout=timeout)
+    try:
+        conn.request("GET", target, headers={"User-Agent": "agora-diloco/1", "Accept-Encoding": "identity"})
+        response = conn.getresponse()
+    except BaseException:
+        conn.close()
+        raise
+    response._agora_connection = conn  # closed with the response
+    return response
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """Where datasets may come from on this machine, and how much of one may be read.
+
+    ``resolve`` and ``open`` are the network seams (tests inject a resolver that answers with a private
+    address, or a transport that redirects); production uses the defaults.
+    """
+
+    data_root: str | None = None
+    max_bytes: int = DEFAULT_MAX_DATASET_BYTES
+    resolve: Callable[[str, int], list[str]] = resolve_host
+    open: Callable[..., object] = open_https
+    timeout: float = 60.0
+    max_redirects: int = MAX_REDIRECTS
 
 
 def default_cache_dir() -> str:
@@ -41,32 +140,187 @@ def _check_sha256(data: bytes, sha256: str | None, what: str) -> None:
         raise DatasetError(f"sha256 mismatch for {what}: expected {sha256.lower()}, got {actual}")
 
 
-def _download(url: str, dest: Path, sha256: str) -> bytes:
+# --- file: ---------------------------------------------------------------------------------------
+
+
+def _inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _read_file(source: str, policy: SourcePolicy) -> bytes:
+    """The bytes of a ``file:`` source that resolves to a regular file under the data root."""
+    path = source[len("file:"):]
+    if not path.startswith("/"):
+        raise DatasetError(f"dataset source {source!r}: a file path must be absolute")
+    if "\x00" in path:
+        raise DatasetError(f"dataset source {source!r}: the path contains a NUL byte")
+    if not policy.data_root:
+        raise DatasetError(f"dataset source {source!r} refused: file sources are not allowed here "
+                           "(no data root is configured)")
+    root = os.path.realpath(policy.data_root)
+    if not os.path.isdir(root):
+        raise DatasetError(f"dataset source {source!r}: the data root {root} is not a directory")
+    real = os.path.realpath(path)
+    if not _inside(root, real) or real == root:
+        raise DatasetError(f"dataset source {source!r} refused: it resolves outside the data root {root}")
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)  # O_NONBLOCK: a FIFO must not hang the open
+    except OSError as exc:
+        raise DatasetError(f"dataset source {source!r}: cannot read it: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DatasetError(f"dataset source {source!r} refused: not a regular file")
+        linked = f"/proc/self/fd/{fd}"
+        if os.path.islink(linked) and not _inside(root, os.path.realpath(linked)):
+            raise DatasetError(f"dataset source {source!r} refused: it resolves outside the data root {root}")
+        if info.st_size > policy.max_bytes:
+            raise DatasetError(f"dataset source {source!r} refused: {info.st_size} bytes, "
+                               f"over the limit of {policy.max_bytes}")
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while chunk := os.read(fd, _CHUNK):
+            size += len(chunk)
+            if size > policy.max_bytes:
+                raise DatasetError(f"dataset source {source!r} refused: more than {policy.max_bytes} bytes")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise DatasetError(f"dataset source {source!r}: cannot read it: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+# --- https: --------------------------------------------------------------------------------------
+
+
+def _https_parts(url: str, source: str) -> tuple[str, int, str]:
+    """(host, port, request target) of an https URL, or DatasetError naming the source."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or 443
+    except ValueError as exc:
+        raise DatasetError(f"dataset source {source!r}: not a valid URL ({url}): {exc}") from None
+    where = "" if url == source else f" (redirected to {url})"
+    if parts.scheme.lower() != "https":
+        raise DatasetError(f"dataset source {source!r} refused{where}: only https URLs may be fetched")
+    if parts.username is not None or parts.password is not None:
+        raise DatasetError(f"dataset source {source!r} refused{where}: credentials in the URL")
+    host = parts.hostname
+    if not host or any(c in url for c in "\x00\r\n\t "):
+        raise DatasetError(f"dataset source {source!r}{where}: not a valid URL")
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return host, port, target
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _public_addresses(host: str, port: int, source: str, url: str, policy: SourcePolicy) -> list[str]:
+    where = "" if url == source else f" (redirected to {url})"
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        addresses = [str(literal)]
+    else:
+        try:
+            addresses = list(policy.resolve(host, port))
+        except OSError as exc:
+            raise DatasetError(f"dataset source {source!r}{where}: {exc}") from exc
+        if not addresses:
+            raise DatasetError(f"dataset source {source!r}{where}: {host} resolves to no address")
+    private = [a for a in addresses if not address_is_public(a)]
+    if private:
+        raise DatasetError(f"dataset source {source!r} refused{where}: {host} resolves to "
+                           f"non-public address {private[0]}")
+    return addresses
+
+
+def _open_checked(url: str, source: str, policy: SourcePolicy):
+    host, port, target = _https_parts(url, source)
+    last_error: Exception | None = None
+    for address in _public_addresses(host, port, source, url, policy):
+        try:
+            return policy.open(address=address, host=host, port=port, target=target, timeout=policy.timeout)
+        except (OSError, http.client.HTTPException) as exc:
+            last_error = exc
+    raise DatasetError(f"could not download dataset source {source!r}: {last_error}")
+
+
+def _close(response) -> None:
+    response.close()
+    conn = getattr(response, "_agora_connection", None)
+    if conn is not None:
+        conn.close()
+
+
+def _download(source: str, dest: Path, sha256: str, policy: SourcePolicy) -> bytes:
     dest.parent.mkdir(parents=True, exist_ok=True)
+    url = source
+    for _hop in range(policy.max_redirects + 1):
+        response = _open_checked(url, source, policy)
+        try:
+            status = int(response.status)
+            if status in _REDIRECTS:
+                location = response.getheader("Location")
+                if not location:
+                    raise DatasetError(f"dataset source {source!r}: redirect {status} without a Location")
+                url = urllib.parse.urljoin(url, location.strip())
+                continue
+            if status != 200:
+                raise DatasetError(f"could not download dataset source {source!r}: the server answered {status}")
+            return _stream_to(response, dest, source, sha256, policy)
+        finally:
+            _close(response)
+    raise DatasetError(f"dataset source {source!r} refused: more than {policy.max_redirects} redirects")
+
+
+def _stream_to(response, dest: Path, source: str, sha256: str, policy: SourcePolicy) -> bytes:
+    length = response.getheader("Content-Length")
+    if length and length.strip().isdigit() and int(length) > policy.max_bytes:
+        raise DatasetError(f"dataset source {source!r} refused: {int(length)} bytes, "
+                           f"over the limit of {policy.max_bytes}")
     digest = hashlib.sha256()
-    size = 0
+    chunks, size = [], 0
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".download-")
     try:
         with os.fdopen(fd, "wb") as tmp:
-            request = urllib.request.Request(url, headers={"User-Agent": "agora-diloco/1"})
-            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (scheme checked)
-                while chunk := response.read(_CHUNK):
-                    size += len(chunk)
-                    if size > MAX_DOWNLOAD_BYTES:
-                        raise DatasetError(f"{url} is larger than {MAX_DOWNLOAD_BYTES} bytes")
-                    digest.update(chunk)
-                    tmp.write(chunk)
+            while chunk := response.read(_CHUNK):
+                size += len(chunk)
+                if size > policy.max_bytes:
+                    raise DatasetError(f"dataset source {source!r} refused: more than {policy.max_bytes} bytes")
+                digest.update(chunk)
+                tmp.write(chunk)
+                chunks.append(chunk)
         if digest.hexdigest() != sha256:
-            raise DatasetError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}")
+            raise DatasetError(f"sha256 mismatch for {source}: expected {sha256}, got {digest.hexdigest()}")
         os.replace(tmp_name, dest)
-    except DatasetError:
-        raise
-    except OSError as exc:
-        raise DatasetError(f"could not download {url}: {exc}") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise DatasetError(f"could not download dataset source {source!r}: {exc}") from exc
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-    return dest.read_bytes()
+    return b"".join(chunks)
+
+
+def _read_cached(dest: Path, sha256: str, policy: SourcePolicy) -> bytes | None:
+    try:
+        if not dest.is_file() or dest.stat().st_size > policy.max_bytes:
+            return None
+        raw = dest.read_bytes()
+    except OSError:
+        return None
+    return raw if hashlib.sha256(raw).hexdigest() == sha256 else None
 
 
 def load_documents(
@@ -74,18 +328,22 @@ def load_documents(
     sha256: str | None = None,
     cache_dir: str | None = None,
     *,
-    _allow_http: bool = False,
+    policy: SourcePolicy | None = None,
 ) -> list[str]:
-    """Load a corpus as a list of documents.
+    """Load a corpus as a list of documents, within ``policy`` (default: no file sources, 256 MiB).
 
     - ``builtin:python-docs``: the values of ``pydoc_data.topics.topics`` in sorted-key order.
-    - ``file:/abs/path``: a UTF-8 text file split into documents on blank lines (``"\\n\\n"``).
-    - ``https://...``: downloaded once into ``cache_dir`` (named by its sha256, which is required and
-      checked), then split like a file. ``_allow_http`` lets tests use a local plain-http server.
+    - ``file:/abs/path``: a UTF-8 text file under the policy's data root, split into documents on blank
+      lines (``"\\n\\n"``).
+    - ``https://...``: downloaded once from a public address into ``cache_dir`` (named by its sha256,
+      which is required and checked), then split like a file.
 
     When ``sha256`` is given it is checked against the raw bytes (for the built-in corpus: the UTF-8
     bytes of the documents joined with blank lines).
     """
+    policy = policy or SourcePolicy()
+    if not isinstance(source, str):
+        raise DatasetError(f"dataset source must be a string, not {type(source).__name__}")
     if sha256 is not None:
         if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha256):
             raise DatasetError("sha256 must be 64 hexadecimal characters")
@@ -101,23 +359,19 @@ def load_documents(
     if source.startswith("builtin:"):
         raise DatasetError(f"unknown built-in dataset {source!r} (known: {', '.join(BUILTIN_SOURCES)})")
     if source.startswith("file:"):
-        path = Path(source[len("file:"):])
-        if not path.is_absolute():
-            raise DatasetError(f"file dataset path must be absolute: {source!r}")
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raw = _read_file(source, policy)
         _check_sha256(raw, sha256, source)
         return _split_text(raw.decode("utf-8", errors="replace"))
-    scheme = urllib.parse.urlsplit(source).scheme
-    if scheme == "https" or (scheme == "http" and _allow_http):
+    if source[:8].lower() == "https://":
         if sha256 is None:
-            raise DatasetError("an https dataset must be pinned by its sha256")
+            raise DatasetError(f"dataset source {source!r}: an https dataset must be pinned by its sha256")
+        host, port, _ = _https_parts(source, source)
+        if _is_ip_literal(host):  # refused even when the pinned bytes are already in the cache
+            _public_addresses(host, port, source, source, policy)
         dest = Path(cache_dir or default_cache_dir()) / f"{sha256}.txt"
-        raw = dest.read_bytes() if dest.exists() else None
-        if raw is None or hashlib.sha256(raw).hexdigest() != sha256:
-            raw = _download(source, dest, sha256)
+        raw = _read_cached(dest, sha256, policy)
+        if raw is None:
+            raw = _download(source, dest, sha256, policy)
         return _split_text(raw.decode("utf-8", errors="replace"))
     raise DatasetError(f"unsupported dataset source {source!r} (use builtin:python-docs, file:/abs/path or https://)")
 

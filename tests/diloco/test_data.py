@@ -1,7 +1,4 @@
 import hashlib
-import http.server
-import threading
-from functools import partial
 
 import pytest
 import torch
@@ -10,6 +7,7 @@ from hypothesis import strategies as st
 
 from diloco.data import (
     DatasetError,
+    SourcePolicy,
     encode_documents,
     load_documents,
     sample_batch,
@@ -30,18 +28,19 @@ def test_builtin_python_docs():
 def test_file_source_splits_on_blank_lines(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("first doc\nline two\n\nsecond\n\n\n\nthird")
-    assert load_documents(f"file:{path}") == ["first doc\nline two", "second", "third"]
+    policy = SourcePolicy(data_root=str(tmp_path))
+    assert load_documents(f"file:{path}", policy=policy) == ["first doc\nline two", "second", "third"]
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert len(load_documents(f"file:{path}", sha256=sha)) == 3
+    assert len(load_documents(f"file:{path}", sha256=sha, policy=policy)) == 3
     with pytest.raises(DatasetError, match="sha256 mismatch"):
-        load_documents(f"file:{path}", sha256="0" * 64)
+        load_documents(f"file:{path}", sha256="0" * 64, policy=policy)
 
 
 @pytest.mark.parametrize(
     ("source", "sha", "message"),
     [
         ("file:relative/path.txt", None, "absolute"),
-        ("file:/nonexistent/agora/corpus.txt", None, "cannot read"),
+        ("file:/nonexistent/agora/corpus.txt", None, "no data root"),
         ("builtin:wikipedia", None, "unknown built-in"),
         ("ftp://example.org/x", None, "unsupported dataset source"),
         ("http://example.org/x", "a" * 64, "unsupported dataset source"),
@@ -52,49 +51,6 @@ def test_file_source_splits_on_blank_lines(tmp_path):
 def test_bad_sources(source, sha, message):
     with pytest.raises(DatasetError, match=message):
         load_documents(source, sha256=sha)
-
-
-@pytest.fixture
-def http_corpus(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    body = b"alpha doc\n\nbeta doc\n\ngamma doc"
-    (served / "corpus.txt").write_bytes(body)
-    hits = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            hits.append(self.path)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(served)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/corpus.txt", hashlib.sha256(body).hexdigest(), hits
-    server.shutdown()
-    server.server_close()
-
-
-def test_url_download_is_verified_and_cached(http_corpus, tmp_path):
-    url, sha, hits = http_corpus
-    cache = tmp_path / "cache"
-    docs = load_documents(url, sha256=sha, cache_dir=str(cache), _allow_http=True)
-    assert docs == ["alpha doc", "beta doc", "gamma doc"]
-    assert (cache / f"{sha}.txt").exists()
-    assert load_documents(url, sha256=sha, cache_dir=str(cache), _allow_http=True) == docs
-    assert len(hits) == 1  # second load came from the cache
-
-
-def test_url_sha_mismatch_leaves_nothing_cached(http_corpus, tmp_path):
-    url, _, _ = http_corpus
-    cache = tmp_path / "cache"
-    with pytest.raises(DatasetError, match="sha256 mismatch"):
-        load_documents(url, sha256="b" * 64, cache_dir=str(cache), _allow_http=True)
-    assert list(cache.iterdir()) == []
-
-
-def test_url_unreachable(tmp_path):
-    with pytest.raises(DatasetError, match="could not download"):
-        load_documents("http://127.0.0.1:9/x", sha256="c" * 64, cache_dir=str(tmp_path), _allow_http=True)
 
 
 def test_split_deterministic_disjoint_covering():

@@ -2,7 +2,13 @@ import re
 
 import pytest
 
-from diloco.guardrails import GuardrailError, check_output, compile_patterns, filter_documents, pattern_problem
+from diloco.guardrails import (
+    GuardrailError,
+    check_output,
+    compile_patterns,
+    filter_documents,
+    pattern_problem,
+)
 
 DATA = {"id": 1, "title": "No secrets", "kind": "data_filter", "patterns": [r"password\s*=", "SECRET"],
         "description": "drop credentials"}
