@@ -1,3 +1,5 @@
+import json
+
 from django.db import models
 
 
@@ -9,7 +11,9 @@ class Entry(models.Model):
     actor = models.CharField(max_length=150)
     action = models.CharField(max_length=64, db_index=True)
     subject = models.CharField(max_length=64, blank=True, db_index=True)
-    payload = models.JSONField(default=dict)
+    # The payload exactly as it was hashed, as ASCII canonical JSON text (``ledger.chain.stored_json``).
+    # Not ``jsonb``: PostgreSQL rewrites numbers there (1e16, -0.0), and the entry would stop verifying.
+    payload_json = models.TextField(default="{}")
     prev_hash = models.CharField(max_length=64)
     hash = models.CharField(max_length=64, unique=True)
 
@@ -19,6 +23,15 @@ class Entry(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.seq} {self.action} by {self.actor}"
+
+    @property
+    def payload(self):
+        """The payload as a JSON value (the parsed ``payload_json``); the raw text if a hand edit left it
+        unparseable, so pages still render and the verifier names this entry (its hash cannot match)."""
+        try:
+            return json.loads(self.payload_json)
+        except (ValueError, RecursionError):
+            return self.payload_json
 
     def as_chain_dict(self) -> dict:
         return {

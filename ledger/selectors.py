@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 from django.db.models import QuerySet
 
-from ledger.chain import GENESIS, Verdict, verify
+from ledger.chain import GENESIS, Problem, PublishedHead, Verdict, verify
 from ledger.models import Entry, Head
 
 
@@ -22,6 +23,7 @@ def entries_for_subjects(*, subjects: list[str], limit: int = 100) -> list[Entry
 
 
 def ledger_head() -> dict:
+    """The published head: the last entry's seq and hash (seq 0 and the genesis hash when empty)."""
     head = Head.objects.filter(id=1).first()
     return {"seq": head.seq if head else 0, "hash": head.hash if head else GENESIS}
 
@@ -31,11 +33,17 @@ def iter_chain(*, chunk_size: int = 2000) -> Iterator[dict]:
         yield entry.as_chain_dict()
 
 
-def ledger_verify() -> Verdict:
-    verdict = verify(iter_chain())
-    if verdict.ok:
-        head = ledger_head()
-        if head["seq"] != verdict.count or head["hash"] != verdict.head_hash:
-            return Verdict(False, verdict.count, verdict.head_hash, head["seq"],
-                           "the head does not match the last entry (entries removed?)")
+def ledger_verify(*, published: PublishedHead | None = None) -> Verdict:
+    """Every broken entry of the stored chain, checked against the head row (which every append moves in
+    the same transaction, so rows deleted from the end show) and against ``published``, a head someone
+    kept from ``GET /api/v1/ledger/head`` earlier (so a rewritten history shows)."""
+    # The head is read before the entries, so appends committed meanwhile only add entries beyond it.
+    before = PublishedHead.from_mapping(ledger_head())
+    heads = [before] + ([published] if published is not None else [])
+    verdict = verify(iter_chain(), heads=heads)
+    after = ledger_head()
+    if verdict.last_seq > after["seq"]:
+        problem = Problem(after["seq"] + 1, "head", f"entries beyond the head (seq {after['seq']}) that no append "
+                                                    "recorded: inserted by hand?")
+        verdict = replace(verdict, problems=(*verdict.problems, problem))
     return verdict

@@ -10,7 +10,7 @@ from django.core.management.base import CommandError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ledger.chain import GENESIS, canonical_json, entry_hash, verify
+from ledger.chain import GENESIS, PublishedHead, canonical_json, entry_hash, verify
 from ledger.models import Entry, Head
 from ledger.selectors import iter_chain, ledger_head, ledger_verify
 from ledger.services import entry_append
@@ -47,7 +47,8 @@ def test_stored_entry_hashes_to_its_hash_after_a_database_round_trip():
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("payload", {"i": 99}),
+        ("payload_json", '{"i":99}'),
+        ("payload_json", "not json at all"),
         ("actor", "mallory"),
         ("action", "test.other"),
         ("subject", "thing:x"),
@@ -61,6 +62,8 @@ def test_editing_any_field_of_any_row_is_detected_and_named(field, value):
     verdict = ledger_verify()
     assert not verdict.ok
     assert verdict.broken_seq == 3
+    # Only the edited row is named: the next entry's link still matches what was recorded or recomputed.
+    assert verdict.broken_seqs == [3], str(verdict)
     with pytest.raises(CommandError, match="seq 3"):
         call_command("verify_ledger")
 
@@ -69,7 +72,28 @@ def test_editing_any_field_of_any_row_is_detected_and_named(field, value):
 def test_deleting_the_last_row_is_detected_through_the_head():
     _append_some(3)
     Entry.objects.filter(seq=3).delete()
-    assert not ledger_verify().ok
+    verdict = ledger_verify()
+    assert not verdict.ok
+    assert [(p.seq, p.kind) for p in verdict.problems] == [(3, "truncated")]
+
+
+@pytest.mark.django_db
+def test_rewriting_history_after_a_head_was_published_is_detected():
+    _append_some(3)
+    published = ledger_head()
+    # Someone with database access drops the last entry and the head with it, then appends anew.
+    Entry.objects.filter(seq=3).delete()
+    Head.objects.filter(id=1).update(seq=2, hash=Entry.objects.get(seq=2).hash)
+    entry_append(actor="mallory", action="test.event", subject="thing:2", payload={"i": 2})
+    assert ledger_verify().ok  # consistent with itself...
+    with pytest.raises(CommandError, match="seq 3: .*published head"):
+        call_command("verify_ledger", head=f"{published['seq']}:{published['hash']}")  # ...but not with the head
+
+
+@pytest.mark.django_db
+def test_verify_ledger_refuses_a_malformed_head():
+    with pytest.raises(CommandError, match="--head"):
+        call_command("verify_ledger", head="3:nothex")
 
 
 @pytest.mark.django_db
@@ -114,6 +138,7 @@ def test_verify_reports_a_gap_in_seq():
         prev = body["hash"]
     verdict = verify(chain)
     assert not verdict.ok and verdict.broken_seq == 4
+    assert [p.kind for p in verdict.problems] == ["gap"] and "seq 3 missing" in str(verdict)
 
 
 @pytest.mark.django_db
@@ -127,8 +152,15 @@ def test_ledger_api_pages_and_head(api_client):
     assert verify(first["entries"] + rest["entries"]).ok
     head = api_client.get("/api/v1/ledger/head").json()
     assert head == {"seq": 7, "hash": Head.objects.get().hash}
+    assert first["head"] == head and rest["head"] == head
+    assert verify(first["entries"] + rest["entries"], heads=[PublishedHead.from_mapping(head)]).ok
+    assert not verify(first["entries"], heads=[PublishedHead.from_mapping(head)]).ok  # a truncated export
     bad = api_client.get("/api/v1/ledger/", {"after": "x"})
     assert bad.status_code == 400 and bad.json()["error"] == "invalid" and "after" in bad.json()["fields"]
+    huge = api_client.get("/api/v1/ledger/", {"after": str(2**64)})
+    assert huge.status_code == 400 and "after" in huge.json()["fields"]
+    nul = api_client.get("/api/v1/ledger/", {"subject": "a\x00b"})
+    assert nul.status_code == 400 and "subject" in nul.json()["fields"]
 
 
 @pytest.mark.django_db
@@ -137,4 +169,6 @@ def test_ledger_page_lists_entries(client):
     page = client.get("/ledger/")
     assert page.status_code == 200
     assert b"test.event" in page.content and b"thing:1" in page.content
+    assert f"2:{Head.objects.get().hash}".encode() in page.content
     assert list(iter_chain())[0]["seq"] == 1
+    assert client.get("/ledger/", {"action": "a\x00"}).status_code == 400
