@@ -27,11 +27,25 @@ def _flatten(detail, prefix: str = "") -> dict[str, list[str]]:
     return out
 
 
-def error_response(code: str, detail: str, http_status: int, fields: dict | None = None) -> Response:
+def error_body(code: str, detail: str, fields: dict | None = None) -> dict:
     body = {"error": code, "detail": detail}
     if fields:
         body["fields"] = fields
-    return Response(body, status=http_status)
+    return body
+
+
+def error_response(code: str, detail: str, http_status: int, fields: dict | None = None) -> Response:
+    return Response(error_body(code, detail, fields), status=http_status)
+
+
+class MalformedRequest(exceptions.ParseError):
+    """400 for a request the parsers refuse, naming the field (or ``body``) at fault and the limit."""
+
+    default_code = "parse_error"
+
+    def __init__(self, reason: str, *, field: str):
+        super().__init__(f"{field}: {reason}")
+        self.fields = {field: [reason]}
 
 
 def exception_handler(exc, context):
@@ -53,5 +67,5 @@ def exception_handler(exc, context):
         codes = exc.get_codes()
         code = codes if isinstance(codes, str) else "error"
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        response.data = {"error": code, "detail": str(detail)}
+        response.data = error_body(code, str(detail), getattr(exc, "fields", None))
     return response

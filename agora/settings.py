@@ -47,6 +47,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "agora.middleware.RefuseMalformedRequestsMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -218,8 +219,13 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticatedOrReadOnly"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_SCHEMA_CLASS": "agora.schema.AutoSchema",
+    "DEFAULT_PARSER_CLASSES": [
+        "agora.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "agora.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "agora.api.exception_handler",
     "DEFAULT_THROTTLE_RATES": {
@@ -250,6 +256,8 @@ SPECTACULAR_SETTINGS = {
 }
 
 # --- Agora ------------------------------------------------------------------------------------
+# JSON from clients (bodies, upload metrics, update headers) nests at most this many levels.
+AGORA_JSON_MAX_DEPTH = env.int("AGORA_JSON_MAX_DEPTH", default=32)
 # Governance defaults, frozen onto each proposal when it opens.
 AGORA_VOTING_PERIOD = timedelta(hours=env.float("AGORA_VOTING_PERIOD_HOURS", default=72))
 AGORA_QUORUM = env.int("AGORA_QUORUM", default=3)  # minimum total vote weight cast (yes+no+abstain)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.permissions import AllowAny, IsAdminUser, IsAuthenticated, IsAuthenticatedOrReadOnly
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from governance import selectors, services
@@ -23,6 +23,9 @@ from governance.serializers import (
     VoteResultOutput,
 )
 
+# A 4xx declared with a description only gets the project's error body in the schema (agora.schema).
+_CONFLICT = OpenApiResponse(description="The proposal's state does not allow this (e.g. voting has closed).")
+
 
 def _detail(request, pk: int) -> Response:
     proposal = selectors.proposal_get(pk=pk, user=request.user)
@@ -33,13 +36,14 @@ def _proposal(pk: int) -> Proposal:
     return get_object_or_404(Proposal, pk=pk)
 
 
-class ProposalPagination(LimitOffsetPagination):
+class ProposalPagination(api_settings.DEFAULT_PAGINATION_CLASS):
     default_limit = 20
     max_limit = 100
 
 
 class ProposalListCreateApi(APIView):
     permission_classes = [IsAuthenticatedOrReadOnly]
+    pagination_class = ProposalPagination  # also tells the schema that the list is paginated
 
     class FilterInput(serializers.Serializer):
         kind = serializers.ChoiceField(choices=Proposal.Kind.choices, required=False, default="")
@@ -58,7 +62,7 @@ class ProposalListCreateApi(APIView):
         params = self.FilterInput(data=request.query_params)
         params.is_valid(raise_exception=True)
         qs = selectors.proposals_list(**params.validated_data, user=request.user)
-        paginator = ProposalPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(qs, request, view=self)
         return paginator.get_paginated_response(ProposalListOutput(page, many=True).data)
 
@@ -94,7 +98,7 @@ class ProposalDetailApi(APIView):
 class ProposalVoteApi(APIView):
     permission_classes = [IsAuthenticated]
 
-    @extend_schema(request=VoteInput, responses=VoteResultOutput)
+    @extend_schema(request=VoteInput, responses={200: VoteResultOutput, 409: _CONFLICT})
     def post(self, request, pk: int):
         data = VoteInput(data=request.data)
         data.is_valid(raise_exception=True)
@@ -107,7 +111,7 @@ class ProposalVoteApi(APIView):
 class ProposalOpenApi(APIView):
     permission_classes = [IsAuthenticated]
 
-    @extend_schema(request=None, responses=ProposalDetailOutput)
+    @extend_schema(request=None, responses={200: ProposalDetailOutput, 409: _CONFLICT})
     def post(self, request, pk: int):
         services.proposal_open(proposal=_proposal(pk), by=request.user)
         return _detail(request, pk)
@@ -116,7 +120,7 @@ class ProposalOpenApi(APIView):
 class ProposalCancelApi(APIView):
     permission_classes = [IsAuthenticated]
 
-    @extend_schema(request=None, responses=ProposalDetailOutput)
+    @extend_schema(request=None, responses={200: ProposalDetailOutput, 409: _CONFLICT})
     def post(self, request, pk: int):
         services.proposal_cancel(proposal=_proposal(pk), by=request.user)
         return _detail(request, pk)
@@ -125,7 +129,7 @@ class ProposalCancelApi(APIView):
 class ProposalApproveApi(APIView):
     permission_classes = [IsAdminUser]
 
-    @extend_schema(request=None, responses=ProposalDetailOutput)
+    @extend_schema(request=None, responses={200: ProposalDetailOutput, 409: _CONFLICT})
     def post(self, request, pk: int):
         services.proposal_approve(proposal=_proposal(pk), by=request.user)
         return _detail(request, pk)
@@ -134,7 +138,7 @@ class ProposalApproveApi(APIView):
 class ProposalVetoApi(APIView):
     permission_classes = [IsAdminUser]
 
-    @extend_schema(request=VetoInput, responses=ProposalDetailOutput)
+    @extend_schema(request=VetoInput, responses={200: ProposalDetailOutput, 409: _CONFLICT})
     def post(self, request, pk: int):
         data = VetoInput(data=request.data)
         data.is_valid(raise_exception=True)
@@ -150,7 +154,7 @@ class ProposalCommentsApi(APIView):
         proposal = _proposal(pk)
         return Response(CommentOutput(selectors.proposal_comments(proposal=proposal), many=True).data)
 
-    @extend_schema(request=CommentInput, responses={201: CommentOutput})
+    @extend_schema(request=CommentInput, responses={201: CommentOutput, 409: _CONFLICT})
     def post(self, request, pk: int):
         data = CommentInput(data=request.data)
         data.is_valid(raise_exception=True)

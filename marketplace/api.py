@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.http import Http404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.generics import ListAPIView
-from rest_framework.parsers import JSONParser
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
@@ -28,6 +27,9 @@ from marketplace.serializers import (
 )
 from marketplace.throttles import EnrollRateThrottle, WorkerRateThrottle
 
+# A 4xx declared with a description only gets the project's error body in the schema (agora.schema).
+_CONFLICT = OpenApiResponse(description="The worker's state does not allow this (e.g. already revoked).")
+
 
 class EnrollApi(APIView):
     """Exchange a single-use enrollment token and the machine's hardware for a worker token."""
@@ -37,7 +39,10 @@ class EnrollApi(APIView):
     throttle_classes = [EnrollRateThrottle]
     throttle_scope = "enroll"
 
-    @extend_schema(request=EnrollIn, responses={201: EnrollOut})
+    @extend_schema(request=EnrollIn, responses={
+        201: EnrollOut,
+        401: OpenApiResponse(description="The enrollment token is unknown."),
+        403: OpenApiResponse(description="The enrollment token has expired or was already used.")})
     def post(self, request):
         data = EnrollIn(data=request.data)
         data.is_valid(raise_exception=True)
@@ -51,8 +56,11 @@ class WorkerApiMixin:
 
     authentication_classes = [WorkerTokenAuthentication]
     permission_classes = [IsWorker]
-    parser_classes = [JSONParser]
     renderer_classes = [JSONRenderer]
+
+    def get_parsers(self):
+        # The project's JSON parser (bounded nesting, finite numbers), whichever class the settings name.
+        return [parser for parser in super().get_parsers() if parser.media_type == "application/json"]
 
     def perform_content_negotiation(self, request, force=False):
         return self.renderer_classes[0](), "application/json"
@@ -74,7 +82,7 @@ class HeartbeatApi(WorkerApiMixin, APIView):
 class WorkerMeApi(WorkerApiMixin, APIView):
     """The calling worker's own record and live state (``agora-worker status``)."""
 
-    @extend_schema(responses={200: WorkerMeOut})
+    @extend_schema(responses={200: WorkerMeOut, 404: OpenApiResponse(description="The worker was deleted.")})
     def get(self, request):
         worker = selectors.worker_get(worker_id=request.auth.pk)
         if worker is None:  # deleted after the token was cached
@@ -127,7 +135,7 @@ class _WorkerActionApi(APIView):
 class WorkerSuspendApi(_WorkerActionApi):
     """Staff: suspend a worker (it gets 403 ``worker_suspended`` on every call until reinstated)."""
 
-    @extend_schema(request=SuspendIn, responses={200: WorkerOut})
+    @extend_schema(request=SuspendIn, responses={200: WorkerOut, 409: _CONFLICT})
     def post(self, request, worker_id: int):
         worker = self._worker(worker_id)
         data = SuspendIn(data=request.data)
@@ -138,7 +146,7 @@ class WorkerSuspendApi(_WorkerActionApi):
 class WorkerReinstateApi(_WorkerActionApi):
     """Staff: lift a suspension."""
 
-    @extend_schema(request=None, responses={200: WorkerOut})
+    @extend_schema(request=None, responses={200: WorkerOut, 409: _CONFLICT})
     def post(self, request, worker_id: int):
         return self._render(services.worker_reinstate(worker=self._worker(worker_id), by=request.user))
 
@@ -146,6 +154,6 @@ class WorkerReinstateApi(_WorkerActionApi):
 class WorkerRevokeApi(_WorkerActionApi):
     """Owner: revoke the worker's token for good (401 ``invalid_token`` afterwards)."""
 
-    @extend_schema(request=None, responses={200: WorkerOut})
+    @extend_schema(request=None, responses={200: WorkerOut, 409: _CONFLICT})
     def post(self, request, worker_id: int):
         return self._render(services.worker_revoke(worker=self._worker(worker_id), by=request.user))

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import json
-
+from django.conf import settings
 from django.http import FileResponse, Http404, HttpResponse, HttpResponseNotModified
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import generics, serializers
 from rest_framework.decorators import api_view, authentication_classes, permission_classes
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import MultiPartParser
 from rest_framework.permissions import AllowAny, IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from diloco import safejson
 from governance.selectors import guardrails_active
 from marketplace.auth import IsWorker, WorkerTokenAuthentication
 from training import blobs, selectors, services
 from training.errors import UploadTooLarge
+from training.models import TrainingRun
 from training.serializers import (
     MetricsSerializer,
     ResultAcceptedSerializer,
@@ -30,6 +31,12 @@ from training.serializers import (
 
 # The multipart envelope and the metrics field on top of the update itself.
 _ENVELOPE_ALLOWANCE = 64 * 1024
+
+
+# A 4xx declared with a description only gets the project's error body in the schema (agora.schema).
+_TASK_CONFLICT = OpenApiResponse(description="The task already has a result, or is no longer open.")
+_TASK_GONE = OpenApiResponse(description="The task expired (deadline passed or round closed); it went to another "
+                                         "worker.")
 
 
 class _WorkerApi(APIView):
@@ -55,7 +62,7 @@ def _parse_metrics(raw) -> dict:
     if hasattr(raw, "read"):
         raw = raw.read(_ENVELOPE_ALLOWANCE)
     try:
-        value = json.loads(raw)
+        value = safejson.loads(raw, max_depth=settings.AGORA_JSON_MAX_DEPTH, what="metrics")
     except (TypeError, ValueError, UnicodeDecodeError) as exc:
         raise serializers.ValidationError({"metrics": [f"not valid JSON: {exc}"]}) from None
     if not isinstance(value, dict):
@@ -72,7 +79,8 @@ class TaskResultApi(_WorkerApi):
     @extend_schema(
         request={"multipart/form-data": {"type": "object", "properties": {
             "update": {"type": "string", "format": "binary"}, "metrics": {"type": "string"}}}},
-        responses={202: ResultAcceptedSerializer},
+        responses={202: ResultAcceptedSerializer, 409: _TASK_CONFLICT, 410: _TASK_GONE,
+                   413: OpenApiResponse(description="The update is larger than this task accepts.")},
         summary="Upload a task's pseudo-gradient (safetensors) and its metrics",
     )
     def post(self, request, task_id: int):
@@ -98,9 +106,8 @@ class TaskResultApi(_WorkerApi):
 
 
 class TaskFailApi(_WorkerApi):
-    parser_classes = [JSONParser, FormParser, MultiPartParser]
-
-    @extend_schema(request=TaskFailSerializer, responses={200: OpenApiTypes.OBJECT},
+    @extend_schema(request=TaskFailSerializer, responses={200: OpenApiTypes.OBJECT, 409: _TASK_CONFLICT,
+                                                          410: _TASK_GONE},
                    summary="Give a task up so that it goes to another worker")
     def post(self, request, task_id: int):
         serializer = TaskFailSerializer(data=request.data)
@@ -141,12 +148,17 @@ def checkpoint_download(request, sha256: str):
     return response
 
 
+@extend_schema_view(get=extend_schema(parameters=[
+    OpenApiParameter("status", str, enum=TrainingRun.Status.values, description="only runs in this state")]))
 class RunListApi(generics.ListAPIView):
     serializer_class = RunListSerializer
     permission_classes = [AllowAny]
 
     def get_queryset(self):
-        return selectors.runs_list(status=self.request.query_params.get("status", ""))
+        status = self.request.query_params.get("status", "")
+        if status and status not in TrainingRun.Status.values:
+            raise serializers.ValidationError({"status": [f"Must be one of {', '.join(TrainingRun.Status.values)}."]})
+        return selectors.runs_list(status=status)
 
 
 def _run_detail(request, pk: int) -> Response:
@@ -167,7 +179,8 @@ class RunDetailApi(APIView):
 class RunCancelApi(APIView):
     permission_classes = [IsAdminUser]
 
-    @extend_schema(request=RunCancelInput, responses=RunDetailSerializer,
+    @extend_schema(request=RunCancelInput, responses={200: RunDetailSerializer, 409: OpenApiResponse(
+                       description="Only a pending or running run can be canceled.")},
                    summary="Cancel a pending or running run (staff), with a public reason")
     def post(self, request, pk: int):
         data = RunCancelInput(data=request.data)
