@@ -4,11 +4,15 @@ so identical updates encode to identical bytes).
 
 - ``fp32``: the tensors as float32.
 - ``fp16``: the tensors as float16 (half the bytes; values beyond ±65504 are refused when encoding).
-- ``int8``: each tensor is flattened and cut into chunks of ``chunk`` elements (4096 by default); a
-  chunk is stored as int8 ``round(127 · x / absmax)`` with its float32 ``absmax`` in ``"<name>::scale"``.
-  The error per element is at most absmax/254 of its chunk; ~4× fewer bytes than fp32.
+- ``int8``: each tensor is flattened and cut into chunks of ``chunk`` elements (4096 by default, one of
+  ``INT8_CHUNKS``: powers of two from 64 to 65536); a chunk is stored as int8 ``round(127 · x / absmax)``
+  (so within ±127) with its float32 ``absmax`` in ``"<name>::scale"``. The error per element is at most
+  absmax/254 of its chunk; ~4× fewer bytes than fp32.
 
-Decoding checks everything against the model's reference (names, shapes, dtypes) and returns float32.
+Decoding treats the bytes as hostile: the header is bounded in size and nesting (``diloco.safejson``), the
+metadata holds only known keys with values from fixed sets, everything is checked against the model's
+reference (names, shapes, dtypes) before anything is allocated from it, and the decoded float32 values must
+be finite.
 """
 
 from __future__ import annotations
@@ -21,10 +25,17 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from diloco import safejson
+
 CODECS = ("fp32", "fp16", "int8")
 FORMAT = "agora-update-v1"
 META_KEY = "agora_update"
 INT8_CHUNK = 4096
+INT8_CHUNKS = tuple(2**k for k in range(6, 17))  # 64 ... 65536: the chunk sizes a decoder accepts
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+_HEADER_MAX_DEPTH = 4  # {name: {"shape": [...]}} is 3 levels
+_META_MAX_CHARS = 1024
+_META_KEYS = {"format", "codec", "chunk"}
 SCALE_SUFFIX = "::scale"
 _FP16_MAX = 65504.0
 
@@ -88,10 +99,16 @@ def _encoded_tensors(delta: dict[str, Tensor], codec: str, chunk: int) -> dict[s
     return out
 
 
+def _check_chunk(chunk) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk not in INT8_CHUNKS:
+        raise CodecError(f"int8 chunk {str(chunk)[:20]!r} is not an allowed size (a power of two from "
+                         f"{INT8_CHUNKS[0]} to {INT8_CHUNKS[-1]})")
+    return chunk
+
+
 def encode_update(delta: dict[str, Tensor], codec: str, *, chunk: int = INT8_CHUNK) -> bytes:
     """Encode a pseudo-gradient as safetensors bytes with ``{"format", "codec", "chunk"}`` metadata."""
-    if chunk < 1:
-        raise CodecError("int8 chunk must be >= 1")
+    _check_chunk(chunk)
     tensors = _encoded_tensors(delta, codec, chunk)
     meta = {"format": FORMAT, "codec": codec}
     if codec == "int8":
@@ -105,6 +122,7 @@ def payload_nbytes(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], co
                    *, chunk: int = INT8_CHUNK) -> int:
     """Bytes of tensor data an encoded update carries (without the small safetensors header)."""
     _check_codec(codec)
+    _check_chunk(chunk)
     total = 0
     for shape, _dtype in reference.values():
         n = math.prod(shape)
@@ -123,9 +141,13 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     header_len = int.from_bytes(data[:8], "little")
     if header_len <= 0 or 8 + header_len > len(data):
         raise CodecError("update is not a safetensors file: bad header length")
+    if header_len > MAX_HEADER_BYTES:
+        raise CodecError(f"update header is {header_len} bytes, beyond the limit of {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = safejson.loads(data[8 : 8 + header_len], max_depth=_HEADER_MAX_DEPTH, what="header")
+    except safejson.JsonRefused as exc:
+        raise CodecError(f"update is not a safetensors file: {exc}") from None
+    except ValueError as exc:
         raise CodecError("update is not a safetensors file: header is not JSON") from exc
     if not isinstance(header, dict):
         raise CodecError("update is not a safetensors file: header is not an object")
@@ -135,12 +157,17 @@ def _read_metadata(data: bytes) -> dict[str, str]:
 
 def _update_metadata(data: bytes) -> dict:
     raw = _read_metadata(data).get(META_KEY)
+    if isinstance(raw, str) and len(raw) > _META_MAX_CHARS:
+        raise CodecError(f"update metadata {META_KEY!r} is longer than {_META_MAX_CHARS} characters")
     try:
-        meta = json.loads(raw) if isinstance(raw, str) else None
-    except json.JSONDecodeError:
+        meta = safejson.loads(raw, max_depth=1, what=META_KEY) if isinstance(raw, str) else None
+    except ValueError:
         meta = None
     if not isinstance(meta, dict):
         raise CodecError(f"update metadata lacks a valid {META_KEY!r} entry (format {FORMAT!r} expected)")
+    unknown = sorted(set(meta) - _META_KEYS)
+    if unknown:
+        raise CodecError(f"update metadata has unknown key(s): {', '.join(k[:40] for k in unknown[:5])}")
     return meta
 
 
@@ -151,22 +178,18 @@ def decode_update(
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CodecError("update must be bytes")
     data = bytes(data)
-    _read_metadata(data)
+    # The metadata first: it is small, and decides how much the tensors may make us allocate.
+    meta = _update_metadata(data)
+    if meta.get("format") != FORMAT:
+        raise CodecError(f"update metadata format is {str(meta.get('format'))[:40]!r}, expected {FORMAT!r}")
+    codec = meta.get("codec")
+    if codec not in CODECS:
+        raise CodecError(f"unknown codec {str(codec)[:20]!r} in update metadata (known: {', '.join(CODECS)})")
+    chunk = _check_chunk(meta.get("chunk")) if codec == "int8" else INT8_CHUNK
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types for every malformed input
         raise CodecError(f"update is not a safetensors file: {exc}") from exc
-    meta = _update_metadata(data)
-    if meta.get("format") != FORMAT:
-        raise CodecError(f"update metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
-    codec = meta.get("codec")
-    if codec not in CODECS:
-        raise CodecError(f"unknown codec {codec!r} in update metadata (known: {', '.join(CODECS)})")
-    chunk = INT8_CHUNK
-    if codec == "int8":
-        chunk = meta.get("chunk")
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise CodecError("int8 update metadata lacks a valid chunk size")
     expected_names = set(reference)
     if codec == "int8":
         expected_names |= {n + SCALE_SUFFIX for n in reference}
@@ -196,7 +219,11 @@ def decode_update(
                 raise CodecError(f"tensor {name} has non-finite values (scale)")
             if (scale < 0).any():
                 raise CodecError(f"scale of {name} is negative")
+            if (t == -128).any():
+                raise CodecError(f"tensor {name} has int8 values outside ±127")
             out[name] = _dequantize_int8(t, scale, chunk)
+            if not torch.isfinite(out[name]).all():
+                raise CodecError(f"tensor {name} has non-finite values after decoding (scale too large)")
         else:
             if not torch.isfinite(t).all():
                 raise CodecError(f"tensor {name} has non-finite values")

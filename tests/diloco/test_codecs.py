@@ -2,6 +2,9 @@ import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 from diloco.codecs import CodecError, decode_update, encode_update, payload_nbytes, reference_of
@@ -159,3 +162,97 @@ def test_reject_int8_bad_scale(delta, ref):
 def test_fp16_overflow_refused():
     with pytest.raises(CodecError, match="fp16 range"):
         encode_update({"a": torch.tensor([1e6])}, "fp16")
+
+
+# --- hostile metadata and values -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 100, 32, 2**17, 2**26, 2**40, 2**70, -4096, True, 4096.0, "4096", None])
+def test_int8_chunk_outside_the_allowed_sizes_is_refused(delta, ref, chunk):
+    data = _rewrite_metadata(encode_update(delta, "int8"), chunk=chunk)
+    with pytest.raises(CodecError, match="int8 chunk .* not an allowed size"):
+        decode_update(data, ref)
+    if isinstance(chunk, int) and not isinstance(chunk, bool):
+        with pytest.raises(CodecError, match="not an allowed size"):
+            encode_update(delta, "int8", chunk=chunk)
+
+
+@pytest.mark.parametrize("chunk", [64, 65536])
+def test_int8_allowed_chunk_sizes_round_trip(delta, ref, chunk):
+    out = decode_update(encode_update(delta, "int8", chunk=chunk), ref)
+    for k, x in delta.items():
+        assert (out[k] - x).abs().max() <= x.abs().max() / 127 + 1e-12
+
+
+def _int8_update(values: torch.Tensor, scale: float) -> bytes:
+    tensors = {"w": values.to(torch.int8), "w::scale": torch.tensor([scale], dtype=torch.float32)}
+    return st_save(tensors, metadata=_meta(format="agora-update-v1", codec="int8", chunk=4096))
+
+
+def test_int8_value_beyond_127_is_refused_instead_of_decoding_to_infinity():
+    ref = {"w": ((4,), torch.float32)}
+    data = _int8_update(torch.tensor([-128, 0, 1, 127]), 3.4e38)
+    with pytest.raises(CodecError, match="outside ±127"):
+        decode_update(data, ref)
+
+
+def test_int8_largest_scale_decodes_finite_or_is_refused():
+    ref = {"w": ((2,), torch.float32)}
+    largest = float(torch.finfo(torch.float32).max)
+    try:
+        out = decode_update(_int8_update(torch.tensor([127, -127]), largest), ref)
+    except CodecError as exc:
+        assert "non-finite" in str(exc)
+    else:
+        assert torch.isfinite(out["w"]).all()
+
+
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.integers(-128, 127), min_size=1, max_size=8),
+    scale=st.floats(min_value=0, max_value=float(torch.finfo(torch.float32).max), width=32),
+)
+def test_int8_decoded_values_are_always_finite(values, scale):
+    ref = {"w": ((len(values),), torch.float32)}
+    try:
+        out = decode_update(_int8_update(torch.tensor(values), scale), ref)
+    except CodecError:
+        return
+    assert torch.isfinite(out["w"]).all()
+
+
+def _with_header(header: bytes, body: bytes = b"") -> bytes:
+    return len(header).to_bytes(8, "little") + header + body
+
+
+def test_deeply_nested_header_is_a_codec_error_not_a_crash(ref):
+    for depth in (10, 100_000):
+        header = b'{"__metadata__":{},"x":' + b"[" * depth + b"]" * depth + b"}"
+        with pytest.raises(CodecError, match="nested deeper than"):
+            decode_update(_with_header(header), ref)
+
+
+def test_nested_or_oversized_update_metadata_is_refused(delta, ref):
+    data = encode_update(delta, "fp32")
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    for value, message in (
+        ("[" * 100_000, "longer than 1024"),
+        ("[" * 500 + "]" * 500, "lacks a valid"),
+        ('{"format":"agora-update-v1","codec":"fp32","x":{"y":1}}', "lacks a valid"),
+        ('{"format":"agora-update-v1","codec":"fp32","extra":1}', "unknown key.*extra"),
+    ):
+        header["__metadata__"]["agora_update"] = value
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with pytest.raises(CodecError, match=message):
+            decode_update(len(raw).to_bytes(8, "little") + raw + data[8 + n :], ref)
+
+
+def test_header_size_is_bounded(monkeypatch, delta, ref):
+    import diloco.codecs as codecs
+
+    data = encode_update(delta, "fp32")
+    monkeypatch.setattr(codecs, "MAX_HEADER_BYTES", 64)
+    with pytest.raises(CodecError, match="beyond the limit of 64"):
+        decode_update(data, ref)
