@@ -273,6 +273,10 @@ AGORA_ENROLLMENT_TOKEN_TTL = timedelta(hours=env.float("AGORA_ENROLLMENT_TOKEN_T
 AGORA_PUBLIC_URL = env("AGORA_PUBLIC_URL", default="http://127.0.0.1:8000")
 # Training: where the server evaluates held-out loss after each round (cpu, cuda, or auto).
 AGORA_TRAINING_DEVICE = env("AGORA_TRAINING_DEVICE", default="cpu")
+# Datasets: file: sources must resolve (symlinks followed) to a regular file under this folder; a
+# dataset (file or https download) may be at most this many bytes.
+AGORA_DATA_ROOT = Path(env("AGORA_DATA_ROOT", default=str(VAR_DIR / "data")))
+AGORA_MAX_DATASET_BYTES = env.int("AGORA_MAX_DATASET_BYTES", default=256 * 1024 * 1024)
 # ... and in what precision: auto (bf16 where the device runs it natively, else fp32), fp32, or bf16.
 AGORA_EVAL_PRECISION = env("AGORA_EVAL_PRECISION", default="auto")
 

@@ -9,10 +9,17 @@ so a typo (``inner_Lr``) is not silently dropped.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
+import os
 import posixpath
 import re
+import socket
+import stat
+import urllib.parse
 
+import re2
+from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import URLValidator
 from rest_framework import serializers
@@ -23,6 +30,11 @@ SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_PATTERNS = 50
 MAX_PATTERN_LENGTH = 200
+# Guardrail patterns run on RE2 with these options wherever they run (``diloco.guardrails`` is the
+# other copy; governance may not import diloco, and a test holds the two to the same verdicts).
+RE2_MAX_MEM = 8 << 20
+# Host names that only make sense inside someone's network.
+LOCAL_HOST_SUFFIXES = (".localhost", ".local", ".internal", ".intranet", ".lan", ".home.arpa", ".localdomain")
 
 
 def content_hash(spec: dict) -> str:
@@ -117,7 +129,8 @@ class DatasetSpec(StrictSerializer):
     source = serializers.CharField(
         default="builtin:python-docs",
         max_length=2000,
-        help_text="builtin:python-docs, file:/absolute/path, or an https:// URL (pinned by sha256).",
+        help_text="builtin:python-docs, file:/absolute/path (a file under the server's data root), or an "
+        "https:// URL on a public host (pinned by sha256).",
     )
     sha256 = serializers.CharField(
         default=None, allow_null=True, allow_blank=True, help_text="64 hex digits; required for https sources."
@@ -133,21 +146,13 @@ class DatasetSpec(StrictSerializer):
                 raise serializers.ValidationError("The only built-in corpus is builtin:python-docs.")
             return value
         if value.startswith("file:"):
-            path = value[len("file:"):]
-            if not path.startswith("/"):
-                raise serializers.ValidationError("A file source needs an absolute path: file:/path/to/corpus.txt.")
-            normalised = posixpath.normpath(path)
-            if normalised in ("/", "."):
-                raise serializers.ValidationError("A file source must name a file.")
-            return "file:" + normalised
-        if value.startswith("https://"):
-            try:
-                URLValidator(schemes=["https"])(value)
-            except DjangoValidationError:
-                raise serializers.ValidationError("Not a valid https URL.") from None
+            return "file:" + _file_source_path(value[len("file:"):])
+        if value[:8].lower() == "https://":
+            _check_https_source(value)
             return value
         raise serializers.ValidationError(
-            "Must be builtin:python-docs, file:<absolute path> or an https:// URL."
+            "Must be builtin:python-docs, file:<absolute path> or an https:// URL (http and other schemes are "
+            "refused)."
         )
 
     def validate_sha256(self, value):
@@ -162,6 +167,78 @@ class DatasetSpec(StrictSerializer):
         if attrs["source"].startswith("https://") and not attrs.get("sha256"):
             raise serializers.ValidationError({"sha256": ["Required for https sources, so the data is pinned."]})
         return attrs
+
+
+def _file_source_path(path: str) -> str:
+    """The normalised path of a file source that names a regular file under the server's data root.
+
+    The agents check the same against their own data root when they read it.
+    """
+    if not path.startswith("/"):
+        raise serializers.ValidationError("A file source needs an absolute path: file:/path/to/corpus.txt.")
+    normalised = posixpath.normpath(path)
+    if normalised in ("/", "."):
+        raise serializers.ValidationError("A file source must name a file.")
+    root = os.path.realpath(settings.AGORA_DATA_ROOT)
+    real = os.path.realpath(normalised)  # symlinks and .. resolved
+    if not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise serializers.ValidationError(f"A file source must be a file under the server's data root {root}.")
+    try:
+        info = os.stat(real)
+    except OSError:
+        raise serializers.ValidationError(f"There is no file {normalised} under the data root.") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise serializers.ValidationError("A file source must be a regular file.")
+    limit = settings.AGORA_MAX_DATASET_BYTES
+    if info.st_size > limit:
+        raise serializers.ValidationError(f"The file has {info.st_size} bytes; the limit is {limit}.")
+    return normalised
+
+
+def address_is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """The same rule as ``diloco.data.address_is_public`` (which the fetch applies to resolved addresses)."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id or addr.ipv4_mapped or addr.sixtofour or addr.teredo:
+            return False
+        if addr in ipaddress.ip_network("64:ff9b::/96") or addr in ipaddress.ip_network("64:ff9b:1::/48"):
+            return False
+    return (addr.is_global and not addr.is_multicast and not addr.is_private and not addr.is_loopback
+            and not addr.is_link_local and not addr.is_reserved and not addr.is_unspecified)
+
+
+def _literal_address(host: str):
+    """The IP address a host literally is (IPv6, dotted quad, or a legacy form like 2130706433), or None."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if all(part and part.isalnum() for part in host.split(".")):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))  # what the resolver would make of it
+        except OSError:
+            return None
+    return None
+
+
+def _check_https_source(value: str) -> None:
+    """Syntax and literal-address checks only: a host name is resolved (and checked again) when it is fetched."""
+    try:
+        URLValidator(schemes=["https"])(value)
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except (DjangoValidationError, ValueError):
+        raise serializers.ValidationError("Not a valid https URL.") from None
+    if parts.username is not None or parts.password is not None:
+        raise serializers.ValidationError("No user name or password in the URL (the spec is public).")
+    host = (parts.hostname or "").rstrip(".")
+    address = _literal_address(host)
+    if address is not None:
+        if not address_is_public(address):
+            raise serializers.ValidationError(
+                f"{address} is not a public address; datasets are fetched only from the public internet.")
+    elif host == "localhost" or "." not in host or host.endswith(LOCAL_HOST_SUFFIXES):
+        raise serializers.ValidationError(
+            f"{host} is not a public host name; datasets are fetched only from the public internet.")
 
 
 class DilocoSpec(StrictSerializer):
@@ -244,6 +321,20 @@ class TrainingSpec(StrictSerializer):
 # --- guardrail ----------------------------------------------------------------------------------
 
 
+def re2_options() -> re2.Options:
+    options = re2.Options()
+    options.case_sensitive = False
+    options.max_mem = RE2_MAX_MEM
+    options.never_capture = True
+    options.log_errors = False
+    return options
+
+
+def _re2_message(exc: Exception) -> str:
+    message = exc.args[0] if exc.args else exc
+    return message.decode("utf-8", errors="replace") if isinstance(message, bytes) else str(message)
+
+
 class GuardrailSpec(StrictSerializer):
     action = serializers.ChoiceField(
         choices=["adopt", "retire"], default="adopt", help_text="Adopt a new guardrail or retire one in force."
@@ -256,8 +347,8 @@ class GuardrailSpec(StrictSerializer):
     patterns = serializers.ListField(
         child=serializers.CharField(allow_blank=True, trim_whitespace=True),
         required=False,
-        help_text=f"Python regular expressions, matched case-insensitively; 1–{MAX_PATTERNS}, "
-        f"each at most {MAX_PATTERN_LENGTH} characters.",
+        help_text=f"RE2 regular expressions (linear time: no backreferences or lookaround), matched "
+        f"case-insensitively; 1–{MAX_PATTERNS}, each at most {MAX_PATTERN_LENGTH} characters.",
     )
     guardrail_id = StrictIntegerField(min_value=1, required=False, help_text="The guardrail to retire.")
     description = serializers.CharField(
@@ -277,12 +368,19 @@ class GuardrailSpec(StrictSerializer):
                 errors[index] = [f"At most {MAX_PATTERN_LENGTH} characters; got {len(pattern)}."]
             else:
                 try:
-                    re.compile(pattern, re.IGNORECASE)
-                except re.error as exc:
-                    errors[index] = [f"Not a valid regular expression: {exc}."]
+                    re2.compile(pattern, re2_options())
+                except re2.error as exc:
+                    errors[index] = [
+                        f"Not a valid regular expression for the linear-time RE2 engine: {_re2_message(exc)}."]
         if errors:
             raise serializers.ValidationError(errors)
-        return list(dict.fromkeys(value))  # drop duplicates, keep order
+        value = list(dict.fromkeys(value))  # drop duplicates, keep order
+        try:  # the patterns run as one program; each may fit the memory bound while all together do not
+            re2.compile("|".join(f"(?:{p})" for p in value), re2_options())
+        except re2.error as exc:
+            raise serializers.ValidationError(
+                f"The patterns together are too large for the RE2 engine: {_re2_message(exc)}.") from None
+        return value
 
     def validate(self, attrs):
         action = attrs["action"]

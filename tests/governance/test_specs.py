@@ -24,9 +24,11 @@ def test_defaults_are_filled_and_the_hash_covers_the_frozen_spec(member_client):
     assert proposal.status == Proposal.Status.ACTIVE  # "open" defaults to true
 
 
-def test_normalising_twice_changes_nothing():
-    once = spec_normalise(kind="training", spec={"dataset": {"source": "file:/data//corpus/../c.txt"}})
-    assert once["dataset"]["source"] == "file:/data/c.txt"
+def test_normalising_twice_changes_nothing(settings, tmp_path):
+    settings.AGORA_DATA_ROOT = tmp_path
+    (tmp_path / "c.txt").write_text("a corpus")
+    once = spec_normalise(kind="training", spec={"dataset": {"source": f"file:{tmp_path}//corpus/../c.txt"}})
+    assert once["dataset"]["source"] == f"file:{tmp_path}/c.txt"
     assert spec_normalise(kind="training", spec=once) == once
 
 
