@@ -64,7 +64,7 @@ def pattern_problem(pattern) -> str | None:
     try:
         re2.compile(pattern, re2_options())
     except re2.error as exc:
-        return f"Not a pattern the linear-time RE2 engine accepts: {_error_text(exc)}."
+        return f"Not a valid regular expression for the linear-time RE2 engine: {_error_text(exc)}."
     return None
 
 
