@@ -279,6 +279,9 @@ AGORA_DATA_ROOT = Path(env("AGORA_DATA_ROOT", default=str(VAR_DIR / "data")))
 AGORA_MAX_DATASET_BYTES = env.int("AGORA_MAX_DATASET_BYTES", default=256 * 1024 * 1024)
 # ... and in what precision: auto (bf16 where the device runs it natively, else fp32), fp32, or bf16.
 AGORA_EVAL_PRECISION = env("AGORA_EVAL_PRECISION", default="auto")
+# A round's aggregation holds a lease of this many seconds, renewed every third of it while it works; a
+# lapsed lease (a killed Celery worker) is taken over by the next round check or training tick.
+AGORA_AGGREGATION_LEASE_S = env.int("AGORA_AGGREGATION_LEASE_S", default=30)
 
 LOGGING = {
     "version": 1,

@@ -102,6 +102,12 @@ def _programs(guardrails: list[dict], kind: str):
             raise GuardrailError(g, str(exc)) from None
 
 
+def ensure_enforceable(guardrails: list[dict], kind: str) -> None:
+    """Raise :class:`GuardrailError` for the first active guardrail of ``kind`` that cannot be enforced."""
+    for _ in _programs(guardrails, kind):
+        pass
+
+
 def filter_documents(docs: list[str], guardrails: list[dict]) -> tuple[list[str], int]:
     """Drop every document matched by a ``data_filter`` guardrail; return (kept, dropped count).
 

@@ -282,6 +282,16 @@ class DilocoSpec(StrictSerializer):
     round_timeout_s = StrictIntegerField(
         min_value=30, max_value=86_400, default=600, help_text="Round deadline in seconds (30–86400)."
     )
+    max_round_extensions = StrictIntegerField(
+        min_value=0, max_value=100, default=3,
+        help_text="Times a round's deadline is extended while it has fewer than min_workers results before "
+                  "that attempt of the round fails (0–100).",
+    )
+    max_failed_rounds = StrictIntegerField(
+        min_value=0, max_value=100, default=2,
+        help_text="Failed round attempts the run survives (each failed round is tried again); one more fails "
+                  "the run (0–100).",
+    )
 
     def validate(self, attrs):
         errors = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.http import Http404
+from django.utils import timezone
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.generics import ListAPIView
@@ -13,7 +14,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from marketplace import selectors, services
+from marketplace import selectors, services, tasks_liveness
 from marketplace.auth import IsWorker, WorkerTokenAuthentication
 from marketplace.serializers import (
     EnrollIn,
@@ -74,9 +75,16 @@ class HeartbeatApi(WorkerApiMixin, APIView):
 
     @extend_schema(request=HeartbeatIn, responses={200: HeartbeatOut})
     def post(self, request):
-        value = services.worker_heartbeat(worker=request.auth, **heartbeat_parse(request.data))
+        beat = heartbeat_parse(request.data)
+        value = services.worker_heartbeat(worker=request.auth, **beat)
         state = selectors.live_state_from(request.auth, value)
-        return Response({"poll_after_s": settings.AGORA_HEARTBEAT_INTERVAL_S, "worker_state": state})
+        reply = {"poll_after_s": settings.AGORA_HEARTBEAT_INTERVAL_S, "worker_state": state,
+                 "server_time": timezone.now().isoformat(timespec="milliseconds"), "stop_task": False}
+        if beat["task_id"] is not None:
+            reason = tasks_liveness.stop_reason(task_id=beat["task_id"], worker_id=request.auth.pk)
+            if reason:
+                reply.update(stop_task=True, stop_reason=reason)
+        return Response(reply)
 
 
 class WorkerMeApi(WorkerApiMixin, APIView):

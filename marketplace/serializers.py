@@ -88,6 +88,10 @@ def heartbeat_parse(data) -> dict:
 class HeartbeatOut(serializers.Serializer):
     poll_after_s = serializers.IntegerField()
     worker_state = serializers.ChoiceField(choices=["online", "busy", "paused", "offline", "suspended", "revoked"])
+    server_time = serializers.DateTimeField(help_text="The server's clock (ISO 8601, UTC, milliseconds).")
+    stop_task = serializers.BooleanField(help_text="True when the heartbeat's task_id is no longer wanted from "
+                                                   "this worker: stop working on it.")
+    stop_reason = serializers.CharField(required=False, help_text="Why, when stop_task is true.")
 
 
 class SuspendIn(serializers.Serializer):

@@ -9,3 +9,14 @@ class TrainingConfig(AppConfig):
         from training.receivers import on_training_proposal_approved
 
         training_proposal_approved.connect(on_training_proposal_approved, dispatch_uid="training-start-run")
+
+        from marketplace import tasks_liveness
+
+        tasks_liveness.register(_task_stop_reason)
+
+
+def _task_stop_reason(task_id: int, worker_id: int) -> str | None:
+    """The heartbeat's database answer (``marketplace.tasks_liveness``); training's services load lazily."""
+    from training.services import task_stop_reason
+
+    return task_stop_reason(task_id, worker_id)

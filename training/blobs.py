@@ -20,7 +20,7 @@ from torch import Tensor
 
 from diloco.checkpoint import load_weights, sha256_hex
 from diloco.codecs import reference_of
-from diloco.data import encode_documents, load_documents, split_documents
+from diloco.data import SourcePolicy, encode_documents, load_documents, split_documents
 from diloco.models import build_model
 
 _WRITE_CHUNK = 8 * 2**20
@@ -154,17 +154,27 @@ def model_reference(arch: str, config: dict):
 
 
 @functools.lru_cache(maxsize=4)
-def _heldout(source: str, sha256: str | None, fraction: float, cache_dir: str) -> Tensor:
-    docs = load_documents(source, sha256, cache_dir=cache_dir)
+def _heldout(source: str, sha256: str | None, fraction: float, cache_dir: str, policy: SourcePolicy) -> Tensor:
+    docs = load_documents(source, sha256, cache_dir=cache_dir, policy=policy)
     return encode_documents(split_documents(docs, fraction)[1])
 
 
+def dataset_policy() -> SourcePolicy:
+    """Where the server may read datasets from: files under AGORA_DATA_ROOT, public https, a byte cap."""
+    from django.conf import settings
+
+    return SourcePolicy(data_root=str(settings.AGORA_DATA_ROOT), max_bytes=int(settings.AGORA_MAX_DATASET_BYTES))
+
+
 def heldout_tokens(dataset: dict) -> Tensor:
-    """The held-out split of a run's dataset (the same split the agents leave out), as tokens."""
+    """The held-out split of a run's dataset (the same split the agents leave out), as tokens.
+
+    Raises ``diloco.data.DatasetError`` naming the source when the server's policy refuses it.
+    """
     from django.conf import settings
 
     return _heldout(dataset["source"], dataset.get("sha256"), float(dataset.get("heldout_fraction", 0.1)),
-                    str(settings.VAR_DIR / "datasets"))
+                    str(settings.VAR_DIR / "datasets"), dataset_policy())
 
 
 def clear_caches() -> None:

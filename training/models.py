@@ -95,7 +95,9 @@ class TrainingRun(models.Model):
     # The outer optimizer's momentum, never served publicly; replaced after every accepted round.
     outer_state_name = models.CharField(max_length=300, blank=True)
     outer_state_sha256 = models.CharField(max_length=64, blank=True)
-    reason = models.TextField(blank=True)
+    reason = models.TextField(blank=True, help_text="Why the run failed or was canceled (public).")
+    # Round attempts that failed for want of results (``diloco.max_failed_rounds`` bounds them).
+    failed_rounds = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -142,6 +144,8 @@ class Round(models.Model):
         AGGREGATING = "aggregating", "Aggregating"
         DONE = "done", "Done"
         REJECTED = "rejected", "Rejected"
+        FAILED = "failed", "Failed"
+        CANCELED = "canceled", "Canceled"
 
     run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="rounds")
     index = models.PositiveIntegerField(help_text="1-based.")
@@ -150,10 +154,16 @@ class Round(models.Model):
     checkpoint_out = models.ForeignKey(Checkpoint, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
     opened_at = models.DateTimeField(default=timezone.now)
     deadline = models.DateTimeField()
+    # A round that gets too few results within ``diloco.max_round_extensions`` extensions fails; unless
+    # the run has used up ``diloco.max_failed_rounds``, the same round starts its next attempt.
+    attempt = models.PositiveIntegerField(default=1)
+    extensions = models.PositiveIntegerField(default=0, help_text="Deadline extensions in this attempt.")
     # Aggregation claims the round (status aggregating + a fresh token), works outside the lock and
-    # commits only if the token is still its own: a round is aggregated exactly once.
+    # commits only if the token is still its own: a round is aggregated exactly once. The claim is a
+    # lease the aggregation renews while it works; a lapsed lease is taken over by the next check.
     aggregation_token = models.CharField(max_length=32, blank=True)
     aggregation_started_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
     aggregated_at = models.DateTimeField(null=True, blank=True)
     aggregator = models.CharField(max_length=32, blank=True)
     eval_loss_before = models.FloatField(null=True, blank=True)
@@ -169,7 +179,7 @@ class Round(models.Model):
             models.UniqueConstraint(fields=["run", "index"], name="training_round_unique_index"),
             models.CheckConstraint(condition=models.Q(index__gte=1), name="training_round_index_positive"),
             models.CheckConstraint(
-                condition=models.Q(status__in=["open", "aggregating", "done", "rejected"]),
+                condition=models.Q(status__in=["open", "aggregating", "done", "rejected", "failed", "canceled"]),
                 name="training_round_status_valid",
             ),
             models.CheckConstraint(
@@ -183,7 +193,7 @@ class Round(models.Model):
 
     @property
     def is_closed(self) -> bool:
-        return self.status in (self.Status.DONE, self.Status.REJECTED)
+        return self.status in (self.Status.DONE, self.Status.REJECTED, self.Status.FAILED, self.Status.CANCELED)
 
 
 class Task(models.Model):
@@ -221,9 +231,12 @@ class Task(models.Model):
         ordering = ["round", "shard_index", "id"]
         indexes = [models.Index(fields=["status", "created_at"], name="training_task_status_created")]
         constraints = [
+            # A worker whose task failed or expired may take another task of the round; it never holds
+            # two live ones (assigned, or with a result) in the same round.
             models.UniqueConstraint(
-                fields=["round", "worker"], condition=models.Q(worker__isnull=False),
-                name="training_task_one_per_worker_per_round",
+                fields=["round", "worker"],
+                condition=models.Q(worker__isnull=False) & ~models.Q(status__in=["failed", "expired"]),
+                name="training_task_one_live_per_worker_per_round",
             ),
             models.CheckConstraint(
                 condition=models.Q(

@@ -6,6 +6,6 @@ from django.db import transaction
 
 
 def on_training_proposal_approved(sender, proposal_id: int, **kwargs) -> None:
-    from training.tasks import start_run
+    from training.tasks import enqueue, start_run
 
-    transaction.on_commit(lambda: start_run.delay(proposal_id))
+    transaction.on_commit(lambda: enqueue(start_run, proposal_id))

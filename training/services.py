@@ -4,9 +4,18 @@ Heavy tensor work (initial weights, decoding, aggregating, evaluating, writing c
 outside database transactions; the transactions only lock a row, check its state and write the outcome.
 Aggregation is made exactly-once by a claim token: a round moves ``open -> aggregating`` under a row
 lock with a fresh token, the work happens unlocked, and the result is committed only if the round is
-still ``aggregating`` with that same token. A crashed aggregation is re-opened by the tick after
-``AGGREGATION_STALE_S`` and done again; a late finisher of the old attempt then finds a new token and
-commits nothing.
+still ``aggregating`` with that same token. The claim is a lease (``AGORA_AGGREGATION_LEASE_S``) that
+the aggregation renews from a keep-alive thread and at every phase boundary. A crashed aggregation's
+lease lapses; the next round check or tick takes the round over, deletes the dead attempt's files and
+aggregates again. A late finisher of the old attempt then finds a new token and commits nothing.
+
+Rounds always make progress: a worker whose task failed or expired may take another task of the same
+round; a round short of ``min_workers`` results is extended at most ``diloco.max_round_extensions``
+times, then that attempt fails (``round.failed``) and the round is tried again, until the run has had
+more than ``diloco.max_failed_rounds`` failed attempts and fails itself (``run.failed``).
+
+Every change of a task's state tells ``marketplace.tasks_liveness`` after it commits, so a heartbeat
+naming a task that is no longer wanted answers ``stop_task`` without a query.
 """
 
 from __future__ import annotations
@@ -14,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import math
 import statistics
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +37,7 @@ from decimal import Decimal
 
 import torch
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 from rest_framework import serializers
@@ -40,6 +51,7 @@ from diloco.outer import OuterOptimizer
 from governance.models import Proposal
 from governance.services import proposal_enact
 from ledger.services import entry_append
+from marketplace import tasks_liveness
 from marketplace.services import credit_grant, worker_record_outcome
 from training import blobs
 from training.errors import (
@@ -59,8 +71,12 @@ log = logging.getLogger(__name__)
 
 # A step whose held-out loss rises by more than this fraction (or is not finite) is rejected.
 EVAL_TOLERANCE = 0.10
-# An aggregation that has not committed after this long is presumed dead and the round re-opened.
+# The longest an aggregation may run (Celery's time limits derive from it); a round still aggregating
+# after this long without a lease (rows from before leases) is presumed dead.
 AGGREGATION_STALE_S = 900
+# Defaults of the spec's round-failure rules, for specs frozen before the rules existed.
+DEFAULT_MAX_ROUND_EXTENSIONS = 3
+DEFAULT_MAX_FAILED_ROUNDS = 2
 EVAL_BATCHES = 8
 # Screening: an update whose norm is this many times the median (this round's, or the last round's
 # accepted updates') is rejected.
@@ -73,10 +89,13 @@ _UPLOAD_HEADER_ALLOWANCE = 64 * 1024
 # --- checkpoints and models ---------------------------------------------------------------------
 
 
-def _checkpoint_blob(state: dict[str, torch.Tensor], meta: dict) -> tuple[str, int]:
-    """Write weights content-addressed; returns (sha256, size). Safe to repeat, safe outside transactions."""
+def _checkpoint_blob(state: dict[str, torch.Tensor], meta: dict, *, before_write=None) -> tuple[str, int]:
+    """Write weights content-addressed; returns (sha256, size). Safe to repeat, safe outside transactions.
+    ``before_write(sha)`` runs once the name is known and before anything is written."""
     data = save_weights(state, meta)
     sha = sha256_hex(data)
+    if before_write is not None:
+        before_write(sha)
     blobs.blob_write(checkpoint_storage_name(sha), data, content_addressed=True)
     blobs.remember_state(sha, state, meta)
     return sha, len(data)
@@ -224,8 +243,10 @@ MAX_CANCEL_REASON = 2_000
 def run_cancel(*, run_id: int, by, reason: str) -> TrainingRun:
     """pending/running -> canceled (terminal), staff only, with a public reason.
 
-    Open tasks expire at once, so agents stop getting work from the run and their uploads are refused
-    (410); an aggregation already under way commits nothing (see ``_aggregate_commit``).
+    The open round is closed (``canceled``, with a ``round.canceled`` entry) and its open tasks expire at
+    once, so agents stop getting work from the run, heartbeats tell them to stop, and their uploads are
+    refused (410); an aggregation already under way commits nothing (see ``_aggregate_commit``). Rows are
+    locked round first, then run: the order ``_aggregate_commit`` uses.
     """
     if by is None or not getattr(by, "is_authenticated", False) or not by.is_staff:
         raise RunForbidden("only staff can cancel a training run")
@@ -234,6 +255,8 @@ def run_cancel(*, run_id: int, by, reason: str) -> TrainingRun:
         raise serializers.ValidationError({"reason": ["Canceling a run needs a reason; it is published in the ledger."]})
     if len(reason) > MAX_CANCEL_REASON:
         raise serializers.ValidationError({"reason": [f"At most {MAX_CANCEL_REASON} characters."]})
+    open_rounds = list(Round.objects.select_for_update().filter(
+        run_id=run_id, status__in=[Round.Status.OPEN, Round.Status.AGGREGATING]).order_by("index"))
     run = TrainingRun.objects.select_for_update().filter(pk=run_id).first()
     if run is None:
         raise TrainingError(f"there is no run {run_id}", code="not_found", http_status=404)
@@ -241,10 +264,26 @@ def run_cancel(*, run_id: int, by, reason: str) -> TrainingRun:
         raise RunError(f"only a pending or running run can be canceled, not a {run.status} one")
     run.status, run.reason, run.finished_at = TrainingRun.Status.CANCELED, reason, timezone.now()
     run.save(update_fields=["status", "reason", "finished_at"])
-    Task.objects.filter(round__run=run, status__in=[Task.Status.PENDING, Task.Status.ASSIGNED]).update(
-        status=Task.Status.EXPIRED, reason="run canceled")
     entry_append(actor=by, action="run.canceled", subject=run.ledger_subject, payload={"reason": reason})
+    for rnd in open_rounds:
+        was = rnd.status
+        rnd.status, rnd.reason = Round.Status.CANCELED, f"run canceled: {reason}"
+        rnd.aggregation_token, rnd.lease_expires_at = "", None
+        rnd.save(update_fields=["status", "reason", "aggregation_token", "lease_expires_at"])
+        closed = _round_close_tasks(rnd, reason="run canceled")
+        entry_append(actor=by, action="round.canceled", subject=run.ledger_subject,
+                     payload={"run_id": run.pk, "round": rnd.index, "was": was, "expired_tasks": closed})
+    _run_expire_stray_tasks(run)
     return run
+
+
+def _run_expire_stray_tasks(run: TrainingRun) -> None:
+    """Open tasks left in rounds that are not open (none should be): expire them too."""
+    stray = Task.objects.filter(round__run=run, status__in=[Task.Status.PENDING, Task.Status.ASSIGNED])
+    rows = list(stray.values_list("pk", "worker_id"))
+    if rows:
+        Task.objects.filter(pk__in=[pk for pk, _ in rows]).update(status=Task.Status.EXPIRED, reason="run canceled")
+        _tell_stopped({pk: (w, "run canceled") for pk, w in rows if w is not None})
 
 
 # --- tasks: claim, result, fail ------------------------------------------------------------------
@@ -256,30 +295,52 @@ def max_upload_bytes(run: TrainingRun) -> int:
     return payload_nbytes(reference, run.diloco["compression"]) + 256 * len(reference) + _UPLOAD_HEADER_ALLOWANCE
 
 
+# A worker holding a task in one of these states has its say in the round; failed and expired ones do not.
+LIVE_TASK_STATUSES = (Task.Status.ASSIGNED, Task.Status.COMPLETED, Task.Status.ACCEPTED, Task.Status.REJECTED)
+_LOST_TASK_STATUSES = (Task.Status.FAILED, Task.Status.EXPIRED)
+
+
 @transaction.atomic
 def task_claim(*, worker) -> Task | None:
     """Assign the oldest pending task this worker may take, or None.
 
     Eligible: the run is running and its hardware requirements admit the worker (GPU memory at least
-    ``min_vram_mb``; a CPU-only worker only where ``allow_cpu``), and the worker holds no task of that
-    round yet. Rows are locked with ``SKIP LOCKED`` on PostgreSQL so concurrent claims never collide;
-    SQLite serialises writers anyway. The unique (round, worker) constraint backs the last rule.
+    ``min_vram_mb``; a CPU-only worker only where ``allow_cpu``), and the worker holds no live task
+    (assigned, or with a result) in that round. Rows are locked with ``SKIP LOCKED`` on PostgreSQL so
+    concurrent claims never collide; SQLite serialises writers anyway. A partial unique constraint on
+    (round, worker) over live tasks backs the last rule.
+
+    A worker whose task in a round failed or expired may take another task of that round: otherwise a
+    round whose every available worker once lost a task (a web outage during uploads, a restarted agent
+    reporting its old task failed) could never be finished. Its own late tasks are expired first, so
+    an agent that restarts after its deadline gets work at once. Among the tasks it may take, one of a
+    shard it has not already lost in that round comes first: a failure tied to a shard on that machine
+    (memory, a pathological document) is not repeated while another shard is waiting, and with exactly
+    k workers it still gets its own shard back. The replacement is a new task with its own credit, so
+    credits stay at most one grant per task.
     """
     from marketplace.models import Worker
 
     worker = Worker.objects.only("id", "gpus", "status").get(pk=worker.pk)
     if worker.status != Worker.Status.ACTIVE:
         return None
+    now = timezone.now()
+    late_rounds = set(Task.objects.filter(worker_id=worker.pk, status=Task.Status.ASSIGNED, deadline__lte=now)
+                      .values_list("round_id", flat=True))
+    for round_id in sorted(late_rounds):
+        round_expire_late_tasks(round_id=round_id, now=now)
     vram = worker.max_vram_mb
     hardware = Q(round__run__allow_cpu=True) if vram <= 0 else Q(round__run__min_vram_mb__lte=vram)
-    holds = Task.objects.filter(round_id=OuterRef("round_id"), worker_id=worker.pk)
-    now = timezone.now()
+    holds = Task.objects.filter(round_id=OuterRef("round_id"), worker_id=worker.pk, status__in=LIVE_TASK_STATUSES)
+    lost_shard = Task.objects.filter(round_id=OuterRef("round_id"), shard_index=OuterRef("shard_index"),
+                                     worker_id=worker.pk, status__in=_LOST_TASK_STATUSES)
     task = (
         Task.objects.filter(status=Task.Status.PENDING, round__status=Round.Status.OPEN,
                             round__run__status=TrainingRun.Status.RUNNING)
         .filter(hardware)
         .filter(~Exists(holds))
-        .order_by("created_at", "id")
+        .annotate(lost_before=Exists(lost_shard))
+        .order_by("lost_before", "created_at", "id")
         .select_for_update(skip_locked=True, of=("self",))
         .first()
     )
@@ -298,8 +359,53 @@ def task_claim(*, worker) -> Task | None:
     entry_append(actor=worker, action="task.claimed", subject=rnd.run.ledger_subject,
                  payload={"task_id": task.pk, "run_id": rnd.run_id, "round": rnd.index, "shard": task.shard_index,
                           "worker_id": worker.pk})
+    task_id, deadline = task.pk, task.deadline.timestamp()
+    transaction.on_commit(lambda: tasks_liveness.mark_live(task_id=task_id, worker_id=worker.pk, deadline=deadline))
     task.round = rnd
     return task
+
+
+def _tell_stopped(stops: dict[int, tuple[int | None, str]]) -> None:
+    """After commit, tell heartbeats that these tasks (``{task_id: (worker_id, reason)}``) are not wanted."""
+    if stops:
+        stops = dict(stops)
+        transaction.on_commit(lambda: tasks_liveness.mark_stopped(stops))
+
+
+def task_stop_reason(task_id: int, worker_id: int) -> str | None:
+    """Why ``task_id`` is no longer wanted from ``worker_id`` (None while it is): the database answer
+    behind the heartbeat's cache marker (``marketplace.tasks_liveness``), which it writes back."""
+    not_yours = "this task is not assigned to this worker"
+    if not 0 < task_id < 2**63:
+        return not_yours
+    task = (Task.objects.select_related("round", "round__run").only(
+        "id", "status", "worker_id", "deadline", "reason", "round__index", "round__status", "round__run__status",
+        "round__run__reason").filter(pk=task_id).first())
+    if task is None or task.worker_id is None:
+        # Remembered too, so an agent naming a bogus id costs one query, not one per heartbeat; a claim
+        # overwrites the marker when the task is handed out.
+        tasks_liveness.remember(task_id=task_id, worker_id=None, deadline=None, stop=not_yours)
+        return not_yours
+    rnd, run = task.round, task.round.run
+    reason = None
+    if run.status != TrainingRun.Status.RUNNING:
+        reason = f"the run is {run.status}" + (f": {run.reason}" if run.reason else "")
+    elif task.status == Task.Status.FAILED:
+        reason = "the task was reported failed"
+    elif task.status == Task.Status.EXPIRED:
+        reason = f"the task expired: {task.reason or 'deadline passed'}"
+    elif task.status in (Task.Status.ACCEPTED, Task.Status.REJECTED) or rnd.status in (
+            Round.Status.AGGREGATING, Round.Status.DONE, Round.Status.REJECTED):
+        reason = f"round {rnd.index} was already aggregated"
+    elif rnd.status != Round.Status.OPEN:
+        reason = f"round {rnd.index} is {rnd.status}"
+    elif task.status == Task.Status.ASSIGNED and task.deadline <= timezone.now():
+        reason = "the task's deadline passed"
+    deadline = None if task.status == Task.Status.COMPLETED else task.deadline.timestamp()
+    tasks_liveness.remember(task_id=task.pk, worker_id=task.worker_id, deadline=deadline, stop=reason)
+    if task.worker_id != worker_id:
+        return not_yours
+    return reason
 
 
 def _task_check_open(task: Task, worker, now) -> None:
@@ -386,6 +492,8 @@ def task_submit_result(*, task_id: int, worker, data: bytes, metrics: dict) -> T
                                   "update_sha256": sha, "size": len(data), "metrics": metrics})
             round_id = rnd.pk
             transaction.on_commit(lambda: _enqueue_round_check(round_id))
+            transaction.on_commit(lambda: tasks_liveness.mark_live(task_id=task_id, worker_id=worker.pk,
+                                                                   deadline=None))
     except BaseException:
         if written:
             blobs.blob_delete(name)
@@ -395,7 +503,8 @@ def task_submit_result(*, task_id: int, worker, data: bytes, metrics: dict) -> T
 
 @transaction.atomic
 def task_fail(*, task_id: int, worker, reason: str) -> Task:
-    """The worker gives the task up; a replacement for the same shard goes to another worker."""
+    """The worker gives the task up; a replacement for the same shard is issued at once (any worker without
+    a live task in the round may take it, this one included: see ``task_claim``)."""
     task = Task.objects.select_related("round", "round__run").filter(pk=task_id).first()
     if task is None:
         raise TrainingError(f"there is no task {task_id}", code="not_found", http_status=404)
@@ -409,6 +518,7 @@ def task_fail(*, task_id: int, worker, reason: str) -> Task:
     _task_check_open(task, worker, timezone.now())
     task.status, task.reason = Task.Status.FAILED, (reason or "no reason given")[:1000]
     task.save(update_fields=["status", "reason"])
+    _tell_stopped({task.pk: (task.worker_id, "the task was reported failed")})
     replacement = _task_replace(task, rnd)
     entry_append(actor=worker, action="task.failed", subject=f"run:{rnd.run_id}",
                  payload={"task_id": task.pk, "run_id": rnd.run_id, "round": rnd.index, "shard": task.shard_index,
@@ -430,30 +540,31 @@ def _task_replace(task: Task, rnd: Round) -> Task:
 
 def _enqueue_round_check(round_id: int) -> None:
     """Runs after commit: a broker hiccup must not turn a stored result into an error (the tick catches up)."""
-    from training.tasks import round_check
+    from training.tasks import enqueue, round_check
 
-    try:
-        round_check.delay(round_id)
-    except Exception:
-        log.exception("could not enqueue the check of round %s; the next tick will do it", round_id)
+    enqueue(round_check, round_id)
 
 
 @transaction.atomic
 def round_expire_late_tasks(*, round_id: int, now=None) -> list[int]:
-    """Mark assigned tasks past their deadline expired and issue each shard again to another worker."""
+    """Mark assigned tasks past their deadline expired and issue each shard again (see ``task_claim`` for
+    who may take it)."""
     now = now or timezone.now()
     rnd = Round.objects.select_for_update().select_related("run").get(pk=round_id)
     if rnd.status != Round.Status.OPEN:
         return []
     expired = []
+    stops = {}
     for task in Task.objects.select_for_update().filter(round=rnd, status=Task.Status.ASSIGNED, deadline__lte=now):
         task.status, task.reason = Task.Status.EXPIRED, "deadline passed without a result"
         task.save(update_fields=["status", "reason"])
+        stops[task.pk] = (task.worker_id, f"the task expired: {task.reason}")
         replacement = _task_replace(task, rnd)
         entry_append(actor=None, action="task.expired", subject=rnd.run.ledger_subject,
                      payload={"task_id": task.pk, "run_id": rnd.run_id, "round": rnd.index, "shard": task.shard_index,
                               "worker_id": task.worker_id, "replacement_task_id": replacement.pk})
         expired.append(task.pk)
+    _tell_stopped(stops)
     return expired
 
 
@@ -467,19 +578,78 @@ def _round_ready(rnd: Round, now) -> bool:
 
 @transaction.atomic
 def round_extend_if_starved(*, round_id: int, now=None) -> bool:
-    """Past the deadline with fewer than ``min_workers`` results: give the round another timeout."""
+    """Past the deadline with fewer than ``min_workers`` results: give the round another timeout, at most
+    ``diloco.max_round_extensions`` times per attempt; after that the attempt fails (``_round_fail``).
+    Returns whether the round changed."""
     now = now or timezone.now()
     rnd = Round.objects.select_for_update().select_related("run").get(pk=round_id)
-    if rnd.status != Round.Status.OPEN or now < rnd.deadline or _round_ready(rnd, now):
+    if rnd.status != Round.Status.OPEN or rnd.run.status != TrainingRun.Status.RUNNING or now < rnd.deadline \
+            or _round_ready(rnd, now):
         return False
     d = rnd.run.diloco
-    rnd.deadline = now + timedelta(seconds=int(d["round_timeout_s"]))
-    rnd.save(update_fields=["deadline"])
     done = Task.objects.filter(round=rnd, status=Task.Status.COMPLETED).count()
+    if rnd.extensions >= int(d.get("max_round_extensions", DEFAULT_MAX_ROUND_EXTENSIONS)):
+        _round_fail(rnd=rnd, results=done, now=now)
+        return True
+    rnd.deadline = now + timedelta(seconds=int(d["round_timeout_s"]))
+    rnd.extensions += 1
+    rnd.save(update_fields=["deadline", "extensions"])
     entry_append(actor=None, action="round.extended", subject=rnd.run.ledger_subject,
-                 payload={"run_id": rnd.run_id, "round": rnd.index, "results": done,
-                          "min_workers": int(d["min_workers"]), "deadline": rnd.deadline.isoformat()})
+                 payload={"run_id": rnd.run_id, "round": rnd.index, "attempt": rnd.attempt, "results": done,
+                          "min_workers": int(d["min_workers"]), "extension": rnd.extensions,
+                          "deadline": rnd.deadline.isoformat()})
     return True
+
+
+def _round_fail(*, rnd: Round, results: int, now) -> None:
+    """This attempt of the round got too few results: record why; try the round again, or fail the run
+    once it has had more than ``diloco.max_failed_rounds`` failed attempts.
+
+    A new attempt keeps the round's row, its checkpoint and the results already in (they were trained
+    from the same weights); every shard still has its pending or assigned task, the deadline and the
+    extension count start afresh. The caller holds the round's row lock; the run's is taken after it.
+    """
+    run = TrainingRun.objects.select_for_update().get(pk=rnd.run_id)
+    d = run.diloco
+    needed, timeout = int(d["min_workers"]), int(d["round_timeout_s"])
+    allowed = int(d.get("max_failed_rounds", DEFAULT_MAX_FAILED_ROUNDS))
+    reason = (f"attempt {rnd.attempt} of round {rnd.index} got {results} of the {needed} result(s) it needs "
+              f"within {rnd.extensions} extension(s) of its {timeout} s deadline")
+    run.failed_rounds += 1
+    retry = run.failed_rounds <= allowed
+    payload = {"run_id": run.pk, "round": rnd.index, "attempt": rnd.attempt, "reason": reason, "results": results,
+               "min_workers": needed, "extensions": rnd.extensions, "failed_rounds": run.failed_rounds,
+               "max_failed_rounds": allowed, "retry": retry}
+    if retry:
+        rnd.attempt += 1
+        rnd.extensions = 0
+        rnd.deadline = now + timedelta(seconds=timeout)
+        rnd.reason = f"{reason}; attempt {rnd.attempt} opened"
+        rnd.save(update_fields=["attempt", "extensions", "deadline", "reason"])
+        run.save(update_fields=["failed_rounds"])
+        entry_append(actor=None, action="round.failed", subject=run.ledger_subject,
+                     payload={**payload, "deadline": rnd.deadline.isoformat()})
+        return
+    rnd.status, rnd.reason = Round.Status.FAILED, reason
+    rnd.save(update_fields=["status", "reason"])
+    _round_close_tasks(rnd, reason=f"round {rnd.index} failed")
+    run.status, run.finished_at = TrainingRun.Status.FAILED, now
+    run.reason = (f"round {rnd.index} failed and the run allows {allowed} failed round attempt(s); "
+                  f"this was failure {run.failed_rounds}: {reason}")
+    run.save(update_fields=["failed_rounds", "status", "reason", "finished_at"])
+    entry_append(actor=None, action="round.failed", subject=run.ledger_subject, payload=payload)
+    entry_append(actor=None, action="run.failed", subject=run.ledger_subject,
+                 payload={"run_id": run.pk, "round": rnd.index, "reason": run.reason,
+                          "failed_rounds": run.failed_rounds, "max_failed_rounds": allowed})
+
+
+def _round_close_tasks(rnd: Round, *, reason: str) -> list[int]:
+    """Expire the round's pending and assigned tasks (they will never be aggregated) and tell their agents."""
+    open_tasks = list(Task.objects.filter(round=rnd, status__in=[Task.Status.PENDING, Task.Status.ASSIGNED])
+                      .values_list("pk", "worker_id"))
+    Task.objects.filter(pk__in=[pk for pk, _ in open_tasks]).update(status=Task.Status.EXPIRED, reason=reason)
+    _tell_stopped({pk: (worker_id, reason) for pk, worker_id in open_tasks if worker_id is not None})
+    return [pk for pk, _ in open_tasks]
 
 
 # --- aggregation ---------------------------------------------------------------------------------
@@ -509,15 +679,86 @@ class _Outcome:
     timings: dict = field(default_factory=dict)
 
 
+def aggregation_lease_s() -> int:
+    return max(3, int(getattr(settings, "AGORA_AGGREGATION_LEASE_S", 30)))
+
+
+def _lease_lapsed(rnd: Round, now) -> bool:
+    if rnd.status != Round.Status.AGGREGATING:
+        return False
+    if rnd.lease_expires_at is not None:
+        return rnd.lease_expires_at <= now
+    started = rnd.aggregation_started_at
+    return started is None or started <= now - timedelta(seconds=AGGREGATION_STALE_S)
+
+
+def _attempt_manifest_name(run_id: int, index: int, token: str) -> str:
+    return f"outer/run-{run_id}/round-{index}-{token}.files.json"
+
+
+def _attempt_outer_name(run_id: int, index: int, token: str) -> str:
+    return f"outer/run-{run_id}/round-{index}-{token}.safetensors"
+
+
+def _attempt_files_delete(run_id: int, index: int, token: str, *, checkpoint: bool) -> None:
+    """Delete what an aggregation attempt wrote and never committed: its outer state and manifest, and,
+    when ``checkpoint``, the step checkpoint its manifest names unless a committed row holds those bytes.
+
+    Only whoever holds the round (its lease, or its row lock with the lease lapsed) may delete the
+    checkpoint: it is content addressed, so another live attempt could be writing the same name."""
+    manifest = _attempt_manifest_name(run_id, index, token)
+    sha = None
+    if checkpoint:
+        try:
+            sha = json.loads(blobs.blob_read(manifest)).get("checkpoint")
+        except Exception:  # never written, or cut short: then no checkpoint was written after it either
+            sha = None
+    if isinstance(sha, str) and len(sha) == 64 and not Checkpoint.objects.filter(sha256=sha).exists():
+        blobs.blob_delete(checkpoint_storage_name(sha))
+    blobs.blob_delete(_attempt_outer_name(run_id, index, token))
+    blobs.blob_delete(manifest)
+
+
+def _round_reopen(rnd: Round, *, reason: str, now) -> None:
+    """``aggregating -> open`` for an attempt that died or gave up, its files deleted. The caller holds the
+    round's row lock, so no new attempt can start writing before the old one's files are gone."""
+    old = rnd.aggregation_token
+    if old:
+        _attempt_files_delete(rnd.run_id, rnd.index, old, checkpoint=True)
+    rnd.status, rnd.aggregation_token, rnd.aggregation_started_at, rnd.lease_expires_at = \
+        Round.Status.OPEN, "", None, None
+    rnd.save(update_fields=["status", "aggregation_token", "aggregation_started_at", "lease_expires_at"])
+    entry_append(actor=None, action="round.aggregation_restarted", subject=f"run:{rnd.run_id}",
+                 payload={"run_id": rnd.run_id, "round": rnd.index, "reason": reason, "at": now.isoformat()})
+
+
+@transaction.atomic
+def round_take_over_if_lapsed(*, round_id: int, now=None) -> bool:
+    """Re-open a round whose aggregation's lease lapsed (its worker was killed), deleting the dead
+    attempt's files; the caller then aggregates it again. Returns whether it did."""
+    now = now or timezone.now()
+    rnd = Round.objects.select_for_update().filter(pk=round_id).first()
+    if rnd is None or not _lease_lapsed(rnd, now):
+        return False
+    lapsed = rnd.lease_expires_at or rnd.aggregation_started_at
+    _round_reopen(rnd, now=now, reason=f"the aggregation's lease lapsed at {lapsed.isoformat() if lapsed else '?'}")
+    return True
+
+
 @transaction.atomic
 def _round_claim_for_aggregation(*, round_id: int, now) -> tuple[Round, str, list[Task]] | None:
     rnd = Round.objects.select_for_update().select_related("run").filter(pk=round_id).first()
+    if rnd is not None and _lease_lapsed(rnd, now):
+        lapsed = rnd.lease_expires_at or rnd.aggregation_started_at
+        _round_reopen(rnd, now=now,
+                      reason=f"the aggregation's lease lapsed at {lapsed.isoformat() if lapsed else '?'}")
     if rnd is None or rnd.status != Round.Status.OPEN or rnd.run.status != TrainingRun.Status.RUNNING \
             or not _round_ready(rnd, now):
         return None
     token = uuid.uuid4().hex
     rnd.status, rnd.aggregation_token, rnd.aggregation_started_at = Round.Status.AGGREGATING, token, now
-    rnd.save(update_fields=["status", "aggregation_token", "aggregation_started_at"])
+    rnd.lease_expires_at = now + timedelta(seconds=aggregation_lease_s())
+    rnd.save(update_fields=["status", "aggregation_token", "aggregation_started_at", "lease_expires_at"])
     tasks = list(Task.objects.filter(round=rnd, status=Task.Status.COMPLETED).select_related("worker")
                  .order_by("shard_index", "id"))
     return rnd, token, tasks
@@ -568,11 +809,68 @@ def _eval(state: dict, run: TrainingRun, tokens) -> float:
                          batches=EVAL_BATCHES, seed=0, device=device, autocast_dtype=eval_precision())
 
 
-def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
-    """The tensor work of one round, no database writes. Blobs written here are content addressed
-    (checkpoint) or unique to this attempt (outer state)."""
+class _LeaseLost(Exception):
+    """This aggregation attempt no longer holds its round: its lease lapsed and another attempt took over,
+    or the run was canceled."""
+
+
+def _lease_renew(round_id: int, token: str) -> bool:
+    """Extend the lease if this attempt still holds the round (one UPDATE, its own transaction)."""
+    until = timezone.now() + timedelta(seconds=aggregation_lease_s())
+    return Round.objects.filter(pk=round_id, status=Round.Status.AGGREGATING, aggregation_token=token).update(
+        lease_expires_at=until) == 1
+
+
+@dataclass
+class _Lease:
+    """An aggregation attempt's hold on its round: renewed at every phase boundary (where losing it stops
+    the attempt) and by a keep-alive thread while a phase runs (see ``kept``)."""
+
+    round_id: int
+    token: str
+
+    def renew(self) -> None:
+        if not _lease_renew(self.round_id, self.token):
+            raise _LeaseLost(f"the aggregation of round id {self.round_id} was taken over")
+
+    @contextlib.contextmanager
+    def kept(self):
+        """Renew the lease every third of its length from a daemon thread while the block runs. The thread
+        has its own database connection and closes it; its failures are only logged (the phase
+        boundaries decide whether the attempt goes on)."""
+        stop = threading.Event()
+        every = aggregation_lease_s() / 3
+
+        def keep_alive():
+            try:
+                while not stop.wait(every):
+                    try:
+                        if not _lease_renew(self.round_id, self.token):
+                            log.warning("aggregation of round id %s lost its lease", self.round_id)
+                            return
+                    except Exception:
+                        log.warning("could not renew the aggregation lease of round id %s", self.round_id,
+                                    exc_info=True)
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=keep_alive, name=f"agora-lease-{self.round_id}", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+
+def _aggregate_compute(rnd: Round, token: str, tasks: list[Task], *, lease: _Lease | None = None) -> _Outcome:
+    """The tensor work of one round. Blobs written here are content addressed (checkpoint) or unique to
+    this attempt (outer state); before writing them the attempt lists them in its manifest, so whoever
+    takes over a dead attempt can delete them. With a ``lease`` it is renewed at each phase boundary,
+    raising ``_LeaseLost`` once another attempt holds the round."""
     run = rnd.run
     d = run.diloco
+    renew = lease.renew if lease is not None else (lambda: None)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     state_in, _meta_in = blobs.checkpoint_state(rnd.checkpoint_in_id)
@@ -587,6 +885,7 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
         except (CodecError, OSError) as exc:  # validated at upload; only storage trouble lands here
             verdicts.append(_Verdict(task, False, f"update unreadable: {exc}"))
     timings["decode_s"] = time.perf_counter() - t0
+    renew()
     t = time.perf_counter()
     # With two or three updates an attacker drags the round's median norm; the last round's accepted
     # norms are out of its reach, so updates far from those are turned away before the round's screening.
@@ -610,6 +909,7 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
         if screen.accepted:
             good.append(update)
     timings["screen_s"] = time.perf_counter() - t
+    renew()
     tokens = blobs.heldout_tokens(run.spec["dataset"])
     t = time.perf_counter()
     eval_before = _previous_eval(rnd)
@@ -630,10 +930,12 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
         opt = OuterOptimizer(state_in, lr=lr, momentum=momentum, nesterov=True)
     new_state = opt.step(pseudo_gradient)
     timings["outer_step_s"] = time.perf_counter() - t
+    renew()
     t = time.perf_counter()
-    outer_name = f"outer/run-{run.pk}/round-{rnd.index}-{token}.safetensors"
+    outer_name = _attempt_outer_name(run.pk, rnd.index, token)
     meta = _model_meta(m["arch"], m["config"], run_id=run.pk, round=rnd.index)
-    save = functools.partial(_save_step, new_state, meta, opt.state_tensors(copy=False), outer_name)
+    save = functools.partial(_save_step, new_state, meta, opt.state_tensors(copy=False), outer_name,
+                             manifest_name=_attempt_manifest_name(run.pk, rnd.index, token))
     saved = None
     if _overlap_eval_with_writes():
         # The new weights and optimizer state are serialised, hashed and written while the held-out loss
@@ -650,6 +952,7 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task]) -> _Outcome:
     else:
         eval_after = _eval(new_state, run, tokens)
         timings["eval_after_s"] = time.perf_counter() - t
+    renew()
     rejection = ""
     if not _finite(eval_after):
         rejection = "held-out loss after the step is not finite"
@@ -693,11 +996,18 @@ def _one_core_spared():
         torch.set_num_threads(before)
 
 
-def _save_step(new_state: dict, meta: dict, outer_tensors: dict, outer_name: str) -> tuple[str, int, str, dict]:
+def _save_step(new_state: dict, meta: dict, outer_tensors: dict, outer_name: str, *,
+               manifest_name: str = "") -> tuple[str, int, str, dict]:
     """Write a step's checkpoint (content addressed) and outer optimizer state; returns
-    (checkpoint sha256, checkpoint size, outer state sha256, timings)."""
+    (checkpoint sha256, checkpoint size, outer state sha256, timings). With ``manifest_name``, the names
+    about to be written are put there first (storage only, no database: this may run in a thread)."""
+
+    def list_files(sha: str) -> None:
+        if manifest_name:
+            blobs.blob_write(manifest_name, json.dumps({"checkpoint": sha, "outer_state": outer_name}).encode())
+
     t = time.perf_counter()
-    sha, size = _checkpoint_blob(new_state, meta)
+    sha, size = _checkpoint_blob(new_state, meta, before_write=list_files)
     t_outer = time.perf_counter()
     outer_bytes = save_weights(outer_tensors, {"run_id": meta.get("run_id"), "round": meta.get("round")})
     blobs.blob_write(outer_name, outer_bytes)
@@ -757,9 +1067,11 @@ def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
             report_rejected.append({"task_id": task.pk, "worker_id": task.worker_id,
                                     "update_sha256": task.update_sha256, "reason": v.reason})
         task.save(update_fields=["status", "reason", "credit", "update_norm", "update_cosine"])
-    Task.objects.filter(round=rnd, status__in=[Task.Status.PENDING, Task.Status.ASSIGNED]).update(
-        status=Task.Status.EXPIRED, reason="the round was aggregated without it")
+    stops = {v.task.pk: (v.task.worker_id, f"round {rnd.index} was already aggregated") for v in out.verdicts}
+    _tell_stopped(stops)
+    _round_close_tasks(rnd, reason="the round was aggregated without it")
     rnd.aggregated_at = now
+    rnd.lease_expires_at = None
     rnd.eval_loss_before, rnd.eval_loss_after = out.eval_before, out.eval_after
     rnd.timings = {k: round(v, 4) for k, v in out.timings.items()}
     if out.accepted:
@@ -773,7 +1085,7 @@ def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
         rnd.status, rnd.accepted, rnd.reason = Round.Status.REJECTED, False, out.reason
         rnd.checkpoint_out_id = rnd.checkpoint_in_id
     rnd.save(update_fields=["status", "accepted", "reason", "checkpoint_out", "aggregated_at", "eval_loss_before",
-                            "eval_loss_after", "outer_state_name", "timings"])
+                            "eval_loss_after", "outer_state_name", "timings", "lease_expires_at"])
     payload = {
         "run_id": run.pk, "round": rnd.index, "aggregator": rnd.aggregator,
         "accepted": report_accepted, "rejected": report_rejected,
@@ -811,48 +1123,77 @@ def round_aggregate(*, round_id: int) -> Round | None:
     """Aggregate a ready round exactly once and open the next one (or finish the run).
 
     Returns the aggregated round, or None when the round is not ready, already aggregated, being
-    aggregated by someone else, or when this attempt lost its claim while working.
+    aggregated by someone else, or when this attempt lost its claim while working. A round whose
+    aggregation's lease lapsed is taken over here.
     """
     claimed = _round_claim_for_aggregation(round_id=round_id, now=timezone.now())
     if claimed is None:
         return None
-    rnd, token, tasks = claimed
+    return _round_aggregate_claimed(*claimed)
+
+
+def _round_aggregate_claimed(rnd: Round, token: str, tasks: list[Task]) -> Round | None:
+    """The work and the commit of one claimed aggregation attempt."""
+    round_id = rnd.pk
+    lease = _Lease(round_id=round_id, token=token)
     started = time.perf_counter()
     try:
-        outcome = _aggregate_compute(rnd, token, tasks)
+        with lease.kept():
+            outcome = _aggregate_compute(rnd, token, tasks, lease=lease)
         outcome.timings["aggregation_s"] = time.perf_counter() - started  # read, screen, step, eval, write
+    except _LeaseLost:
+        # Whoever took the round over deleted this attempt's files already, or will; only the names unique
+        # to this attempt are safe to delete here (another attempt may be writing the same checkpoint).
+        log.warning("aggregation of round %s was taken over; this attempt stops", round_id)
+        _attempt_files_delete(rnd.run_id, rnd.index, token, checkpoint=False)
+        return None
     except Exception:
         log.exception("aggregation of round %s failed; re-opening it", round_id)
         _round_release(round_id=round_id, token=token)
         raise
     committed = _aggregate_commit(round_id, token, outcome)
-    if committed is None and outcome.outer_state_name:
-        blobs.blob_delete(outcome.outer_state_name)
+    if committed is None:
+        _attempt_files_delete(rnd.run_id, rnd.index, token, checkpoint=_round_closed_without(round_id, token))
+    else:
+        blobs.blob_delete(_attempt_manifest_name(rnd.run_id, rnd.index, token))
     return committed
 
 
+def _round_closed_without(round_id: int, token: str) -> bool:
+    """Whether no attempt but this one can still write the round's step checkpoint (the round was
+    canceled, failed or finished by another attempt), so this attempt may delete its own."""
+    status = Round.objects.filter(pk=round_id).values_list("status", flat=True).first()
+    return status is None or status in (Round.Status.CANCELED, Round.Status.FAILED, Round.Status.DONE,
+                                        Round.Status.REJECTED)
+
+
 @transaction.atomic
-def _round_release(*, round_id: int, token: str | None = None) -> bool:
+def _round_release(*, round_id: int, token: str) -> bool:
+    """An attempt that failed with an error gives its round back (its files deleted) for another try."""
     rnd = Round.objects.select_for_update().get(pk=round_id)
-    if rnd.status != Round.Status.AGGREGATING or (token is not None and rnd.aggregation_token != token):
+    if rnd.status != Round.Status.AGGREGATING or rnd.aggregation_token != token:
         return False
-    rnd.status, rnd.aggregation_token, rnd.aggregation_started_at = Round.Status.OPEN, "", None
-    rnd.save(update_fields=["status", "aggregation_token", "aggregation_started_at"])
+    _round_reopen(rnd, reason="the aggregation failed with an error", now=timezone.now())
     return True
 
 
 def rounds_release_stale(*, now=None) -> list[int]:
+    """Re-open every round whose aggregation's lease lapsed (the beat's sweep)."""
     now = now or timezone.now()
-    stale = Round.objects.filter(status=Round.Status.AGGREGATING,
-                                 aggregation_started_at__lt=now - timedelta(seconds=AGGREGATION_STALE_S))
-    return [pk for pk in stale.values_list("pk", flat=True) if _round_release(round_id=pk)]
+    lapsed = Round.objects.filter(status=Round.Status.AGGREGATING).filter(
+        Q(lease_expires_at__lte=now)
+        | Q(lease_expires_at__isnull=True, aggregation_started_at__lte=now - timedelta(seconds=AGGREGATION_STALE_S))
+        | Q(lease_expires_at__isnull=True, aggregation_started_at__isnull=True))
+    return [pk for pk in lapsed.values_list("pk", flat=True) if round_take_over_if_lapsed(round_id=pk, now=now)]
 
 
 def round_check(*, round_id: int, now=None) -> bool:
-    """Expire late tasks, extend a starved round, and say whether the round is ready to aggregate."""
+    """Take over a lapsed aggregation, expire late tasks, extend (or fail) a starved round, and say
+    whether the round is ready to aggregate."""
     now = now or timezone.now()
     if not Round.objects.filter(pk=round_id).exists():
         return False
+    round_take_over_if_lapsed(round_id=round_id, now=now)
     round_expire_late_tasks(round_id=round_id, now=now)
     round_extend_if_starved(round_id=round_id, now=now)
     rnd = Round.objects.select_related("run").get(pk=round_id)

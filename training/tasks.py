@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import shared_task
 from celery.signals import worker_process_init
 from django.db import transaction
@@ -10,6 +12,19 @@ from diloco.models import warm_up
 from training import services
 
 _LIMITS = {"acks_late": True, "ignore_result": True}
+
+log = logging.getLogger(__name__)
+
+
+def enqueue(task, *args) -> bool:
+    """Send ``task`` now; a broker outage is logged, never raised, so the web call or service that asked
+    does not fail: the beat's ``training.tick`` finds the same work within seconds. Returns whether sent."""
+    try:
+        task.delay(*args)
+    except Exception:
+        log.exception("could not enqueue %s%s; the next tick will catch up", task.name, args)
+        return False
+    return True
 
 
 @worker_process_init.connect
@@ -28,7 +43,8 @@ def start_run(proposal_id: int) -> int | None:
 @shared_task(name="training.round_check", soft_time_limit=services.AGGREGATION_STALE_S - 120,
              time_limit=services.AGGREGATION_STALE_S - 60, **_LIMITS)
 def round_check(round_id: int) -> bool:
-    """Expire late tasks; when the round is ready, aggregate it right here (the service is exactly-once)."""
+    """Take over a lapsed aggregation, expire late tasks, extend or fail a starved round; when the round is
+    ready, aggregate it right here (the service is exactly-once)."""
     if services.round_check(round_id=round_id):
         return services.round_aggregate(round_id=round_id) is not None
     return False
@@ -42,11 +58,11 @@ def aggregate_round(round_id: int) -> bool:
 
 @shared_task(name="training.tick", soft_time_limit=50, time_limit=60, **_LIMITS)
 def tick() -> dict:
-    """The beat's sweep: start approved runs, re-open dead aggregations, expire late tasks, and hand ready
-    rounds to ``training.aggregate_round``."""
+    """The beat's sweep: start approved runs, re-open aggregations whose lease lapsed, expire late tasks,
+    extend or fail starved rounds, and hand ready rounds to ``training.aggregate_round``."""
     started = services.runs_start_approved()
     released = services.rounds_release_stale()
     ready = [rid for rid in services.rounds_open_ids() if services.round_check(round_id=rid)]
     for rid in ready:
-        transaction.on_commit(lambda rid=rid: aggregate_round.delay(rid))
+        transaction.on_commit(lambda rid=rid: enqueue(aggregate_round, rid))
     return {"started": started, "released": released, "ready": ready}

@@ -25,7 +25,9 @@ def test_heartbeat_records_presence(worker_client, worker, settings, state, live
     response = worker_client.post(HEARTBEAT, body, format="json")
 
     assert response.status_code == 200
-    assert response.json() == {"poll_after_s": 17, "worker_state": live}
+    reply = response.json()
+    assert {k: reply[k] for k in ("poll_after_s", "worker_state")} == {"poll_after_s": 17, "worker_state": live}
+    assert reply["stop_task"] is (state == "busy")  # task 3 is not this worker's: there is none
     value = presence.presence_get(worker.pk)
     assert value["state"] == state
     assert value["task_id"] == body["task_id"] and value["progress"] == body["progress"]
@@ -55,6 +57,8 @@ def test_bad_heartbeat_is_400_and_records_nothing(worker_client, worker, body, f
 def test_heartbeat_does_not_write_the_database(worker_client, worker, django_assert_num_queries):
     with django_assert_num_queries(1):  # the token lookup, cold
         assert worker_client.post(HEARTBEAT, {"state": "idle"}, format="json").status_code == 200
+    with django_assert_num_queries(1):  # whether task 1 is live for this worker, cold
+        assert worker_client.post(HEARTBEAT, {"state": "busy", "task_id": 1}, format="json").status_code == 200
     with django_assert_num_queries(0):  # warm: cache only
         for _ in range(3):
             assert worker_client.post(HEARTBEAT, {"state": "busy", "task_id": 1, "progress": 0.5},

@@ -62,8 +62,10 @@ def test_cancel_permission_matrix(role, state, expected):
         assert response.json()["status"] == "canceled"
         run.refresh_from_db()
         assert run.status == TrainingRun.Status.CANCELED and run.reason == "Data licence withdrawn."
-        entry = Entry.objects.order_by("-seq").first()
-        assert entry.action == "run.canceled" and entry.payload == {"reason": "Data licence withdrawn."}
+        entry = Entry.objects.filter(action="run.canceled").get()
+        assert entry.payload == {"reason": "Data licence withdrawn."}
+        closed = Entry.objects.filter(action="round.canceled").get()
+        assert closed.seq > entry.seq and closed.payload["round"] == 1
 
 
 @pytest.mark.parametrize("reason", ["", "   ", "x" * 2001])

@@ -14,7 +14,7 @@ from .factories import approved_proposal
 pytestmark = pytest.mark.django_db
 
 
-def test_late_task_expires_and_its_shard_goes_to_another_worker(cpu_worker, gpu_worker):
+def test_late_task_expires_and_its_shard_is_issued_again(cpu_worker, gpu_worker):
     run = services.run_start(proposal_id=approved_proposal(diloco={"workers_per_round": 1}).pk)
     task = services.task_claim(worker=cpu_worker)
     rnd = Round.objects.get(run=run)
@@ -29,9 +29,10 @@ def test_late_task_expires_and_its_shard_goes_to_another_worker(cpu_worker, gpu_
     assert replacement.seed == task.seed
     assert Entry.objects.filter(action="task.expired").count() == 1
 
-    assert client_for(cpu_worker).post("/api/v1/tasks/claim").status_code == 204  # not the same worker
     body = client_for(gpu_worker).post("/api/v1/tasks/claim").json()
     assert body["id"] == replacement.pk and body["dataset"]["shard_index"] == task.shard_index
+    # The late worker holds no live task in the round now, but there is nothing left to take.
+    assert client_for(cpu_worker).post("/api/v1/tasks/claim").status_code == 204
 
 
 def test_starved_round_is_extended_not_aggregated():
