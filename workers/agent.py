@@ -1,21 +1,35 @@
-"""The agent's loop: heartbeat, claim, run, report; pause, finish and abort; resume after a restart.
+"""The agent's loop: heartbeat, claim, run, deliver; pause, finish and abort; resume after a restart.
 
-States (sent in every heartbeat): ``idle`` (waiting for work), ``busy`` (running ``task_id``, with
-``progress`` = step/steps), ``paused`` (the volunteer paused the agent; nothing is claimed).
+States (sent in every heartbeat): ``idle`` (waiting for work), ``busy`` (running or delivering ``task_id``,
+with ``progress`` = step/steps), ``paused`` (the volunteer paused the agent; nothing is claimed).
 
+- One agent per config folder: ``run`` takes an exclusive lock on ``<config dir>/agent.lock`` first and exits
+  at once with ``EXIT_LOCKED`` when another live agent holds it. The kernel drops the lock when its holder
+  dies, so whatever an agent finds in the folder after taking the lock was left by a dead agent.
 - The loop heartbeats, then (unless paused, or busy machine with ``idle_only``) claims; 204 means no work,
   so it waits ``poll_after_s`` (the server's answer) and tries again.
-- While a task runs, a background thread keeps heartbeating ``busy`` every ``poll_after_s``.
+- While a task runs or its result is being delivered, a background thread keeps heartbeating ``busy`` every
+  ``poll_after_s``. A heartbeat answer with ``stop_task: true`` (and ``stop_reason``) for that task stops it
+  between two steps: nothing is uploaded or reported, the reason is logged, and the agent claims again. The
+  same happens when the task's deadline passes.
+- Time: deadlines are compared with the server's clock (:class:`workers.client.ServerClock`, learnt from every
+  reply), never with this machine's wall clock, which may be wrong.
 - Pause: the pause file ``<config dir>/paused`` exists (``agora-worker pause``/``resume``; SIGUSR1 creates
   or removes it). Paused between tasks: heartbeats say ``paused``, nothing is claimed. Paused during a task:
   training halts between two steps and heartbeats say ``paused`` with the task id until it is resumed.
-- Finish: ``--finish``, or the first SIGTERM/SIGINT: the task in progress is completed and reported, then
-  the agent exits (right away when idle). A second SIGINT/SIGTERM aborts the task and reports ``fail``.
+- Finish: ``--finish``, or the first SIGTERM/SIGINT: the task in progress is completed and delivered, then
+  the agent exits (right away when idle). A second SIGINT/SIGTERM aborts the task and reports ``fail``; if
+  the task had finished and its result is still waiting to be delivered, the result stays on disk instead.
   Stopping while paused in the middle of a task also abandons it (it could not finish without resuming).
+- Results: a finished result is written to disk first (``result.json`` + ``result.safetensors`` beside
+  ``state.json``), then delivered; network errors, 5xx and 429 are retried with capped, jittered backoff
+  until the task's deadline (server time), across restarts. An answer saying the server no longer wants it
+  (404/409/410, or the task is now someone else's) discards it, as does a ``stop_task`` heartbeat.
 - Errors: network errors, 5xx and 429 are retried with exponential backoff and full jitter (capped);
   401/403 stop the agent with a message (token revoked or unknown, worker suspended).
-- Restart: the task in progress is written to ``<config dir>/state.json``. On start, a task left there whose
-  deadline has not passed is reported as failed with reason "agent restarted", so the server can re-issue
+- Restart: a pending result is delivered (see above). Otherwise a task left in ``<config dir>/state.json``
+  was interrupted mid-training by the death of the previous agent (the lock proves it is gone); if its
+  deadline has not passed it is reported as failed with reason "agent restarted", so the server can re-issue
   it at once instead of waiting for the deadline (re-running it would need the same data and optimizer
   state, and the server may already have handed it to someone else); a task past its deadline is dropped.
 """
@@ -31,13 +45,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from workers import config as cfgmod
-from workers.client import AuthError, Backoff, Client, ClientError, ProtocolError
+from workers.client import AuthError, Backoff, Client, ClientError, ProtocolError, TaskGone, parse_timestamp
 from workers.runner import TaskAborted
 
 log = logging.getLogger("agora.worker")
 
 EXIT_OK = 0
 EXIT_AUTH = 3
+EXIT_LOCKED = 4
 
 
 @dataclass
@@ -50,21 +65,29 @@ class AgentOptions:
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 120.0
     pause_check_s: float = 0.5
+    # Tries for a failure report (and for a result whose task has no deadline); results retry until the deadline.
     report_attempts: int = 8
 
 
 def parse_deadline(value) -> datetime | None:
-    if not value or not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    stamp = parse_timestamp(value)
+    return None if stamp is None else datetime.fromtimestamp(stamp, UTC)
+
+
+class TaskNotWanted(TaskAborted):
+    """The server no longer wants the task (a ``stop_task`` heartbeat, or its deadline passed in server time):
+    stop, upload nothing, report nothing."""
+
+
+@dataclass
+class _CurrentTask:
+    task_id: int
+    deadline: float | None  # server time, POSIX seconds
+    stop_reason: str | None = None
 
 
 class _Heartbeater(threading.Thread):
-    """Heartbeats the agent's current state every ``poll_after_s`` while a task runs."""
+    """Heartbeats the agent's current state every ``poll_after_s`` while a task runs or is delivered."""
 
     def __init__(self, agent: Agent, client: Client):
         super().__init__(name="agora-heartbeat", daemon=True)
@@ -81,7 +104,7 @@ class _Heartbeater(threading.Thread):
                     self.agent.auth_failed(exc)
                     return
                 except ClientError as exc:
-                    log.warning("heartbeat failed (%s); training continues", exc)
+                    log.warning("heartbeat failed (%s); the task goes on", exc)
                 self.done.wait(self.agent.poll_s)
         finally:
             self.client.close()
@@ -94,18 +117,21 @@ class _Heartbeater(threading.Thread):
 class Agent:
     def __init__(self, config: cfgmod.WorkerConfig, *, runner, client: Client | None = None,
                  options: AgentOptions | None = None, idle_check: Callable[[], str | None] | None = None,
-                 backoff: Backoff | None = None):
+                 backoff: Backoff | None = None, lock: cfgmod.AgentLock | None = None):
         self.config = config
         self.runner = runner
         self.client = client or Client(config.server, config.worker_token)
+        self.clock = self.client.clock
         self.options = options or AgentOptions()
         self.idle_check = idle_check
         self.backoff = backoff or Backoff(self.options.backoff_base_s, self.options.backoff_cap_s)
+        self.lock = lock
         self.poll_s = max(self.options.min_poll_s, 1.0)
         self.stop_message = ""
         self.tasks_done = 0
         self._lock = threading.Lock()
         self._state = ("idle", None, None)  # state, task_id, progress
+        self._current: _CurrentTask | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._abort = threading.Event()
@@ -139,8 +165,33 @@ class Agent:
             poll = float(answer.get("poll_after_s", self.poll_s))
         except (TypeError, ValueError):
             poll = self.poll_s
+        if poll != poll:  # NaN
+            poll = self.poll_s
         self.poll_s = min(max(poll, self.options.min_poll_s), self.options.max_poll_s)
+        if task_id is not None and answer.get("stop_task") is True:
+            self._server_stops(task_id, answer.get("stop_reason"))
         return answer
+
+    def _server_stops(self, task_id: int, reason) -> None:
+        reason = str(reason or "no reason given")[:500]
+        with self._lock:
+            current = self._current
+            if current is None or current.task_id != task_id or current.stop_reason is not None:
+                return
+            current.stop_reason = reason
+        log.warning("the server asked to stop task %s: %s", task_id, reason)
+        self._wake.set()
+
+    def _unwanted(self, current: _CurrentTask) -> str | None:
+        """Why the server no longer wants ``current``, or None while it still does."""
+        if current.stop_reason is not None:
+            return f"the server asked to stop it ({current.stop_reason})"
+        if current.deadline is not None:
+            now = self.clock.now()
+            if now >= current.deadline:
+                return (f"its deadline {_iso(current.deadline)} has passed (server time {_iso(now)}"
+                        f"{'' if self.clock.synced else ', estimated: no reply from the server yet'})")
+        return None
 
     # --- control (signals, tests) -------------------------------------------------------------
 
@@ -184,7 +235,7 @@ class Agent:
             signal.signal(signal.SIGUSR1, lambda *_: self.toggle_pause())
 
     def _wait(self, seconds: float) -> None:
-        """Sleep, but wake at once on a signal (stop, abort, pause toggled)."""
+        """Sleep, but wake at once on a signal (stop, abort, pause toggled) or a ``stop_task``."""
         self._wake.wait(max(0.0, seconds))
         self._wake.clear()
 
@@ -197,6 +248,16 @@ class Agent:
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code (``stop_message`` says why it stopped)."""
+        lock = self.lock or cfgmod.AgentLock(self.config_path)
+        owns_lock = not lock.held
+        if owns_lock:
+            try:
+                lock.acquire()
+            except cfgmod.AgentLocked as exc:
+                self.client.close()
+                self.stop_message = str(exc)
+                log.error("not starting: %s", exc)
+                return EXIT_LOCKED
         log.info("worker %s (%s) on %s", self.config.worker_id, self.config.name or "unnamed", self.config.server)
         try:
             self._recover()
@@ -207,16 +268,22 @@ class Agent:
             self.auth_failed(exc)
         finally:
             self.client.close()
+            if owns_lock:
+                lock.release()
         if self._auth_error is not None:
             log.error("stopping: %s", self.stop_message)
             return EXIT_AUTH
         self.stop_message = self.stop_message or "stopped"
         return EXIT_OK
 
-    def _retry_later(self, exc: ClientError, what: str) -> None:
-        delay = self.backoff.next_delay()
+    def _retry_delay(self, backoff: Backoff, exc: ClientError) -> float:
+        delay = backoff.next_delay()
         if isinstance(exc, ProtocolError) and exc.retry_after:
-            delay = max(delay, min(exc.retry_after, self.backoff.cap))
+            delay = max(delay, min(exc.retry_after, backoff.cap))
+        return delay
+
+    def _retry_later(self, exc: ClientError, what: str) -> None:
+        delay = self._retry_delay(self.backoff, exc)
         log.warning("%s failed: %s; retrying in %.1f s", what, exc, delay)
         self._wait(delay)
 
@@ -267,9 +334,11 @@ class Agent:
     # --- one task -----------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Between training steps: abort if asked; halt here while paused."""
+        """Between training steps: abort if asked or if the server no longer wants the task; halt here while
+        paused."""
         if self._abort.is_set():
             raise TaskAborted(self._abort_reason())
+        self._check_wanted()
         now = time.monotonic()
         if now - self._last_pause_check < self.options.pause_check_s:
             return
@@ -282,11 +351,19 @@ class Agent:
         while self.paused():
             if self._abort.is_set():
                 raise TaskAborted(self._abort_reason())
+            self._check_wanted()
             if self._stop.is_set():
                 raise TaskAborted("agent stopped while paused")
             self._wait(self.options.pause_check_s)
         log.info("resumed task %s", task_id)
         self._set_state("busy", task_id, progress)
+
+    def _check_wanted(self) -> None:
+        current = self._current
+        if current is not None:
+            reason = self._unwanted(current)
+            if reason:
+                raise TaskNotWanted(reason)
 
     def _abort_reason(self) -> str:
         if self._auth_error is not None:
@@ -300,80 +377,180 @@ class Agent:
 
     def _run_task(self, task: dict) -> None:
         task_id = int(task["id"])
+        current = _CurrentTask(task_id, parse_timestamp(task.get("deadline")))
+        self._current = current
         self._set_state("busy", task_id, 0.0)
         log.info("claimed task %s (run %s, round %s, shard %s/%s)", task_id, task.get("run_id"), task.get("round"),
                  (task.get("dataset") or {}).get("shard_index"), (task.get("dataset") or {}).get("shard_count"))
         cfgmod.state_save(self.config_path, {"task_id": task_id, "run_id": task.get("run_id"),
                                              "round": task.get("round"), "deadline": task.get("deadline"),
-                                             "started_at": datetime.now(UTC).isoformat()})
+                                             "started_at": datetime.now(UTC).isoformat(),
+                                             "clock_offset_s": round(self.clock.wall_offset(), 3)})
         beat = _Heartbeater(self, self.client.clone())
         beat.start()
         try:
             try:
                 output = self.runner.run(task, self)
+                self._check_wanted()  # a stop_task or the deadline may have come with the last step
+            except TaskNotWanted as exc:
+                log.warning("task %s stopped: %s; nothing is uploaded, claiming again", task_id, exc)
+                return
             except TaskAborted as exc:
                 log.warning("task %s aborted: %s", task_id, exc)
-                aborted = str(exc)
                 if self._auth_error is None:
-                    self._deliver(task, "fail", lambda: self.client.report_failure(task_id, reason=aborted))
+                    self._report_failure(current, str(exc))
                 return
             except Exception as exc:
                 log.exception("task %s failed", task_id)
-                reason = f"{exc.__class__.__name__}: {exc}"
-                self._deliver(task, "fail", lambda: self.client.report_failure(task_id, reason=reason))
+                self._report_failure(current, f"{exc.__class__.__name__}: {exc}")
                 return
             log.info("task %s trained: loss %.4f -> %.4f in %.1f s; uploading %d bytes", task_id,
                      output.metrics["loss_start"], output.metrics["loss_end"], output.metrics["seconds"],
                      len(output.update))
-            if self._deliver(task, "result",
-                             lambda: self.client.submit_result(task_id, update=output.update, metrics=output.metrics)):
-                self.tasks_done += 1
-                log.info("task %s: result delivered", task_id)
+            pending = cfgmod.PendingResult(
+                task_id=task_id, deadline=task.get("deadline") if isinstance(task.get("deadline"), str) else None,
+                metrics=output.metrics, update=output.update, run_id=task.get("run_id"), round=task.get("round"),
+                finished_at=datetime.now(UTC).isoformat(), clock_offset_s=round(self.clock.wall_offset(), 3))
+            cfgmod.pending_save(self.config_path, pending)
+            cfgmod.state_clear(self.config_path)  # from here on the result on disk speaks for the task
+            self._deliver_result(pending, current)
         finally:
             beat.stop()
+            self._current = None
             cfgmod.state_clear(self.config_path)
             self._set_state("idle")
 
-    def _deliver(self, task: dict, what: str, call: Callable[[], object]) -> bool:
-        """Send a result or failure, retrying network/5xx errors with backoff until the task's deadline
-        (at most ``report_attempts`` tries). 401/403 stop the agent; other 4xx are logged and dropped."""
-        deadline = parse_deadline(task.get("deadline"))
+    def _deliver_result(self, pending: cfgmod.PendingResult, current: _CurrentTask) -> bool:
+        """Upload the pending result until it is delivered, no longer wanted, or its deadline (server time)
+        passes; the file on disk goes when one of these happens. A second stop signal (abort) or a refused
+        token leave it on disk for the next start."""
+        task_id = pending.task_id
         backoff = Backoff(self.backoff.base, self.backoff.cap)
-        for attempt in range(1, self.options.report_attempts + 1):
+        attempts = 0
+        while True:
+            reason = self._unwanted(current)
+            # Before any reply the server's time is only an estimate: one try lets the server judge.
+            if reason and (attempts or self.clock.synced or current.stop_reason is not None):
+                log.warning("task %s: discarding its result: %s", task_id, reason)
+                cfgmod.pending_clear(self.config_path)
+                return False
+            attempts += 1
             try:
-                call()
-                return True
+                self.client.submit_result(task_id, update=pending.update, metrics=pending.metrics)
+            except TaskGone as exc:
+                log.warning("task %s: the server no longer wants this result (%s); discarding it", task_id, exc)
+                cfgmod.pending_clear(self.config_path)
+                return False
             except AuthError as exc:
                 self.auth_failed(exc)
+                log.error("task %s: the result stays in %s", task_id, cfgmod.pending_manifest_path(self.config_path))
                 return False
             except ClientError as exc:
                 if not exc.retryable:
-                    log.error("task %s: the server refused the %s: %s", task["id"], what, exc)
+                    log.error("task %s: the server refused the result: %s; discarding it", task_id, exc)
+                    cfgmod.pending_clear(self.config_path)
                     return False
-                late = deadline is not None and datetime.now(UTC) >= deadline
-                if attempt == self.options.report_attempts or late or self._abort.is_set():
-                    log.error("task %s: giving up on sending the %s: %s", task["id"], what, exc)
+                if self._abort.is_set():
+                    log.warning("task %s: delivering the result failed (%s); it stays in %s and is delivered when "
+                                "the agent starts again", task_id, exc, cfgmod.pending_manifest_path(self.config_path))
                     return False
-                delay = backoff.next_delay()
-                log.warning("task %s: sending the %s failed (%s); retrying in %.1f s", task["id"], what, exc, delay)
+                if current.deadline is None and attempts >= self.options.report_attempts:
+                    log.error("task %s: giving up on the result after %d attempts (the task has no deadline): %s",
+                              task_id, attempts, exc)
+                    cfgmod.pending_clear(self.config_path)
+                    return False
+                delay = self._retry_delay(backoff, exc)
+                if current.deadline is not None:
+                    left = current.deadline - self.clock.now()
+                    delay = min(delay, max(left, 0.0))
+                    log.warning("task %s: delivering the result failed (%s); retrying in %.1f s (%.0f s left "
+                                "before its deadline, server time)", task_id, exc, delay, max(left, 0.0))
+                else:
+                    log.warning("task %s: delivering the result failed (%s); retrying in %.1f s", task_id, exc, delay)
                 self._wait(delay)
-        return False
+                continue
+            cfgmod.pending_clear(self.config_path)
+            self.tasks_done += 1
+            log.info("task %s: result delivered", task_id)
+            return True
+
+    def _report_failure(self, current: _CurrentTask, reason: str) -> None:
+        """Tell the server the task failed, so it re-issues it now rather than at the deadline. Best effort:
+        at most ``report_attempts`` tries, none after the deadline (the server re-issues it then anyway)."""
+        backoff = Backoff(self.backoff.base, self.backoff.cap)
+        for attempt in range(1, self.options.report_attempts + 1):
+            try:
+                self.client.report_failure(current.task_id, reason=reason)
+                return
+            except TaskGone as exc:
+                log.info("task %s: the server no longer expects a report (%s)", current.task_id, exc)
+                return
+            except AuthError as exc:
+                self.auth_failed(exc)
+                return
+            except ClientError as exc:
+                if not exc.retryable:
+                    log.error("task %s: the server refused the failure report: %s", current.task_id, exc)
+                    return
+                late = self._unwanted(current)
+                if attempt == self.options.report_attempts or late or self._abort.is_set():
+                    log.error("task %s: giving up on reporting the failure: %s", current.task_id, exc)
+                    return
+                delay = self._retry_delay(backoff, exc)
+                log.warning("task %s: reporting the failure failed (%s); retrying in %.1f s", current.task_id, exc,
+                            delay)
+                self._wait(delay)
 
     def _recover(self) -> None:
-        """Report a task that a previous run of the agent left unfinished (see the module docstring)."""
+        """Deal with what a previous, dead agent left in the folder (see the module docstring)."""
         state = cfgmod.state_load(self.config_path)
-        task_id = state.get("task_id")
-        if not task_id:
+        if not self.clock.synced and isinstance(state.get("clock_offset_s"), int | float):
+            self.clock.assume_wall_offset(state["clock_offset_s"])
+        try:
+            pending = cfgmod.pending_load(self.config_path)
+        except cfgmod.PendingCorrupt as exc:
+            log.error("discarding the result left by the previous run: %s", exc)
+            cfgmod.pending_clear(self.config_path)
+            pending = None
+        if pending is not None:
+            cfgmod.state_clear(self.config_path)
+            self._deliver_pending_after_restart(pending)
+            if self._auth_error is not None:
+                raise self._auth_error
             return
-        deadline = parse_deadline(state.get("deadline"))
-        if deadline is not None and datetime.now(UTC) >= deadline:
+        cfgmod.pending_clear(self.config_path)  # an update file whose manifest was never written
+        task_id = state.get("task_id")
+        if not isinstance(task_id, int) or isinstance(task_id, bool):
+            cfgmod.state_clear(self.config_path)
+            return
+        current = _CurrentTask(task_id, parse_timestamp(state.get("deadline")))
+        if self._unwanted(current):
             log.info("task %s was interrupted by a restart and its deadline has passed; the server re-issues it",
                      task_id)
         else:
             log.warning("task %s was interrupted by a restart; reporting it as failed", task_id)
-            task = {"id": task_id, "deadline": state.get("deadline")}
-            self._deliver(task, "fail", lambda: self.client.report_failure(int(task_id), reason="agent restarted"))
+            self._report_failure(current, "agent restarted")
             if self._auth_error is not None:
                 raise self._auth_error
         cfgmod.state_clear(self.config_path)
 
+    def _deliver_pending_after_restart(self, pending: cfgmod.PendingResult) -> None:
+        if not self.clock.synced and pending.clock_offset_s is not None:
+            self.clock.assume_wall_offset(pending.clock_offset_s)
+        log.info("delivering the result of task %s, finished before the agent restarted (%s)", pending.task_id,
+                 pending.describe())
+        current = _CurrentTask(pending.task_id, parse_timestamp(pending.deadline))
+        self._current = current
+        self._set_state("busy", pending.task_id, 1.0)
+        beat = _Heartbeater(self, self.client.clone())
+        beat.start()
+        try:
+            self._deliver_result(pending, current)
+        finally:
+            beat.stop()
+            self._current = None
+            self._set_state("idle")
+
+
+def _iso(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

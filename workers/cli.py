@@ -15,6 +15,7 @@ log = logging.getLogger("agora.worker")
 
 EXIT_ERROR = 1
 EXIT_AUTH = 3
+EXIT_LOCKED = 4  # another agent runs on this config folder
 
 
 class CommandError(Exception):
@@ -59,6 +60,10 @@ def cmd_enroll(args) -> int:
             what = "(unreadable config)"
         raise CommandError(f"this machine is already enrolled {what}; config {path}. "
                            "Use --force to enroll again (the old worker token is forgotten)")
+    holder = cfgmod.lock_holder(path)
+    if holder is not None:
+        raise CommandError(f"an agent (pid {holder or '?'}) is running on {path.parent}; stop it before enrolling "
+                           "again", EXIT_LOCKED)
     server = _check_server_url(args.server)
     name = (args.name or _default_name()).strip()[:100]
 
@@ -103,12 +108,24 @@ def _default_name() -> str:
 
 
 def cmd_run(args) -> int:
+    config = cfgmod.load_config(args.config)
+    lock = cfgmod.AgentLock(config.path)
+    try:
+        lock.acquire()
+    except cfgmod.AgentLocked as exc:
+        raise CommandError(str(exc), EXIT_LOCKED) from exc
+    try:
+        return _run_locked(args, config, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(args, config: cfgmod.WorkerConfig, lock: cfgmod.AgentLock) -> int:
     from workers.agent import Agent, AgentOptions
     from workers.client import Client
     from workers.hardware import DeviceError, busy_reason, choose_device, parse_gpu_list
     from workers.runner import TaskRunner
 
-    config = cfgmod.load_config(args.config)
     if not cfgmod.config_is_private(config.path):
         log.warning("%s is readable by other users; it holds the worker token (chmod 600 it)", config.path)
     try:
@@ -126,7 +143,7 @@ def cmd_run(args) -> int:
     runner = TaskRunner(client=client, cache_dir=config.cache_path, device=device)
     options = AgentOptions(once=args.once, finish=args.finish, idle_only=args.idle_only)
     idle_check = (lambda: busy_reason(cpu_threshold=args.idle_cpu_percent)) if args.idle_only else None
-    agent = Agent(config, runner=runner, client=client, options=options, idle_check=idle_check)
+    agent = Agent(config, runner=runner, client=client, options=options, idle_check=idle_check, lock=lock)
     agent.install_signal_handlers()
     code = agent.run()
     if code != 0:
@@ -144,12 +161,32 @@ def cmd_status(args) -> int:
     config = cfgmod.load_config(args.config)
     paused = cfgmod.is_paused(config.path)
     state = cfgmod.state_load(config.path)
+    try:
+        holder = cfgmod.lock_holder(config.path)
+    except OSError as exc:
+        raise CommandError(f"cannot tell whether an agent is running: {exc}") from exc
+    running = holder is not None
     print(f"worker:     {config.name or '-'} (id {config.worker_id})")
     print(f"server:     {config.server}")
     print(f"config:     {config.path}")
+    print("agent:      " + (f"running (pid {holder or '?'})" if running else "not running"))
     print(f"paused:     {'yes (agora-worker resume to continue)' if paused else 'no'}")
     if state.get("task_id"):
-        print(f"local task: {state['task_id']} (started {state.get('started_at', '?')})")
+        if running:
+            print(f"local task: {state['task_id']} (started {state.get('started_at', '?')})")
+        else:
+            print(f"local task: {state['task_id']} was interrupted (started {state.get('started_at', '?')}); "
+                  "the agent reports it as failed when it starts")
+    try:
+        manifest = cfgmod.pending_manifest(config.path)
+    except cfgmod.PendingCorrupt as exc:
+        print(f"result:     unreadable, discarded when the agent starts ({exc})")
+        manifest = None
+    if manifest is not None:
+        when = "the running agent is delivering it" if running else "delivered when the agent starts"
+        print(f"result:     task {manifest['task_id']} (run {manifest.get('run_id')}, round {manifest.get('round')}), "
+              f"{manifest.get('update_bytes', '?')} bytes, deadline {manifest.get('deadline') or 'unknown'}: "
+              f"waiting to be delivered; {when}")
     with Client(config.server, config.worker_token, timeout=15) as client:
         try:
             me = client.me()
@@ -157,9 +194,12 @@ def cmd_status(args) -> int:
             raise CommandError(exc.explain(), EXIT_AUTH) from exc
         except ClientError as exc:
             raise CommandError(f"cannot get the live state from {config.server}: {exc}") from exc
-    print(f"state:      {me.get('live_state', '?')}" + (f" (task {me['task_id']}, {100 * me['progress']:.0f}%)"
-                                                         if me.get("task_id") and me.get("progress") is not None
-                                                         else ""))
+    live = me.get("live_state", "?")
+    if running or live in ("offline", "revoked", "suspended"):
+        print(f"state:      {live}" + (f" (task {me['task_id']}, {100 * me['progress']:.0f}%)"
+                                        if me.get("task_id") and me.get("progress") is not None else ""))
+    else:  # the server's presence lags a dead agent by its timeout; this machine knows better
+        print(f"state:      not running here (the server still shows it {live} until its presence times out)")
     print(f"status:     {me.get('status', '?')}" + (f" ({me['status_reason']})" if me.get("status_reason") else ""))
     print(f"reliability: {float(me.get('reliability', 0)):.3f} ({me.get('tasks_valid', 0)} valid, "
           f"{me.get('tasks_invalid', 0)} invalid)")

@@ -3,17 +3,28 @@
 Every error the server sends has the shape ``{"error": code, "detail": text}``; :class:`ProtocolError`
 carries both. Failures split into what the agent should retry (:class:`NetworkError`, 5xx
 :class:`ServerError`, 429 :class:`Throttled`) and what it should not: 401/403 are :class:`AuthError`
-(token revoked or unknown, worker suspended) and stop the agent; other 4xx are plain ``ProtocolError``.
+(token revoked or unknown, worker suspended) and stop the agent; other 4xx are plain ``ProtocolError``, and
+on the task calls (result, fail) 404/409/410 and 403 ``not_your_task`` are :class:`TaskGone`: the server no
+longer wants anything for that task.
+
+Every reply also tells the time: :class:`ServerClock` learns the server's clock from the standard ``Date``
+header of every answer and from the heartbeat's ``server_time`` (ISO 8601 UTC with milliseconds), so the
+agent reasons about deadlines in server time whatever its own wall clock says.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
+import math
 import os
 import random
 import secrets
+import threading
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -72,6 +83,11 @@ class AuthError(ProtocolError):
         return f"the server refused this worker: {self.detail or self.error}"
 
 
+class TaskGone(ProtocolError):
+    """The server no longer wants a result or report for this task (expired, re-issued, already has one,
+    unknown, or now someone else's): retrying cannot help, and there is nothing left to deliver."""
+
+
 class DownloadError(ClientError):
     """A downloaded file does not have the sha256 it was asked for."""
 
@@ -96,6 +112,102 @@ def _error_from(response: httpx.Response) -> ProtocolError:
     if status >= 500:
         return ServerError(status, error, detail, retry_after)
     return ProtocolError(status, error, detail)
+
+
+def _steady() -> float:
+    """A clock that only moves forward and, on Linux, keeps counting while the machine sleeps (so an offset
+    learnt before a suspend still holds after it)."""
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return time.monotonic()
+
+
+def parse_timestamp(value) -> float | None:
+    """An ISO 8601 time (``Z`` or an offset; naive means UTC) as POSIX seconds, or None."""
+    if not value or not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+class ServerClock:
+    """The server's time, as this machine's steady clock plus an offset learnt from the server's replies.
+
+    The local wall clock is used only until the first reply (shifted by ``assume_wall_offset``, the offset
+    the previous run of the agent saw), so a skewed, stepped or faked wall clock does not move deadlines.
+    Each reading brackets the server's time at the moment the reply arrived: between the stamp and the stamp
+    plus its resolution (1 s for ``Date``, 1 ms for ``server_time``) plus the round trip. A reading replaces
+    the current estimate when it is tighter, or when the estimate falls outside its bracket (the local
+    machine slept, or the server's clock was stepped), so coarse ``Date`` headers never blur a precise
+    ``server_time`` that they agree with. Thread-safe: the heartbeat thread and the loop share one.
+    """
+
+    def __init__(self, *, wall: Callable[[], float] = time.time, steady: Callable[[], float] = _steady):
+        self._wall = wall
+        self._steady = steady
+        self._lock = threading.Lock()
+        self._offset: float | None = None  # server time - steady clock
+        self._width = math.inf
+        self._wall_offset = 0.0
+
+    @property
+    def synced(self) -> bool:
+        with self._lock:
+            return self._offset is not None
+
+    def now(self) -> float:
+        """The server's time now, in POSIX seconds."""
+        with self._lock:
+            if self._offset is None:
+                return self._wall() + self._wall_offset
+            return self._steady() + self._offset
+
+    def steady(self) -> float:
+        return self._steady()
+
+    def wall_offset(self) -> float:
+        """Server time minus this machine's wall clock (kept across restarts: see ``assume_wall_offset``)."""
+        return self.now() - self._wall()
+
+    def assume_wall_offset(self, offset: float) -> None:
+        """Until the first reply, take server time as the wall clock plus ``offset``."""
+        if isinstance(offset, int | float) and math.isfinite(offset):
+            with self._lock:
+                self._wall_offset = float(offset)
+
+    def observe(self, stamp: float, *, uncertainty: float, received_at: float | None = None) -> None:
+        """The server's clock read ``stamp`` at most ``uncertainty`` seconds before ``received_at`` (steady)."""
+        if not math.isfinite(stamp) or not math.isfinite(uncertainty) or uncertainty < 0:
+            return
+        received = self._steady() if received_at is None else received_at
+        with self._lock:
+            if self._offset is not None:
+                estimate = received + self._offset
+                if stamp <= estimate <= stamp + uncertainty and uncertainty >= self._width:
+                    return
+            self._offset = stamp + uncertainty / 2 - received
+            self._width = uncertainty
+
+    def observe_date_header(self, value: str | None, *, rtt: float, received_at: float | None = None) -> None:
+        if not value:
+            return
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return
+        if parsed is None or parsed.tzinfo is None:
+            return
+        self.observe(parsed.timestamp(), uncertainty=1.0 + max(rtt, 0.0), received_at=received_at)
+
+    def observe_server_time(self, value, *, rtt: float, received_at: float | None = None) -> None:
+        stamp = parse_timestamp(value)
+        if stamp is not None:
+            self.observe(stamp, uncertainty=0.001 + max(rtt, 0.0), received_at=received_at)
 
 
 class Backoff:
@@ -127,9 +239,10 @@ class Client:
     """One worker's view of the server. Thread-safe for our use: the heartbeat thread gets its own."""
 
     def __init__(self, server: str, token: str | None = None, *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, clock: ServerClock | None = None):
         self.server = server.rstrip("/")
         self.token = token
+        self.clock = clock or ServerClock()
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -146,16 +259,30 @@ class Client:
         self.close()
 
     def clone(self) -> Client:
-        return Client(self.server, self.token, timeout=self._http.timeout.read or 30.0)
+        """Another connection for another thread, sharing this one's server clock."""
+        return Client(self.server, self.token, timeout=self._http.timeout.read or 30.0, clock=self.clock)
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        sent = self.clock.steady()
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise NetworkError(f"cannot reach {self.server}: {exc.__class__.__name__}: {exc}") from exc
+        received = self.clock.steady()
+        response.extensions["agora_timing"] = (received - sent, received)
+        self.clock.observe_date_header(response.headers.get("Date"), rtt=received - sent, received_at=received)
         if response.status_code >= 400:
             raise _error_from(response)
         return response
+
+    def _task_call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """A call about one task: answers saying the task is no longer wanted become :class:`TaskGone`."""
+        try:
+            return self._request(method, path, **kwargs)
+        except ProtocolError as exc:
+            if exc.status in (404, 409, 410) or (exc.status == 403 and exc.error == "not_your_task"):
+                raise TaskGone(exc.status, exc.error, exc.detail) from exc
+            raise
 
     @staticmethod
     def _json(response: httpx.Response) -> dict:
@@ -177,7 +304,11 @@ class Client:
 
     def heartbeat(self, *, state: str, task_id: int | None = None, progress: float | None = None) -> dict:
         body = {"state": state, "task_id": task_id, "progress": progress}
-        return self._json(self._request("POST", f"{API}/workers/heartbeat", json=body))
+        response = self._request("POST", f"{API}/workers/heartbeat", json=body)
+        answer = self._json(response)
+        rtt, received = response.extensions["agora_timing"]
+        self.clock.observe_server_time(answer.get("server_time"), rtt=rtt, received_at=received)
+        return answer
 
     def claim(self) -> dict | None:
         response = self._request("POST", f"{API}/tasks/claim")
@@ -191,11 +322,11 @@ class Client:
     def submit_result(self, task_id: int, *, update: bytes, metrics: dict) -> dict:
         files = {"update": ("update.safetensors", update, "application/octet-stream")}
         data = {"metrics": json.dumps(metrics, allow_nan=False)}
-        response = self._request("POST", f"{API}/tasks/{int(task_id)}/result", files=files, data=data)
+        response = self._task_call("POST", f"{API}/tasks/{int(task_id)}/result", files=files, data=data)
         return self._json(response) if response.content else {}
 
     def report_failure(self, task_id: int, *, reason: str) -> dict:
-        response = self._request("POST", f"{API}/tasks/{int(task_id)}/fail", json={"reason": reason[:1000]})
+        response = self._task_call("POST", f"{API}/tasks/{int(task_id)}/fail", json={"reason": reason[:1000]})
         return self._json(response) if response.content else {}
 
     def checkpoint_path(self, sha256: str, url: str | None = None) -> str:

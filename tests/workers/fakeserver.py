@@ -1,17 +1,38 @@
 """A small stand-in for the server side of the worker protocol: an ``http.server`` thread that records every
-request and answers from canned, per-route handlers. Lets the agent be tested without Django."""
+request and answers from canned, per-route handlers. Lets the agent be tested without Django.
+
+Like the real server it tells the time: a ``Date`` header on every answer, and ``server_time`` (ISO 8601 UTC
+with milliseconds), ``stop_task`` and ``stop_reason`` in heartbeat answers. ``clock_offset_s`` sets how far the
+server's clock is from this machine's (to test an agent whose clock is wrong); ``stop_task(id, reason)``
+makes heartbeats about that task say ``stop_task: true``; ``answers(...)`` plays a sequence of answers (flaky
+failures, then success)."""
 
 from __future__ import annotations
 
 import email.parser
 import email.policy
+import email.utils
 import json
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DROP = object()  # answer by closing the connection without a response (a network error for the client)
+HEARTBEAT = "/api/v1/workers/heartbeat"
+
+
+def answers(*sequence, then):
+    """A route answer that gives each of ``sequence`` once, in order, then ``then`` for ever."""
+    queue = list(sequence)
+    lock = threading.Lock()
+
+    def answer(_req):
+        with lock:
+            return queue.pop(0) if queue else then
+
+    return answer
 
 
 @dataclass
@@ -40,7 +61,10 @@ class FakeServer:
         self.requests: list[Recorded] = []
         self.routes: dict[tuple[str, str], object] = {}
         self.lock = threading.Lock()
-        self.on("POST", "/api/v1/workers/heartbeat", {"poll_after_s": 0, "worker_state": "online"})
+        self.clock_offset_s = 0.0
+        self.send_server_time = True
+        self.stopped: dict[int, str] = {}
+        self.on("POST", HEARTBEAT, {"poll_after_s": 0, "worker_state": "online"})
         self.on("POST", "/api/v1/tasks/claim", (204, None))
         self.on("POST", "/api/v1/workers/enroll", (201, {"worker_id": 7, "worker_token": "wkr_secret"}))
         self.on("GET", "/api/v1/workers/me", {"id": 7, "name": "box", "live_state": "online", "status": "active",
@@ -57,6 +81,18 @@ class FakeServer:
         ``Recorded`` request and returning one of those."""
         with self.lock:
             self.routes[(method, path)] = answer
+
+    def stop_task(self, task_id: int, reason: str) -> None:
+        """From now on, heartbeats about ``task_id`` are answered ``stop_task: true`` with ``reason``."""
+        with self.lock:
+            self.stopped[task_id] = reason
+
+    def now(self) -> float:
+        """The server's clock (POSIX seconds)."""
+        return time.time() + self.clock_offset_s
+
+    def iso_now(self) -> str:
+        return datetime.fromtimestamp(self.now(), UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def start(self) -> FakeServer:
         self._thread.start()
@@ -106,7 +142,17 @@ class FakeServer:
         if answer is DROP:
             return DROP
         if isinstance(answer, dict):
-            return 200, answer
+            answer = (200, answer)
+        if rec.path == HEARTBEAT and answer[0] == 200 and isinstance(answer[1], dict):
+            body = dict(answer[1])
+            task_id = rec.json.get("task_id") if isinstance(rec.json, dict) else None
+            with self.lock:
+                reason = self.stopped.get(task_id)
+            body.setdefault("stop_task", reason is not None)
+            body.setdefault("stop_reason", reason or "")
+            if self.send_server_time:
+                body.setdefault("server_time", self.iso_now())
+            answer = (200, body, *answer[2:])
         return answer
 
     def _handler_class(self):
@@ -117,6 +163,9 @@ class FakeServer:
 
             def log_message(self, *args):  # keep test output quiet
                 pass
+
+            def date_time_string(self, timestamp=None):  # the Date header, on the server's clock
+                return email.utils.formatdate(server.now() if timestamp is None else timestamp, usegmt=True)
 
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)

@@ -137,10 +137,11 @@ def test_run_without_config_or_gpu_refuses_clearly(fake_server, config_path, wor
 
 def test_status_prints_the_live_record(fake_server, worker_config):
     cfgmod.set_paused(worker_config.path, True)
-    result = cli(worker_config.path, "status")
+    with cfgmod.AgentLock(worker_config.path):  # as a running agent holds it
+        result = cli(worker_config.path, "status")
     assert result.returncode == 0, result.stderr
-    for text in ("box (id 7)", fake_server.url, "paused:     yes", "state:      online", "reliability: 0.500",
-                 "credits:    3.0000"):
+    for text in ("box (id 7)", fake_server.url, f"agent:      running (pid {os.getpid()})", "paused:     yes",
+                 "state:      online", "reliability: 0.500", "credits:    3.0000"):
         assert text in result.stdout
     fake_server.on("GET", "/api/v1/workers/me", (401, {"error": "invalid_token", "detail": "revoked"}))
     result = cli(worker_config.path, "status")
