@@ -28,7 +28,7 @@ HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 # Deeper payloads are refused before they can exhaust the interpreter's recursion limit; ints beyond
 # this many bits are refused because other languages' JSON readers cannot hold them exactly anyway.
-PAYLOAD_MAX_DEPTH = 32
+PAYLOAD_MAX_DEPTH = 64
 PAYLOAD_MAX_INT_BITS = 256
 
 

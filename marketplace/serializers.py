@@ -52,9 +52,13 @@ class EnrollOut(serializers.Serializer):
     worker_token = serializers.CharField(help_text="Shown once; the server stores only its sha256.")
 
 
+# Ids are bigint columns: a larger number is refused here rather than by the database with a 500.
+ID_MAX = 2**63 - 1
+
+
 class HeartbeatIn(serializers.Serializer):
     state = serializers.ChoiceField(choices=["idle", "busy", "paused"])
-    task_id = serializers.IntegerField(min_value=1, required=False, allow_null=True, default=None)
+    task_id = serializers.IntegerField(min_value=1, max_value=ID_MAX, required=False, allow_null=True, default=None)
     progress = FiniteFloatField(min_value=0, max_value=1, required=False, allow_null=True, default=None)
 
 
@@ -73,8 +77,9 @@ def heartbeat_parse(data) -> dict:
     if state not in _HEARTBEAT_STATES:
         raise serializers.ValidationError({"state": [f'"{state}" is not a valid choice (idle, busy, paused).']})
     task_id = data.get("task_id")
-    if task_id is not None and (isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 1):
-        raise serializers.ValidationError({"task_id": ["A positive integer or null is required."]})
+    if task_id is not None and (isinstance(task_id, bool) or not isinstance(task_id, int)
+                                or not 1 <= task_id <= ID_MAX):
+        raise serializers.ValidationError({"task_id": [f"A positive integer up to {ID_MAX}, or null, is required."]})
     progress = data.get("progress")
     if progress is not None:
         if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not math.isfinite(progress):

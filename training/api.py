@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from django.conf import settings
 from django.http import FileResponse, Http404, HttpResponse, HttpResponseNotModified
 from drf_spectacular.types import OpenApiTypes
@@ -63,7 +65,10 @@ def _parse_metrics(raw) -> dict:
         raw = raw.read(_ENVELOPE_ALLOWANCE)
     try:
         value = safejson.loads(raw, max_depth=settings.AGORA_JSON_MAX_DEPTH, what="metrics")
+    except safejson.JsonRefused as exc:
+        raise serializers.ValidationError({exc.field: [exc.reason]}) from None
     except (TypeError, ValueError, UnicodeDecodeError) as exc:
+        _name_nonfinite_metric(raw)
         raise serializers.ValidationError({"metrics": [f"not valid JSON: {exc}"]}) from None
     if not isinstance(value, dict):
         raise serializers.ValidationError({"metrics": ["must be a JSON object"]})
@@ -71,6 +76,21 @@ def _parse_metrics(raw) -> dict:
     if not serializer.is_valid():
         raise serializers.ValidationError({"metrics": serializer.errors})
     return dict(serializer.validated_data)
+
+
+def _name_nonfinite_metric(raw) -> None:
+    """``safejson`` refuses ``NaN``, ``Infinity`` and ``1e400`` while parsing, before it knows where they
+    are. Metrics are one flat object: read it leniently and let the field checks name the value
+    (``metrics.loss_end: Must be a finite number``). Returns when that is not what was wrong."""
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError, RecursionError):
+        return
+    if not isinstance(value, dict) or any(isinstance(item, dict | list) for item in value.values()):
+        return
+    serializer = MetricsSerializer(data=value)
+    if not serializer.is_valid():
+        raise serializers.ValidationError({"metrics": serializer.errors})
 
 
 class TaskResultApi(_WorkerApi):

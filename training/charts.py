@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from html import escape
 
 W, H = 640, 260
 PAD_L, PAD_R, PAD_T, PAD_B = 52, 16, 16, 40
+
+
+_Y_LIMIT = 1e300
+
+
+def _plottable(y) -> bool:
+    try:
+        return not isinstance(y, bool) and math.isfinite(y)
+    except (TypeError, OverflowError):
+        return False
+
+
+def _clamp(y) -> float:
+    return max(-_Y_LIMIT, min(_Y_LIMIT, float(y)))
 
 
 def loss_chart_svg(points, *, title: str = "Loss per round") -> str:
@@ -14,6 +29,9 @@ def loss_chart_svg(points, *, title: str = "Loss per round") -> str:
         "held-out loss": [(p.round, p.heldout) for p in points if p.heldout is not None],
         "mean worker train loss": [(p.round, p.train) for p in points if p.train is not None],
     }
+    # Stored values are plotted whatever they are: clamp to a range where the scale arithmetic below
+    # (spans, margins, ratios) stays finite, and drop what is not a number at all.
+    series = {name: [(x, _clamp(y)) for x, y in pts if _plottable(y)] for name, pts in series.items()}
     values = [y for s in series.values() for _, y in s]
     if not values:
         return ""
@@ -37,7 +55,7 @@ def loss_chart_svg(points, *, title: str = "Loss per round") -> str:
         y = y_min + (y_max - y_min) * i / 4
         parts.append(f'<line x1="{PAD_L}" x2="{W - PAD_R}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#e9ecef"/>')
         parts.append(f'<text x="{PAD_L - 6}" y="{py(y) + 4:.1f}" font-size="11" text-anchor="end" '
-                     f'fill="#868e96">{y:.2f}</text>')
+                     f'fill="#868e96">{y:.4g}</text>')
     step = max(1, round(x_max / 10))
     for x in range(0, x_max + 1, step):
         parts.append(f'<text x="{px(x):.1f}" y="{H - PAD_B + 16}" font-size="11" text-anchor="middle" '

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -36,7 +35,24 @@ def run_get(*, pk: int) -> TrainingRun:
 
 
 def _finite(x) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
+    """A number a float holds. Values come from JSON a worker sent: an int may be too large for a double
+    (``math.isfinite(10**400)`` raises), a bool is not a number."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def _mean(values: list[float]) -> float:
+    """The mean without overflow: ``statistics.fmean`` of two values near 1.7e308 raises ``OverflowError``
+    ("intermediate overflow in fsum"); dividing first keeps every partial sum within the largest value."""
+    n = len(values)
+    try:
+        return math.fsum(float(v) / n for v in values)
+    except OverflowError:  # rounding at the very top of the double range
+        return max(float(v) for v in values)
 
 
 @dataclass
@@ -61,7 +77,7 @@ def run_loss_points(run: TrainingRun) -> list[LossPoint]:
         train = [x for x in train if _finite(x)]
         heldout = r.eval_loss_after if r.accepted else r.eval_loss_before
         points.append(LossPoint(r.index, heldout if _finite(heldout) else None,
-                                statistics.fmean(train) if train else None, r.accepted))
+                                _mean(train) if train else None, r.accepted))
     return points
 
 

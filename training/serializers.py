@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.urls import reverse
 from rest_framework import serializers
 
-from governance.specs import FiniteFloatField
+from governance.specs import FiniteFloatField, StrictIntegerField
 from training.models import Checkpoint, Round, Task, TrainingRun
 
 
@@ -46,12 +46,21 @@ def task_payload(task: Task, *, request, guardrails: list[dict], max_upload_byte
     }
 
 
+# Bounds on what a worker reports. Far beyond any real value (a cross-entropy loss is ln(vocabulary) at
+# chance, a task runs for hours), yet small enough that sums and means over many tasks stay finite and
+# every integer is exact in a double, so the run page, the API and the ledger keep them as sent.
+METRICS_LOSS_MAX = 1e6
+METRICS_STEPS_MAX = 10**9
+METRICS_TOKENS_MAX = 10**15
+METRICS_SECONDS_MAX = 1e7
+
+
 class MetricsSerializer(serializers.Serializer):
-    loss_start = FiniteFloatField(min_value=0)
-    loss_end = FiniteFloatField(min_value=0)
-    steps = serializers.IntegerField(min_value=0, max_value=10**9)
-    tokens = serializers.IntegerField(min_value=0, max_value=10**15)
-    seconds = FiniteFloatField(min_value=0, max_value=10**7)
+    loss_start = FiniteFloatField(min_value=0, max_value=METRICS_LOSS_MAX)
+    loss_end = FiniteFloatField(min_value=0, max_value=METRICS_LOSS_MAX)
+    steps = StrictIntegerField(min_value=0, max_value=METRICS_STEPS_MAX)
+    tokens = StrictIntegerField(min_value=0, max_value=METRICS_TOKENS_MAX)
+    seconds = FiniteFloatField(min_value=0, max_value=METRICS_SECONDS_MAX)
 
 
 class TaskFailSerializer(serializers.Serializer):
