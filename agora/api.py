@@ -49,10 +49,10 @@ class MalformedRequest(exceptions.ParseError):
 
 
 def exception_handler(exc, context):
-    # Domain errors from any app's services carry ``code`` and ``http_status`` (duck typed, so apps
-    # need not import the project package).
+    # Domain errors from any app's services carry ``code`` and ``http_status``, and may carry ``fields``
+    # (duck typed, so apps need not import the project package).
     if hasattr(exc, "http_status") and hasattr(exc, "code") and isinstance(exc, Exception):
-        return error_response(exc.code, str(exc), exc.http_status)
+        return error_response(exc.code, str(exc), exc.http_status, getattr(exc, "fields", None))
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):

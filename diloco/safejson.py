@@ -32,15 +32,8 @@ class JsonRefused(ValueError):
         self.reason = message
 
 
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} is beyond the range of a double")
-    return value
+def _constant(name: str) -> float:
+    return float(name)  # NaN, Infinity, -Infinity: refused by ``check``, which knows where they are
 
 
 def loads(raw: str | bytes | bytearray | memoryview, *, max_depth: int = MAX_DEPTH, what: str = "") -> object:
@@ -51,7 +44,8 @@ def loads(raw: str | bytes | bytearray | memoryview, *, max_depth: int = MAX_DEP
     if isinstance(raw, bytes | bytearray | memoryview):
         raw = bytes(raw).decode("utf-8")
     try:
-        value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+        # 1e400 parses as inf and NaN as nan; ``check`` then refuses them by path.
+        value = json.loads(raw, parse_constant=_constant)
     except RecursionError:
         raise JsonRefused(f"JSON nested deeper than {max_depth} levels (the limit)", field=_where(what, "")) from None
     check(value, max_depth=max_depth, what=what)
@@ -62,6 +56,11 @@ def _child(path: str, key) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
     return f"{path}.{key}" if path else str(key)
+
+
+def _top(path: str) -> str:
+    """The top-level field of a path (``spec`` of ``spec[0][0]``): where a too-deep value is named."""
+    return re.split(r"[.\[]", path, maxsplit=1)[0] if path and not path.startswith("[") else ""
 
 
 def _where(what: str, path: str) -> str:
@@ -82,14 +81,16 @@ def check(value: object, *, max_depth: int = MAX_DEPTH, what: str = "") -> None:
         item, depth, path = stack.pop()
         if isinstance(item, dict):
             if depth + 1 > max_depth:
-                raise JsonRefused(f"JSON nested deeper than {max_depth} levels (the limit)", field=_where(what, path))
+                raise JsonRefused(f"JSON nested deeper than {max_depth} levels (the limit)",
+                                  field=_where(what, _top(path)))
             for key, child in item.items():
                 if _UNSTORABLE.search(key):
                     raise JsonRefused("keys may not contain NUL characters or lone surrogates", field=_where(what, path))
                 stack.append((child, depth + 1, _child(path, key) if depth < _PATH_LEVELS else path))
         elif isinstance(item, list):
             if depth + 1 > max_depth:
-                raise JsonRefused(f"JSON nested deeper than {max_depth} levels (the limit)", field=_where(what, path))
+                raise JsonRefused(f"JSON nested deeper than {max_depth} levels (the limit)",
+                                  field=_where(what, _top(path)))
             if depth < _PATH_LEVELS:
                 stack.extend((child, depth + 1, _child(path, i)) for i, child in enumerate(item))
             else:
@@ -98,4 +99,5 @@ def check(value: object, *, max_depth: int = MAX_DEPTH, what: str = "") -> None:
             if _UNSTORABLE.search(item):
                 raise JsonRefused("strings may not contain NUL characters or lone surrogates", field=_where(what, path))
         elif isinstance(item, float) and not math.isfinite(item):
-            raise JsonRefused("numbers must be finite", field=_where(what, path))
+            raise JsonRefused("numbers must be finite (no NaN, Infinity or beyond ±1.8e308)",
+                              field=_where(what, path))
