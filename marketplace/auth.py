@@ -7,6 +7,9 @@ The hot path (heartbeats) must not hit the database: the token's facts are cache
 (``presence.token_cache_*``) and the ``Worker`` and owner are then built from them as instances with
 deferred fields: reading any other field loads it from the database on first access, and ``save()``
 writes only loaded fields, so these instances are safe to hand to services.
+
+The cache is an accelerator, never a dependency: when it is down, every lookup misses and the token is
+checked against the database (one indexed query), so worker calls keep working through a Redis outage.
 """
 
 from __future__ import annotations
@@ -60,12 +63,12 @@ def worker_for_token(token: str) -> tuple[object, Worker]:
     if not token or len(token) > 200:
         raise WorkerTokenInvalid()
     digest = presence.token_hash(token)
-    facts = presence.token_cache_get(digest)
+    facts = presence.token_cache_get(digest)  # None as well when the cache is down
     if facts is None:
         facts = _facts_from_db(digest)
         if facts is None:
             raise WorkerTokenInvalid()
-        presence.token_cache_set(digest, facts)
+        presence.token_cache_set(digest, facts)  # dropped (logged) when the cache is down
     status = facts["worker"]["status"]
     if status == Worker.Status.REVOKED or not facts["owner"]["is_active"]:
         raise WorkerTokenInvalid()

@@ -11,11 +11,20 @@ a worker's status forgets its entry (immediately and again on commit), so revoca
 effect at once; the time limit only bounds changes made outside the services (an owner deactivated in the
 admin). It is longer than the heartbeat interval on purpose: with a 30 s interval and a 30 s cache every
 heartbeat of an agent would find its entry just expired.
+
+Everything here fails soft when the cache is down (``CACHE_ERRORS``), so a Redis outage never fails a
+worker call: presence writes are dropped, presence reads say "unknown" (``PresenceMap.known`` is False;
+not "offline"), token lookups miss and authentication reads the database. Each failure is logged as a
+warning, at most once per ``_WARN_EVERY_S`` per process so an outage does not flood the log. A cache that
+was only unreachable (not restarted empty) may still hold a revoked worker's token facts afterwards, for
+at most ``TOKEN_CACHE_S``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 import time
 
 from django.conf import settings
@@ -26,6 +35,45 @@ from django.db import transaction
 TOKEN_CACHE_S = 120
 PRESENCE_PREFIX = "presence:"
 TOKEN_PREFIX = "wtok:"
+
+log = logging.getLogger(__name__)
+
+try:
+    from redis.exceptions import RedisError
+except ImportError:  # the embedded default needs no Redis client
+    RedisError = OSError
+
+# What a cache that is down or unreachable raises: redis-py's connection and timeout errors, and OSError
+# from the file-based cache (disk full, permissions).
+CACHE_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
+
+_WARN_EVERY_S = 30.0
+_warned_at = 0.0
+_warn_lock = threading.Lock()
+
+
+def cache_down(what: str, exc: BaseException) -> None:
+    """Log that the cache failed while doing ``what`` (rate limited: one warning per interval)."""
+    global _warned_at
+    now = time.monotonic()
+    with _warn_lock:
+        if now - _warned_at < _WARN_EVERY_S:
+            return
+        _warned_at = now
+    log.warning("cache unavailable (%s: %s); %s, carrying on without it", exc.__class__.__name__, exc, what)
+
+
+class PresenceMap(dict):
+    """``{worker_id: presence}`` of the workers online; ``known`` is False when the cache could not be
+    read, and then the map is empty because presence is unknown, not because everyone is offline."""
+
+    known = True
+
+
+def _unknown() -> PresenceMap:
+    found = PresenceMap()
+    found.known = False
+    return found
 
 
 class _FastRedis:
@@ -74,12 +122,16 @@ def presence_key(worker_id: int) -> str:
 
 
 def presence_record(worker_id: int, *, state: str, task_id: int | None, progress: float | None) -> dict:
+    """Store the worker's presence and return it; when the cache is down it is returned unstored."""
     value = {"state": state, "task_id": task_id, "progress": progress, "at": time.time()}
-    fast = fast_redis()
-    if fast is not None:
-        fast.set(presence_key(worker_id), value, settings.AGORA_OFFLINE_AFTER_S)
-    else:
-        cache.set(presence_key(worker_id), value, timeout=settings.AGORA_OFFLINE_AFTER_S)
+    try:
+        fast = fast_redis()
+        if fast is not None:
+            fast.set(presence_key(worker_id), value, settings.AGORA_OFFLINE_AFTER_S)
+        else:
+            cache.set(presence_key(worker_id), value, timeout=settings.AGORA_OFFLINE_AFTER_S)
+    except CACHE_ERRORS as exc:
+        cache_down("presence not recorded", exc)
     return value
 
 
@@ -92,16 +144,22 @@ def _fresh(value) -> dict | None:
 
 
 def presence_get(worker_id: int) -> dict | None:
-    return _fresh(cache.get(presence_key(worker_id)))
+    """The worker's presence, or None when it is offline or (cache down) unknown."""
+    return presence_get_many([worker_id]).get(worker_id)
 
 
-def presence_get_many(worker_ids) -> dict[int, dict]:
-    """Presence of many workers in one cache round trip: ``{worker_id: presence}`` for those online."""
+def presence_get_many(worker_ids) -> PresenceMap:
+    """Presence of many workers in one cache round trip: ``{worker_id: presence}`` for those online
+    (``known`` is False when the cache is down)."""
     ids = list(worker_ids)
     if not ids:
-        return {}
-    found = cache.get_many([presence_key(i) for i in ids])
-    out: dict[int, dict] = {}
+        return PresenceMap()
+    try:
+        found = cache.get_many([presence_key(i) for i in ids])
+    except CACHE_ERRORS as exc:
+        cache_down("presence unknown", exc)
+        return _unknown()
+    out = PresenceMap()
     for worker_id in ids:
         value = _fresh(found.get(presence_key(worker_id)))
         if value is not None:
@@ -109,24 +167,39 @@ def presence_get_many(worker_ids) -> dict[int, dict]:
     return out
 
 
+def _delete_soft(key: str, what: str) -> None:
+    try:
+        cache.delete(key)
+    except CACHE_ERRORS as exc:
+        cache_down(what, exc)
+
+
 def presence_forget(worker_id: int) -> None:
-    cache.delete(presence_key(worker_id))
+    _delete_soft(presence_key(worker_id), "presence not cleared")
 
 
 def token_cache_get(digest: str) -> dict | None:
-    fast = fast_redis()
-    facts = fast.get(TOKEN_PREFIX + digest) if fast is not None else cache.get(TOKEN_PREFIX + digest)
+    """The cached facts of a token, or None (not cached, too old, or the cache is down)."""
+    try:
+        fast = fast_redis()
+        facts = fast.get(TOKEN_PREFIX + digest) if fast is not None else cache.get(TOKEN_PREFIX + digest)
+    except CACHE_ERRORS as exc:
+        cache_down("worker tokens are checked against the database", exc)
+        return None
     if not isinstance(facts, dict) or time.time() - facts.get("cached_at", 0) > TOKEN_CACHE_S:
         return None
     return facts
 
 
 def token_cache_set(digest: str, facts: dict) -> None:
-    cache.set(TOKEN_PREFIX + digest, {**facts, "cached_at": time.time()}, timeout=TOKEN_CACHE_S)
+    try:
+        cache.set(TOKEN_PREFIX + digest, {**facts, "cached_at": time.time()}, timeout=TOKEN_CACHE_S)
+    except CACHE_ERRORS as exc:
+        cache_down("worker tokens are checked against the database", exc)
 
 
 def token_cache_forget(digest: str) -> None:
     """Forget now, and again once the status change commits (a request that read the old row between the
-    two could otherwise put it back)."""
-    cache.delete(TOKEN_PREFIX + digest)
-    transaction.on_commit(lambda: cache.delete(TOKEN_PREFIX + digest))
+    two could otherwise put it back). A cache that is down cannot be told; see the module docstring."""
+    _delete_soft(TOKEN_PREFIX + digest, "token facts not forgotten")
+    transaction.on_commit(lambda: _delete_soft(TOKEN_PREFIX + digest, "token facts not forgotten"))

@@ -12,7 +12,8 @@ from django.db.models.functions import Coalesce
 from marketplace import presence
 from marketplace.models import CreditGrant, EnrollmentToken, Worker
 
-LIVE_STATES = ("online", "busy", "paused", "offline", "suspended", "revoked")
+# "unknown": the cache holding presence is down, so whether an active worker is online cannot be told.
+LIVE_STATES = ("online", "busy", "paused", "offline", "suspended", "revoked", "unknown")
 _PRESENCE_TO_LIVE = {"idle": "online", "busy": "busy", "paused": "paused"}
 _ZERO = Value(Decimal("0"), output_field=DecimalField(max_digits=20, decimal_places=4))
 
@@ -28,10 +29,11 @@ def live_state_from(worker: Worker, value: dict | None) -> str:
 
 
 def worker_live_state(worker: Worker) -> str:
-    """One of online (idle), busy, paused, offline, suspended, revoked."""
+    """One of online (idle), busy, paused, offline, suspended, revoked, unknown (cache down)."""
     if worker.status != Worker.Status.ACTIVE:
         return live_state_from(worker, None)
-    return live_state_from(worker, presence.presence_get(worker.pk))
+    found = presence.presence_get_many([worker.pk])
+    return live_state_from(worker, found.get(worker.pk)) if found.known else "unknown"
 
 
 def with_live_state(workers) -> list[Worker]:
@@ -40,7 +42,8 @@ def with_live_state(workers) -> list[Worker]:
     found = presence.presence_get_many(w.pk for w in workers if w.status == Worker.Status.ACTIVE)
     for worker in workers:
         worker.presence = found.get(worker.pk)
-        worker.live_state = live_state_from(worker, worker.presence)
+        unknown = not found.known and worker.status == Worker.Status.ACTIVE
+        worker.live_state = "unknown" if unknown else live_state_from(worker, worker.presence)
     return workers
 
 

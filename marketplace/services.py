@@ -204,6 +204,8 @@ def worker_sweep_offline() -> dict:
 
     rows = list(Worker.objects.filter(status=Worker.Status.ACTIVE).values_list("id", "last_seen_at"))
     seen = presence.presence_get_many(worker_id for worker_id, _ in rows)
+    if not seen.known:  # the cache is down: who is online cannot be told, so nothing changes
+        return {"persisted": 0, "online": 0, "went_offline": [], "came_online": [], "presence_unknown": True}
     changed = []
     for worker_id, last_seen_at in rows:
         value = seen.get(worker_id)

@@ -1,14 +1,33 @@
 """Rate limits of the worker API. Rates are read at request time from ``REST_FRAMEWORK`` (scopes ``enroll``
-and ``heartbeat``), so they follow the settings."""
+and ``heartbeat``), so they follow the settings. They fail open when the cache is down (``fail_open``)."""
 
 from __future__ import annotations
+
+import functools
 
 from django.core.cache import cache as default_cache
 from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
 
 from marketplace.models import Worker
-from marketplace.presence import fast_redis
+from marketplace.presence import CACHE_ERRORS, cache_down, fast_redis
+
+
+def fail_open(throttle_class):
+    """Class decorator: a rate limit the cache cannot count is not enforced (a logged warning), so a cache
+    outage never turns a worker call into a 500. Wraps the class's own ``allow_request``."""
+    inner = throttle_class.allow_request
+
+    @functools.wraps(inner)
+    def allow_request(self, request, view):
+        try:
+            return inner(self, request, view)
+        except CACHE_ERRORS as exc:
+            cache_down(f"rate limit {getattr(self, 'scope', None) or type(self).__name__} not enforced", exc)
+            return True
+
+    throttle_class.allow_request = allow_request
+    return throttle_class
 
 
 class _LiveRates:
@@ -16,10 +35,12 @@ class _LiveRates:
         return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)
 
 
+@fail_open
 class EnrollRateThrottle(_LiveRates, ScopedRateThrottle):
     """Enrollment is anonymous: keyed on the client address (DRF's sliding window)."""
 
 
+@fail_open
 class WorkerRateThrottle(_LiveRates, ScopedRateThrottle):
     """Keyed on the worker (from its token), not the address: many workers may share one NAT.
 

@@ -7,7 +7,7 @@ reconnect by themselves once it is back::
 
     def test_something(redis_proc, settings):
         settings.CACHES = redis_proc.caches()   # point the Django cache at it
-        redis_proc.kill()                       # kill -9
+        redis_proc.kill()                       # kill -9 (or .pause(): SIGSTOP, a hung server)
         ...
         redis_proc.start()                      # same port, empty
 
@@ -101,12 +101,23 @@ class RedisProc:
             os.kill(self.popen.pid, signal.SIGKILL)
             self.popen.wait(5)
 
+    def pause(self) -> None:
+        """SIGSTOP: the server still accepts connections (the kernel does) but never answers, like a hung
+        or partitioned Redis. Clients then wait for their socket timeout."""
+        if self.alive():
+            os.kill(self.popen.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, signal.SIGCONT)
+
     def restart(self) -> RedisProc:
         self.kill()
         return self.start()
 
     def stop(self) -> None:
         if self.alive():
+            self.resume()
             self.popen.terminate()
             try:
                 self.popen.wait(5)

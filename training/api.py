@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from django.conf import settings
-from django.http import FileResponse, Http404, HttpResponse, HttpResponseNotModified
+from django.http import FileResponse, Http404, HttpResponseNotModified
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import generics, serializers
@@ -19,7 +19,7 @@ from diloco import safejson
 from governance.selectors import guardrails_active
 from marketplace.auth import IsWorker, WorkerTokenAuthentication
 from training import blobs, selectors, services
-from training.errors import UploadTooLarge
+from training.errors import TrainingError, UploadTooLarge
 from training.models import TrainingRun
 from training.serializers import (
     MetricsSerializer,
@@ -141,13 +141,16 @@ class TaskFailApi(_WorkerApi):
     responses={(200, "application/octet-stream"): OpenApiTypes.BINARY,
                304: OpenApiResponse(description="not modified (If-None-Match matched the ETag)"),
                404: OpenApiResponse(description="no such checkpoint"),
-               503: OpenApiResponse(description="the checkpoint's file is missing from storage")},
+               409: OpenApiResponse(description="`checkpoint_corrupt`: the stored file does not match its sha256, "
+                                                "or `checkpoint_missing`: it is gone from storage; never served"),
+               503: OpenApiResponse(description="`storage_unavailable`: checkpoint storage cannot be read now")},
 )
 @api_view(["GET"])
 @authentication_classes([])
 @permission_classes([AllowAny])
 def checkpoint_download(request, sha256: str):
-    """Checkpoint bytes by content hash: immutable, cacheable forever, public like the weights themselves."""
+    """Checkpoint bytes by content hash: immutable, cacheable forever, public like the weights themselves.
+    The file is checked against its sha256 before it is streamed, and its true length is sent."""
     checkpoint = selectors.checkpoint_get(sha256=sha256.lower())
     if checkpoint is None:
         raise Http404("no such checkpoint")
@@ -156,16 +159,28 @@ def checkpoint_download(request, sha256: str):
     if etag in [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]:
         response = HttpResponseNotModified()
     else:
-        try:
-            fh = blobs.store().open(checkpoint.storage_name, "rb")
-        except OSError:
-            return HttpResponse("checkpoint file is missing from storage", status=503, content_type="text/plain")
+        fh, length = _checkpoint_open(checkpoint)
         response = FileResponse(fh, content_type="application/octet-stream", as_attachment=True,
                                 filename=f"{checkpoint.model_id}-{checkpoint.sha256[:12]}.safetensors")
-        response["Content-Length"] = str(checkpoint.size)
+        response["Content-Length"] = str(length)
     for key, value in headers.items():
         response[key] = value
     return response
+
+
+def _checkpoint_open(checkpoint):
+    """The verified checkpoint file and its length, or the protocol error that says why not (logged)."""
+    try:
+        return blobs.blob_open_verified(checkpoint.storage_name, checkpoint.sha256)
+    except blobs.BlobCorrupt:
+        raise TrainingError(f"checkpoint {checkpoint.sha256} is damaged in storage and is not served",
+                            code="checkpoint_corrupt", http_status=409) from None
+    except FileNotFoundError:
+        raise TrainingError(f"checkpoint {checkpoint.sha256} is missing from storage",
+                            code="checkpoint_missing", http_status=409) from None
+    except Exception as exc:  # S3 unreachable, disk errors: the agent retries a 503
+        raise TrainingError(f"checkpoint storage cannot be read now ({exc.__class__.__name__}); try again later",
+                            code="storage_unavailable", http_status=503) from exc
 
 
 @extend_schema_view(get=extend_schema(parameters=[
