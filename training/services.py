@@ -96,7 +96,7 @@ def _checkpoint_blob(state: dict[str, torch.Tensor], meta: dict, *, before_write
     sha = sha256_hex(data)
     if before_write is not None:
         before_write(sha)
-    blobs.blob_write(checkpoint_storage_name(sha), data, content_addressed=True)
+    blobs.blob_write(checkpoint_storage_name(sha), data, content_addressed=True, sha256=sha)  # verified on disk
     blobs.remember_state(sha, state, meta)
     return sha, len(data)
 
@@ -479,7 +479,7 @@ def task_submit_result(*, task_id: int, worker, data: bytes, metrics: dict) -> T
             task.round = rnd
             now = timezone.now()
             _task_check_open(task, worker, now)
-            blobs.blob_write(name, data)
+            blobs.blob_write(name, data, sha256=sha)  # checked on disk before the row names it
             written = True
             task.status = Task.Status.COMPLETED
             task.completed_at = now
