@@ -116,8 +116,8 @@ class SourcePolicy:
 
     data_root: str | None = None
     max_bytes: int = DEFAULT_MAX_DATASET_BYTES
-    resolve: Callable[[str, int], list[str]] = resolve_host
-    open: Callable[..., object] = open_https
+    resolve: Callable[[str, int], list[str]] | None = None  # None: resolve_host
+    open: Callable[..., object] | None = None  # None: open_https
     timeout: float = 60.0
     max_redirects: int = MAX_REDIRECTS
 
@@ -234,7 +234,7 @@ def _public_addresses(host: str, port: int, source: str, url: str, policy: Sourc
         addresses = [str(literal)]
     else:
         try:
-            addresses = list(policy.resolve(host, port))
+            addresses = list((policy.resolve or resolve_host)(host, port))
         except OSError as exc:
             raise DatasetError(f"dataset source {source!r}{where}: {exc}") from exc
         if not addresses:
@@ -251,7 +251,8 @@ def _open_checked(url: str, source: str, policy: SourcePolicy):
     last_error: Exception | None = None
     for address in _public_addresses(host, port, source, url, policy):
         try:
-            return policy.open(address=address, host=host, port=port, target=target, timeout=policy.timeout)
+            return (policy.open or open_https)(address=address, host=host, port=port, target=target,
+                                               timeout=policy.timeout)
         except (OSError, http.client.HTTPException) as exc:
             last_error = exc
     raise DatasetError(f"could not download dataset source {source!r}: {last_error}")

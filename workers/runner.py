@@ -5,8 +5,10 @@ The training comes from ``diloco``; this module only wires the task JSON of the 
 1. the checkpoint is fetched into a content-addressed cache (``<cache>/checkpoints/<sha256>.safetensors``),
    verified by sha256 after download and again before reuse;
 2. the model is ``diloco.models.build_model(model.arch, model.config)`` with the checkpoint's weights;
-3. the data is ``shard_documents(filter_documents(split_documents(load_documents(source, sha256),
-   heldout_fraction)[0], guardrails)[0], shard_index, shard_count)``, encoded as bytes;
+3. the data is ``shard_documents(filter_documents(split_documents(load_documents(source, sha256, policy),
+   heldout_fraction)[0], guardrails)[0], shard_index, shard_count)``, encoded as bytes; the policy reads
+   ``file:`` sources only under the agent's data root (none by default) and https only from public
+   addresses, and the data filters run on RE2;
 4. ``diloco.inner.inner_train`` runs the task's inner settings and seed on the agent's device, starting from
    the AdamW state this machine kept for the run (``<cache>/optim/<run_id>.safetensors``; DiLoCo keeps the
    inner optimizer state per worker), which is saved again afterwards;
@@ -93,12 +95,25 @@ def _field(task: dict, dotted: str):
     return value
 
 
+DEFAULT_MAX_DATASET_BYTES = 256 * 1024**2
+
+
 class TaskRunner:
-    def __init__(self, *, client: Client, cache_dir: Path, device: str = "cpu", progress_every_s: float = 30.0):
+    """Runs tasks on this machine.
+
+    ``data_root``: the folder ``file:`` dataset sources must resolve into (None, the default, refuses file
+    sources: the server cannot make this agent read its own files). ``max_dataset_bytes`` caps a dataset
+    read from a file or downloaded over https (only from public addresses).
+    """
+
+    def __init__(self, *, client: Client, cache_dir: Path, device: str = "cpu", progress_every_s: float = 30.0,
+                 data_root: str | Path | None = None, max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES):
         self.client = client
         self.cache_dir = Path(cache_dir)
         self.device = device
         self.progress_every_s = progress_every_s
+        self.data_root = str(data_root) if data_root else None
+        self.max_dataset_bytes = int(max_dataset_bytes)
 
     # --- cache ----------------------------------------------------------------------------------
 
@@ -159,15 +174,34 @@ class TaskRunner:
     # --- the task -------------------------------------------------------------------------------
 
     def load_tokens(self, task: dict):
-        from diloco.data import encode_documents, load_documents, shard_documents, split_documents
-        from diloco.guardrails import filter_documents
+        """The task's data shard as tokens, after the data-filter guardrails (RE2: linear time).
+
+        A dataset source this agent's policy refuses, or a guardrail RE2 cannot compile, fails the task
+        with a reason naming it; a guardrail in force is never skipped.
+        """
+        from diloco.data import (
+            DatasetError,
+            SourcePolicy,
+            encode_documents,
+            load_documents,
+            shard_documents,
+            split_documents,
+        )
+        from diloco.guardrails import GuardrailError, filter_documents
 
         dataset = _field(task, "dataset")
-        docs = load_documents(_field(task, "dataset.source"), dataset.get("sha256"),
-                              cache_dir=str(self.cache_dir / "datasets"))
+        policy = SourcePolicy(data_root=self.data_root, max_bytes=self.max_dataset_bytes)
+        try:
+            docs = load_documents(_field(task, "dataset.source"), dataset.get("sha256"),
+                                  cache_dir=str(self.cache_dir / "datasets"), policy=policy)
+        except DatasetError as exc:
+            raise TaskError(str(exc)) from exc
         train, _ = split_documents(docs, float(dataset.get("heldout_fraction", 0.0)))
-        guardrails = [g for g in task.get("guardrails") or [] if g.get("kind") == "data_filter"]
-        kept, dropped = filter_documents(train, guardrails)
+        guardrails = [g for g in task.get("guardrails") or [] if isinstance(g, dict) and g.get("kind") == "data_filter"]
+        try:
+            kept, dropped = filter_documents(train, guardrails)
+        except GuardrailError as exc:
+            raise TaskError(str(exc)) from exc
         shard = shard_documents(kept, int(_field(task, "dataset.shard_index")), int(_field(task, "dataset.shard_count")))
         return encode_documents(shard), {"documents": len(shard), "dropped_by_guardrails": dropped}
 
