@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,11 +50,20 @@ def child_env(server_url: str = "", **extra: str) -> dict[str, str]:
 class Proc:
     """A child process whose output goes to a log file we can read when a test fails."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, cwd: Path = ROOT):
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, cwd: Path = ROOT,
+                 new_session: bool = False):
         self.args = args
         self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT)
+        self._log = open(log_path, "ab")  # a restarted process appends to the same log
+        # ``new_session``: the process leads its own process group, so ``kill_group`` reaches its children
+        # (gunicorn's and Celery's pool workers) and nothing else.
+        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=new_session)
+        self.new_session = new_session
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
 
     def output(self) -> str:
         self._log.flush()
@@ -60,7 +72,27 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def kill(self) -> None:
+        """kill -9 the process (and, for a session leader, everything in its process group)."""
+        if self.new_session:
+            self.kill_group()
+        elif self.alive():
+            self.popen.kill()
+        self.popen.wait(10)
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(10)
+
     def stop(self, sig_timeout: float = 10.0) -> int:
+        if self.new_session and self.alive():
+            try:
+                os.killpg(self.popen.pid, signal.SIGCONT)  # a stopped child cannot act on SIGTERM
+            except ProcessLookupError:
+                pass
         if self.alive():
             self.popen.terminate()
             try:
@@ -68,6 +100,11 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
+        if self.new_session:  # pool children that outlived their parent
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self._log.close()
         return self.popen.returncode
 
@@ -85,9 +122,77 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
 
 
-def celery_worker(env: dict[str, str], log_path: Path, beat: bool = False) -> Proc:
-    args = [str(BIN / "celery"), "-A", "agora", "worker", "--loglevel=INFO", "--concurrency=1", "--pool=solo",
+def celery_worker(env: dict[str, str], log_path: Path, beat: bool = False, pool: str = "solo",
+                  prefix: list[str] | None = None) -> Proc:
+    """A Celery worker with one execution slot. ``pool="prefork"`` runs the tasks in a pool child (the
+    production default); ``prefix`` runs the worker under another program (see ``tests/e2e/faultpoint.py``)."""
+    program = [*prefix, "celery"] if prefix else [str(BIN / "celery")]
+    args = [*program, "-A", "agora", "worker", "--loglevel=INFO", "--concurrency=1", f"--pool={pool}",
             "--without-gossip", "--without-mingle"]
     if beat:
         args += ["--beat", f"--schedule={log_path.with_suffix('.beat')}"]
-    return Proc(args, env, log_path)
+    return Proc(args, env, log_path, new_session=bool(prefix) or pool != "solo")
+
+
+def celery_beat(env: dict[str, str], log_path: Path) -> Proc:
+    return Proc([str(BIN / "celery"), "-A", "agora", "beat", "--loglevel=INFO",
+                 f"--schedule={log_path.with_suffix('.schedule')}"], env, log_path)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def gunicorn(env: dict[str, str], log_path: Path, port: int, *, workers: int = 1, threads: int = 8,
+             prefix: list[str] | None = None) -> Proc:
+    """gunicorn serving Agora on 127.0.0.1:``port``, in its own process group (``kill`` takes the master
+    and its workers down together, as a crashed container does). Access log lines go to the log."""
+    program = [*prefix, "gunicorn"] if prefix else [str(BIN / "gunicorn")]
+    args = [*program, "agora.wsgi", "-b", f"127.0.0.1:{port}", "-k", "gthread", "-w", str(workers),
+            "--threads", str(threads), "--timeout", "120", "--graceful-timeout", "5",
+            "--access-logfile", "-", "--access-logformat", 'ACCESS %(m)s %(U)s %(s)s']
+    return Proc(args, env, log_path, new_session=True)
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status < 500
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
+    except OSError:
+        return False
+
+
+class CpuThrottle(threading.Thread):
+    """What ``cpulimit`` does: let ``pid`` run for ``share`` of every ``period_s`` and hold it stopped
+    (SIGSTOP) for the rest, so the process gets that fraction of a CPU however idle the machine is."""
+
+    def __init__(self, pid: int, share: float, period_s: float = 0.2):
+        super().__init__(name=f"cpu-throttle-{pid}", daemon=True)
+        self.pid, self.share, self.period_s = pid, share, period_s
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.done.is_set():
+                os.kill(self.pid, signal.SIGSTOP)
+                self.done.wait(self.period_s * (1 - self.share))
+                os.kill(self.pid, signal.SIGCONT)
+                self.done.wait(self.period_s * self.share)
+        except ProcessLookupError:
+            return
+        finally:
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(5)
