@@ -223,7 +223,7 @@ def blob_open_verified(name: str, sha256: str):
 
     The length is the file's, not a row's. The check reads the whole file once, and again only after
     ``VERIFIED_TTL_S`` or when the file changed (local disk: inode, size, modification time; object
-    stores: size). Raises ``BlobCorrupt`` (logged) on a mismatch, ``FileNotFoundError`` when the blob is
+    stores: size and ETag). Raises ``BlobCorrupt`` (logged) on a mismatch, ``FileNotFoundError`` when the blob is
     missing, another ``OSError`` when storage fails. The caller closes the file.
     """
     st = store()
@@ -236,7 +236,8 @@ def blob_open_verified(name: str, sha256: str):
     else:
         fh = st.open(name, "rb")
         length = fh.size
-        key = ("object", name, length)
+        # S3 objects carry an ETag that changes whenever the object is written again.
+        key = ("object", name, length, getattr(getattr(fh, "obj", None), "e_tag", None))
     try:
         if _verified.get(key, max_age=VERIFIED_TTL_S) != sha256:
             actual, length = _hash_file(fh)
