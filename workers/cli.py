@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -140,7 +141,12 @@ def _run_locked(args, config: cfgmod.WorkerConfig, lock: cfgmod.AgentLock) -> in
     else:
         log.info("training on the CPU")
     client = Client(config.server, config.worker_token)
-    runner = TaskRunner(client=client, cache_dir=config.cache_path, device=device)
+    if args.data_root and not os.path.isdir(args.data_root):
+        raise CommandError(f"--data-root {args.data_root} is not a folder")
+    if args.max_dataset_mb < 1:
+        raise CommandError("--max-dataset-mb must be at least 1")
+    runner = TaskRunner(client=client, cache_dir=config.cache_path, device=device, data_root=args.data_root or None,
+                        max_dataset_bytes=args.max_dataset_mb * 1024 * 1024)
     options = AgentOptions(once=args.once, finish=args.finish, idle_only=args.idle_only)
     idle_check = (lambda: busy_reason(cpu_threshold=args.idle_cpu_percent)) if args.idle_only else None
     agent = Agent(config, runner=runner, client=client, options=options, idle_check=idle_check, lock=lock)
@@ -254,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU use (percent) under which the machine counts as idle (default 30)")
     p.add_argument("--finish", action="store_true", help="stop after completing one task")
     p.add_argument("--once", action="store_true", help="claim once: run the task if there is one, then exit")
+    p.add_argument("--data-root", metavar="DIR", default=os.environ.get("AGORA_WORKER_DATA_ROOT") or None,
+                   help="folder that file: dataset sources must be in (env AGORA_WORKER_DATA_ROOT; default: none, "
+                        "so tasks with file: sources are refused)")
+    p.add_argument("--max-dataset-mb", type=int, metavar="MB",
+                   default=int(os.environ.get("AGORA_WORKER_MAX_DATASET_MB") or 256),
+                   help="largest dataset this agent reads or downloads, in MiB (env AGORA_WORKER_MAX_DATASET_MB; "
+                        "default 256)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", parents=[common], help="show this worker's record and live state")
