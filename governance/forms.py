@@ -171,8 +171,9 @@ class GuardrailProposalForm(ProposalBaseForm):
     patterns = forms.CharField(
         required=False,
         widget=forms.Textarea(attrs={"rows": 5, "spellcheck": "false", "class": "mono"}),
-        help_text="One Python regular expression per line, matched case-insensitively (for example "
-        "<code>\\bpassword\\s*=</code>). 1–50 lines, each at most 200 characters.",
+        help_text="One RE2 regular expression per line, matched case-insensitively in linear time, so no "
+        "backreferences or lookaround (for example <code>\\bpassword\\s*=</code>). 1–50 lines, each at most "
+        "200 characters.",
     )
     guardrail_id = forms.TypedChoiceField(
         coerce=int, required=False, empty_value=None, label="Guardrail to retire",
