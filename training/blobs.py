@@ -6,9 +6,10 @@ here are small LRUs so a long-lived process (Celery worker, web server) keeps at
 
 A blob is never seen half written. On local disk it is written to a temporary name beside its final one
 (``.<name>.<random>.part``), flushed, fsynced and renamed into place (``os.replace``, atomic on POSIX);
-a process killed mid-write leaves only the temporary file, which later writes into the same folder (and
-``blob_sweep_temp``, run by ``manage.py sweep_blobs``) remove once it is ``STALE_TEMP_S`` old. Object
-stores (S3) make an object visible only once its upload completes, which is the same guarantee.
+a process killed mid-write leaves only the temporary file. The writer holds an exclusive ``flock`` on it
+until the rename, so a sweeper can tell a dead write (lock free) from a live one: every write sweeps its
+own folder, and ``blob_sweep_temp`` (``manage.py sweep_blobs``) the whole store. Object stores (S3) make an
+object visible only once its upload completes, which is the same guarantee.
 
 A write given the blob's sha256 reads the stored bytes back and checks them before it returns, so a row
 that names a blob is committed only after the blob is known good; a content-addressed write that finds
@@ -19,6 +20,7 @@ and is never served.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -46,8 +48,10 @@ log = logging.getLogger(__name__)
 _WRITE_CHUNK = 8 * 2**20
 _HASH_CHUNK = 8 * 2**20
 TEMP_SUFFIX = ".part"
-# A temporary file this old belongs to a write that died: no write stalls this long between two writes
-# to its file (and a live write keeps its file's modification time fresh).
+# A temporary file untouched this long whose lock is free belongs to a write that died. (The grace covers
+# the instant between creating the file and locking it.)
+TEMP_GRACE_S = 60
+# One untouched this long is removed even if it looks locked (a filesystem without working locks).
 STALE_TEMP_S = 15 * 60
 # A download re-hashes a file it already verified (same inode, size and modification time) only after
 # this long, so a popular checkpoint is hashed once per process per interval, not once per agent.
@@ -120,7 +124,7 @@ def _write_local(st, path: Path, data: bytes, *, content_addressed: bool, sha256
     """Temporary file, fsync, rename into place, fsync the folder. False when nothing needed writing."""
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    _sweep_folder(folder, time.time() - STALE_TEMP_S)
+    _sweep_folder(folder, STALE_TEMP_S)
     if content_addressed and path.exists():
         try:
             with open(path, "rb") as fh:
@@ -134,14 +138,15 @@ def _write_local(st, path: Path, data: bytes, *, content_addressed: bool, sha256
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # "this write is alive", until the file is closed
             # One write call: the copy runs in the kernel without the GIL, so an evaluation running beside
             # it in another thread is not starved.
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        mode = st.file_permissions_mode
-        os.chmod(tmp, 0o644 if mode is None else mode)
-        os.replace(tmp, path)
+            mode = st.file_permissions_mode
+            os.chmod(tmp, 0o644 if mode is None else mode)
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -253,37 +258,53 @@ def blob_open_verified(name: str, sha256: str):
 
 
 def blob_sweep_temp(*, older_than_s: float = STALE_TEMP_S) -> list[str]:
-    """Remove temporary files of writes that died (local storage only); returns their paths.
+    """Remove the temporary files of blob writes that died (local storage only); returns their paths.
 
-    Object stores keep no temporary objects; an S3 bucket should abort incomplete multipart uploads with
-    a lifecycle rule."""
+    A file goes once no live writer holds its lock and it is ``TEMP_GRACE_S`` old, or, lock or not, once
+    it is ``older_than_s`` old. Safe to run at any time beside live writers. Object stores keep no
+    temporary objects (an S3 bucket should abort incomplete multipart uploads with a lifecycle rule)."""
     root = _local_path(store(), "")
     if root is None or not root.is_dir():
         return []
-    cutoff = time.time() - older_than_s
     removed: list[str] = []
     for folder, _dirs, _files in os.walk(root):
-        removed += _sweep_folder(Path(folder), cutoff)
+        removed += _sweep_folder(Path(folder), older_than_s)
     return removed
 
 
-def _sweep_folder(folder: Path, cutoff: float) -> list[str]:
+def _sweep_folder(folder: Path, older_than_s: float) -> list[str]:
     removed = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
+    now = time.time()
     for entry in entries:
         if not (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)):
             continue
         try:
-            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            idle = now - entry.stat(follow_symlinks=False).st_mtime
+            if idle >= older_than_s or (idle >= min(TEMP_GRACE_S, older_than_s) and not _write_alive(entry.path)):
                 os.unlink(entry.path)
                 removed.append(entry.path)
                 log.info("removed %s, left by a blob write that did not finish", entry.path)
         except OSError:
             pass  # another sweeper got there first, or the write just finished
     return removed
+
+
+def _write_alive(path: str) -> bool:
+    """Whether a writer still holds the lock on a temporary file (it is released when the writer dies)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class LRU:

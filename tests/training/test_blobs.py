@@ -3,9 +3,12 @@ when read, and what a killed write leaves behind is cleaned up."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -107,20 +110,57 @@ def test_a_truncated_checkpoint_is_rewritten_when_the_same_weights_are_saved_aga
 # --- cleaning up after killed writes -------------------------------------------------------------------
 
 
-def test_stale_temporary_files_are_removed_and_fresh_ones_kept(checkpoint_storage):
+def test_temporary_files_of_dead_writes_are_removed_and_live_ones_kept(checkpoint_storage):
     folder = checkpoint_storage / "updates" / "run-1" / "round-1"
     folder.mkdir(parents=True)
-    stale = folder / ".task-1-abc.safetensors.x1y2.part"
-    fresh = folder / ".task-2-def.safetensors.z3w4.part"
-    stale.write_bytes(b"prefix of a dead write")
-    fresh.write_bytes(b"a write under way")
-    _age(stale, blobs.STALE_TEMP_S + 60)
+    dead = folder / ".task-1-abc.safetensors.x1y2.part"
+    just_made = folder / ".task-2-def.safetensors.z3w4.part"
+    live = folder / ".task-3-ghi.safetensors.q5r6.part"
+    ancient = folder / ".task-4-jkl.safetensors.s7t8.part"
+    for path in (dead, just_made, live, ancient):
+        path.write_bytes(b"part of a write")
+    _age(dead, blobs.TEMP_GRACE_S + 30)
+    _age(live, blobs.TEMP_GRACE_S + 30)
+    _age(ancient, blobs.STALE_TEMP_S + 30)
     (folder / ".keep").write_bytes(b"not ours")
 
-    removed = blobs.blob_sweep_temp()
+    with open(live, "rb") as writer:
+        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)  # what a writer still at work holds
+        removed = blobs.blob_sweep_temp()
 
-    assert removed == [str(stale)]
-    assert not stale.exists() and fresh.exists() and (folder / ".keep").exists()
+    assert sorted(removed) == sorted([str(dead), str(ancient)])
+    assert just_made.exists() and live.exists() and (folder / ".keep").exists()
+
+
+def test_a_write_killed_9_mid_way_leaves_a_temporary_file_the_next_sweep_removes(tmp_path, settings):
+    """A real process, killed with SIGKILL while its write is under way: nothing appears under the
+    blob's name, and the half-written temporary file is removed once its writer is gone."""
+    media = tmp_path / "media"
+    settings.STORAGES = {**settings.STORAGES, "checkpoints": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(media / "checkpoints")}}}
+    script = ("import os, time, django; django.setup(); from training import blobs; "
+              "os.fsync = lambda fd: time.sleep(600); "  # the write is under way until killed
+              "blobs.blob_write('ab/big.safetensors', b'x' * 5_000_000)")
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "agora.settings", "AGORA_MEDIA_ROOT": str(media),
+           "AGORA_CHECKPOINT_STORAGE": "filesystem"}
+    env.pop("AGORA_S3_BUCKET", None)
+    writer = subprocess.Popen([sys.executable, "-c", script], env=env)
+    folder = media / "checkpoints" / "ab"
+    try:
+        deadline = time.monotonic() + 60
+        while not (folder.is_dir() and any(p.stat().st_size == 5_000_000 for p in folder.iterdir())):
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer never got going"
+            time.sleep(0.1)
+        (temp,) = list(folder.iterdir())
+        _age(temp, blobs.TEMP_GRACE_S + 30)
+        assert blobs.blob_sweep_temp() == []  # its writer is alive: kept
+    finally:
+        writer.kill()
+        writer.wait(10)
+
+    assert not (folder / "big.safetensors").exists()
+    assert blobs.blob_sweep_temp() == [str(temp)]
+    assert list(folder.iterdir()) == []
 
 
 def test_a_write_clears_stale_temporary_files_in_its_own_folder(checkpoint_storage):
@@ -128,7 +168,7 @@ def test_a_write_clears_stale_temporary_files_in_its_own_folder(checkpoint_stora
     folder.mkdir(parents=True)
     stale = folder / f".{SHA}.safetensors.dead.part"
     stale.write_bytes(DATA[:10])
-    _age(stale, blobs.STALE_TEMP_S + 60)
+    _age(stale, blobs.TEMP_GRACE_S + 30)
 
     blobs.blob_write(NAME, DATA, content_addressed=True)
 
