@@ -232,3 +232,58 @@ def test_restarted_agent_reports_the_interrupted_task(fake_server, serve_task, w
     assert [f.json for f in fails] == [{"reason": "agent restarted"}]
     assert cfgmod.state_load(worker_config.path) == {}
 
+
+
+def test_one_agent_per_config_and_status_never_shows_a_dead_agent_busy(fake_server, serve_task, worker_config,
+                                                                       agent_procs):
+    serve_task(steps=1_000_000)
+    fake_server.on("GET", "/api/v1/workers/me", {"id": 7, "name": "box", "live_state": "busy", "task_id": 17,
+                                                 "progress": 0.1, "status": "active", "reliability": 0.5,
+                                                 "credits": "0", "tasks_valid": 0, "tasks_invalid": 0})
+    agent = AgentProcess(worker_config.path, "--allow-cpu")
+    agent_procs.append(agent)
+    agent.wait_output("task 17: 1000000 inner steps")
+
+    second = cli(worker_config.path, "run", "--allow-cpu", timeout=60)
+    assert second.returncode == 4, second.stderr
+    assert f"another agent (pid {agent.popen.pid}) is already running" in second.stderr
+    enroll = cli(worker_config.path, "enroll", "--server", fake_server.url, "--token", "enr_x", "--force")
+    assert enroll.returncode == 4 and "stop it before enrolling again" in enroll.stderr
+    status = cli(worker_config.path, "status")
+    assert status.returncode == 0, status.stderr
+    assert f"agent:      running (pid {agent.popen.pid})" in status.stdout
+    assert "local task: 17 (started" in status.stdout and "state:      busy (task 17, 10%)" in status.stdout
+
+    agent.kill()  # kill -9: the server still shows it busy until its presence times out
+    status = cli(worker_config.path, "status")
+    assert status.returncode == 0, status.stderr
+    assert "agent:      not running" in status.stdout
+    assert "local task: 17 was interrupted" in status.stdout
+    assert "state:      not running here" in status.stdout and "state:      busy" not in status.stdout
+    assert fake_server.calls("POST", "/api/v1/tasks/17/fail") == []
+
+
+def test_a_result_waiting_when_the_agent_is_killed_is_delivered_when_it_starts_again(fake_server, serve_task,
+                                                                                   worker_config, agent_procs):
+    task = serve_task(steps=3)
+    fake_server.on("POST", "/api/v1/tasks/17/result", (503, {"error": "unavailable", "detail": "restarting"}))
+    agent = AgentProcess(worker_config.path, "--allow-cpu")
+    agent_procs.append(agent)
+    agent.wait_output("delivering the result failed")
+    agent.kill()  # kill -9 (or a power cut) while the upload is being retried
+    kept = cfgmod.pending_load(worker_config.path)
+    assert kept.task_id == task["id"] and kept.metrics["steps"] == 3
+    status = cli(worker_config.path, "status")
+    assert "result:     task 17 (run 4, round 1)" in status.stdout and "delivered when the agent starts" in \
+        status.stdout
+
+    fake_server.on("POST", "/api/v1/tasks/17/result", (202, {"accepted_for_aggregation": True}))
+    again = AgentProcess(worker_config.path, "--allow-cpu", "--once")
+    agent_procs.append(again)
+    assert again.wait(60) == 0, again.output()
+    assert "delivering the result of task 17" in again.output() and "result delivered" in again.output()
+    delivered = fake_server.calls("POST", "/api/v1/tasks/17/result")[-1]
+    assert delivered.form["update"] == kept.update
+    assert json.loads(delivered.form["metrics"]) == kept.metrics
+    assert fake_server.calls("POST", "/api/v1/tasks/17/fail") == []
+    assert cfgmod.pending_manifest(worker_config.path) is None

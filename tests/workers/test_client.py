@@ -10,7 +10,9 @@ from workers.client import (
     DownloadError,
     NetworkError,
     ProtocolError,
+    ServerClock,
     ServerError,
+    TaskGone,
     Throttled,
 )
 
@@ -121,3 +123,71 @@ def test_checkpoint_url_is_only_followed_on_the_same_server(client):
     assert client.checkpoint_path(sha, "https://elsewhere.example/" + sha) == "/api/v1/checkpoints/" + sha
     assert client.checkpoint_path(sha, "//elsewhere.example/x") == "/api/v1/checkpoints/" + sha
     assert client.checkpoint_path(sha, None) == "/api/v1/checkpoints/" + sha
+
+
+# --- the server's clock ---------------------------------------------------------------------------
+
+
+class FakeSteady:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_server_clock_follows_the_wall_clock_until_the_first_reply_then_the_server():
+    steady = FakeSteady()
+    clock = ServerClock(wall=lambda: 5_000.0, steady=steady)
+    assert not clock.synced and clock.now() == 5_000.0
+    clock.assume_wall_offset(-30.0)  # what the previous run of the agent had learnt
+    assert clock.now() == 4_970.0
+    clock.observe(1_000.0, uncertainty=0.01, received_at=steady())
+    assert clock.synced and clock.now() == pytest.approx(1_000.005)
+    steady.t += 60  # a minute later by the steady clock, whatever the wall clock does
+    assert clock.now() == pytest.approx(1_060.005)
+    assert clock.wall_offset() == pytest.approx(1_060.005 - 5_000.0)
+
+
+def test_a_coarse_date_header_never_blurs_a_precise_reading_it_agrees_with_but_corrects_a_wrong_one():
+    steady = FakeSteady()
+    clock = ServerClock(wall=lambda: 0.0, steady=steady)
+    clock.observe(1_000.25, uncertainty=0.002, received_at=steady())
+    steady.t += 0.5
+    clock.observe_date_header("Thu, 01 Jan 1970 00:16:40 GMT", rtt=0.01, received_at=steady())  # 1000 s
+    assert clock.now() == pytest.approx(1_000.751)  # kept: 1000.751 lies within [1000, 1001.01]
+    clock.observe_date_header("Thu, 01 Jan 1970 00:20:00 GMT", rtt=0.01, received_at=steady())  # 1200 s
+    assert 1_200.0 <= clock.now() <= 1_201.01  # the machine slept or the server's clock was stepped
+    clock.observe_server_time("1970-01-01T00:20:00.700Z", rtt=0.004, received_at=steady())
+    assert clock.now() == pytest.approx(1_200.7025)  # tighter than the Date header: taken
+    for junk in ("yesterday", "", None, 17, "9999-99-99T00:00:00Z"):
+        clock.observe_server_time(junk, rtt=0.0)
+        clock.observe_date_header(junk if isinstance(junk, str) else None, rtt=0.0)
+    assert clock.now() == pytest.approx(1_200.7025)
+
+
+@pytest.mark.parametrize("server_time", [True, False], ids=["server_time", "date_header_only"])
+def test_replies_set_the_clock_of_a_machine_whose_wall_clock_is_wrong(fake_server, server_time):
+    fake_server.clock_offset_s = -86_400.0  # the server is a day behind this machine (or this machine ahead)
+    fake_server.send_server_time = server_time
+    clock = ServerClock()
+    with Client(fake_server.url, "wkr_secret", timeout=5, clock=clock) as c:
+        answer = c.heartbeat(state="idle")
+        assert ("server_time" in answer) == server_time
+        assert clock.synced
+        assert abs(clock.now() - fake_server.now()) < (0.25 if server_time else 1.5)
+        assert c.clone().clock is clock  # the heartbeat thread's connection shares it
+
+
+@pytest.mark.parametrize("status,error", [(404, "not_found"), (409, "task_completed"), (410, "task_expired"),
+                                          (403, "not_your_task")])
+def test_task_calls_say_when_the_server_no_longer_wants_the_task(fake_server, client, status, error):
+    fake_server.on("POST", "/api/v1/tasks/5/result", (status, {"error": error, "detail": "no"}))
+    fake_server.on("POST", "/api/v1/tasks/5/fail", (status, {"error": error, "detail": "no"}))
+    with pytest.raises(TaskGone):
+        client.submit_result(5, update=b"x", metrics={"loss_end": 1.0})
+    with pytest.raises(TaskGone):
+        client.report_failure(5, reason="x")
+    fake_server.on("POST", "/api/v1/tasks/5/fail", (403, {"error": "worker_suspended", "detail": "no"}))
+    with pytest.raises(AuthError):  # about the worker, not the task
+        client.report_failure(5, reason="x")
