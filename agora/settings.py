@@ -149,6 +149,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "training.tick",
         "schedule": timedelta(seconds=env.int("AGORA_TRAINING_TICK_S", default=10)),
     },
+    "training-sweep-blobs": {  # temporary files of blob writes that were killed
+        "task": "training.sweep_blobs",
+        "schedule": timedelta(seconds=env.int("AGORA_BLOB_SWEEP_EVERY_S", default=600)),
+    },
 }
 
 # --- files ------------------------------------------------------------------------------------

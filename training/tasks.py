@@ -66,3 +66,12 @@ def tick() -> dict:
     for rid in ready:
         transaction.on_commit(lambda rid=rid: enqueue(aggregate_round, rid))
     return {"started": started, "released": released, "ready": ready}
+
+
+@shared_task(name="training.sweep_blobs", soft_time_limit=240, time_limit=300, **_LIMITS)
+def sweep_blobs() -> int:
+    """Remove the temporary files of blob writes that were killed (``blobs.blob_sweep_temp``: never a live
+    write's). Returns how many went."""
+    from training import blobs
+
+    return len(blobs.blob_sweep_temp())

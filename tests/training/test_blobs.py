@@ -271,3 +271,17 @@ def test_storage_that_cannot_be_read_answers_503_for_the_agent_to_retry(client, 
     response = client.get(f"/api/v1/checkpoints/{model.current_checkpoint_id}")
     assert response.status_code == 503
     assert response.json()["error"] == "storage_unavailable"
+
+
+def test_the_beat_sweeps_blob_storage_for_dead_writes(checkpoint_storage, settings):
+    from agora.celery import app
+    from training.tasks import sweep_blobs
+
+    entry = settings.CELERY_BEAT_SCHEDULE["training-sweep-blobs"]
+    assert entry["task"] == sweep_blobs.name and entry["task"] in app.tasks
+    dead = checkpoint_storage / "outer" / "run-3" / ".round-2-tok.safetensors.ab12.part"
+    dead.parent.mkdir(parents=True)
+    dead.write_bytes(b"half an outer state")
+    _age(dead, blobs.TEMP_GRACE_S + 30)
+    assert sweep_blobs() == 1
+    assert not dead.exists()
