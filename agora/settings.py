@@ -5,10 +5,15 @@ file-based cache and checkpoints on local disk. Set DATABASE_URL and REDIS_URL f
 Redis. Production secrets have no default: with DJANGO_DEBUG off, DJANGO_SECRET_KEY must be set.
 """
 
+import ipaddress
+import re
 from datetime import timedelta
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
+
+from core.rates import parse_rate
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
@@ -38,6 +43,9 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_htmx",
+    "allauth",
+    "allauth.account",
+    "axes",
     "agora",
     "ledger",
     "governance",
@@ -54,8 +62,10 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "allauth.account.middleware.AccountMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as axes asks: turns a lockout into its answer
 ]
 
 ROOT_URLCONF = "agora.urls"
@@ -206,6 +216,72 @@ AUTH_PASSWORD_VALIDATORS = [
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "home"
+AUTHENTICATION_BACKENDS = [
+    # axes first: a locked-out account is refused before any password is checked.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+    "allauth.account.auth_backends.AuthenticationBackend",
+]
+# Sign-up, log-in and e-mail verification (django-allauth). A verified address is optional to log in and
+# required to vote (AGORA_VOTER_ELIGIBILITY).
+ACCOUNT_ADAPTER = "agora.accounts.AccountAdapter"
+ACCOUNT_LOGIN_METHODS = {"username"}
+ACCOUNT_SIGNUP_FIELDS = ["username*", "email*", "password1*", "password2*"]
+ACCOUNT_EMAIL_VERIFICATION = "optional"
+ACCOUNT_UNIQUE_EMAIL = True
+ACCOUNT_EMAIL_SUBJECT_PREFIX = "[Agora] "
+ACCOUNT_DEFAULT_HTTP_PROTOCOL = "https" if env("AGORA_PUBLIC_URL", default="").startswith("https:") else "http"
+# Our own per-address/per-account limits (below) and axes' lockout replace allauth's login and sign-up
+# limits; allauth keeps its limits on e-mail confirmations and password resets.
+ACCOUNT_RATE_LIMITS = {"login": None, "login_failed": None, "signup": None}
+# Mail: the embedded default prints it on the console (so `make run` shows the verification link).
+globals().update(env.email_url("EMAIL_URL", default="consolemail://"))
+DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="Agora <agora@localhost>")
+
+# Client addresses (core/client_ip.py): X-Forwarded-For is believed only from trusted proxies, given as
+# addresses/CIDR networks, or else as a count of reverse proxies in front of the app. Default: no proxy.
+AGORA_TRUSTED_PROXIES = env.list("AGORA_TRUSTED_PROXIES", default=[])
+for _network in AGORA_TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_network.strip(), strict=False)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(f"AGORA_TRUSTED_PROXIES: {_exc}") from None
+AGORA_TRUSTED_PROXY_COUNT = env.int("AGORA_TRUSTED_PROXY_COUNT", default=0)
+AGORA_RATE_IPV6_PREFIX = env.int("AGORA_RATE_IPV6_PREFIX", default=64)  # IPv6 clients counted per /64
+
+# Rate limits (core/ratelimit.py; 429 with Retry-After). "N/s|min|hour|day" or "N/<k><unit>"; empty = off.
+AGORA_RATES = {
+    "login_address": env("AGORA_RATE_LOGIN_ADDRESS", default=env("AGORA_RATE_TOKEN", default="20/min")),
+    "login_account": env("AGORA_RATE_LOGIN_ACCOUNT", default="10/min"),
+    "signup_address": env("AGORA_RATE_SIGNUP_ADDRESS", default="10/hour"),
+    "enroll": env("AGORA_RATE_ENROLL", default="30/hour"),  # per address
+    "enroll_account": env("AGORA_RATE_ENROLL_ACCOUNT", default="20/hour"),  # per enrollment token's owner
+    "claim_address": env("AGORA_RATE_CLAIM_ADDRESS", default="1200/min"),
+    "claim_worker": env("AGORA_RATE_CLAIM_WORKER", default="120/min"),
+    "comment_address": env("AGORA_RATE_COMMENT_ADDRESS", default="30/min"),
+    "comment_account": env("AGORA_RATE_COMMENT_ACCOUNT", default="10/min"),
+    "heartbeat": env("AGORA_RATE_HEARTBEAT", default="60/min"),  # per worker
+}
+for _scope, _rate in AGORA_RATES.items():
+    if _rate:
+        parse_rate(_rate)
+
+# Repeated failed log-ins lock out (django-axes, in the database): the form and the API token endpoint.
+# Staff lift a lockout in the admin (Access attempts) or with `manage.py axes_reset[_username|_ip]`.
+AXES_ENABLED = env.bool("AGORA_LOGIN_LOCKOUT", default=True)
+AXES_FAILURE_LIMIT = env.int("AGORA_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("AGORA_LOGIN_LOCKOUT_MINUTES", default=15))
+# What a lockout is keyed on: "username+ip_address" (default: an attacker cannot lock a member out from
+# elsewhere), or e.g. "username+ip_address,ip_address" to also lock an address trying many accounts.
+AXES_LOCKOUT_PARAMETERS = [
+    item.split("+") for item in env.list("AGORA_LOGIN_LOCKOUT_BY", default=["username+ip_address"])
+]
+AXES_RESET_ON_SUCCESS = True
+AXES_HTTP_RESPONSE_CODE = 429
+AXES_CLIENT_IP_CALLABLE = "core.client_ip.client_ip"
+AXES_USERNAME_CALLABLE = "agora.accounts.axes_username"
+AXES_LOCKOUT_CALLABLE = "agora.accounts.lockout_response"
+AXES_VERBOSE = False
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -232,11 +308,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "agora.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "agora.api.exception_handler",
-    "DEFAULT_THROTTLE_RATES": {
-        "enroll": env("AGORA_RATE_ENROLL", default="30/hour"),
-        "heartbeat": env("AGORA_RATE_HEARTBEAT", default="60/min"),
-        "token": env("AGORA_RATE_TOKEN", default="30/min"),
-    },
+    "DEFAULT_THROTTLE_RATES": AGORA_RATES,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Agora API",
@@ -264,7 +336,24 @@ SPECTACULAR_SETTINGS = {
 AGORA_JSON_MAX_DEPTH = env.int("AGORA_JSON_MAX_DEPTH", default=32)
 # Governance defaults, frozen onto each proposal when it opens.
 AGORA_VOTING_PERIOD = timedelta(hours=env.float("AGORA_VOTING_PERIOD_HOURS", default=72))
-AGORA_QUORUM = env.int("AGORA_QUORUM", default=3)  # minimum total vote weight cast (yes+no+abstain)
+# Quorum (total weight cast, yes+no+abstain) = max(AGORA_QUORUM_MIN, ceil(fraction x eligible voters)), both
+# counted when the vote opens.
+AGORA_QUORUM_FRACTION = env.float("AGORA_QUORUM_FRACTION", default=0.1)
+AGORA_QUORUM_MIN = env.int("AGORA_QUORUM_MIN", default=env.int("AGORA_QUORUM", default=3))
+if not 0 <= AGORA_QUORUM_FRACTION <= 1 or AGORA_QUORUM_MIN < 0:
+    raise ImproperlyConfigured("AGORA_QUORUM_FRACTION must be within [0, 1] and AGORA_QUORUM_MIN at least 0")
+# Who may vote: a verified e-mail address, always, plus these terms (governance/eligibility.py). Terms
+# separated by commas must all hold; "a|b" means either: verified_email, account_age:<N>d|h|m (old
+# enough when the vote opened), credits:<N> (verified compute credits), staff_approved.
+AGORA_VOTER_ELIGIBILITY = env("AGORA_VOTER_ELIGIBILITY", default="verified_email,account_age:7d")
+for _term in AGORA_VOTER_ELIGIBILITY.replace("|", ",").split(","):
+    if _term.strip() and not re.fullmatch(
+        r"verified_email|staff_approved|account_age:\d{1,6}[dhm]|credits:\d{1,12}(\.\d{1,4})?", _term.strip()
+    ):
+        raise ImproperlyConfigured(f"AGORA_VOTER_ELIGIBILITY: {_term.strip()!r} is not a term")
+# Where the credits term reads verified compute credits (governance cannot import marketplace).
+AGORA_MEMBER_CREDITS = "marketplace.voting.member_credits"
+AGORA_MEMBERS_WITH_CREDITS = "marketplace.voting.members_with_credits"
 AGORA_PASS_THRESHOLD = env.float("AGORA_PASS_THRESHOLD", default=0.5)  # yes / (yes + no) must exceed it
 # Vote weight strategy: a dotted path to a callable(user) -> Decimal.
 AGORA_VOTE_WEIGHT_STRATEGY = env(

@@ -1,5 +1,5 @@
+from allauth.account import views as allauth_views
 from django.contrib import admin
-from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
@@ -20,10 +20,13 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("ping", views.ping, name="ping"),
+    # allauth's views under our old names and paths (rate limited), then the rest of allauth's (e-mail
+    # confirmation, e-mail management, password reset) under /accounts/.
     path("accounts/signup/", accounts.signup, name="signup"),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
-    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("accounts/login/", accounts.login, name="login"),
+    path("accounts/logout/", allauth_views.logout, name="logout"),
     path("accounts/profile/", accounts.profile, name="profile"),
+    path("accounts/", include("allauth.urls")),
     path("", include("governance.urls")),
     path("", include("marketplace.urls")),
     path("", include("training.urls")),

@@ -8,7 +8,7 @@ from django.shortcuts import render
 
 from governance import services
 from governance.errors import GovernanceError
-from governance.models import Comment, Guardrail, Proposal, Vote
+from governance.models import Comment, Guardrail, Proposal, Vote, VoterApproval
 from governance.selectors import number
 
 
@@ -110,3 +110,36 @@ class CommentAdmin(ReadOnlyAdmin):
 class GuardrailAdmin(ReadOnlyAdmin):
     list_display = ["id", "title", "kind", "active", "enacted_at", "retired_at"]
     list_filter = ["kind", "active"]
+
+
+@admin.register(VoterApproval)
+class VoterApprovalAdmin(admin.ModelAdmin):
+    """Staff-approved membership (the ``staff_approved`` voter eligibility term): add to approve, delete to
+    withdraw. Both go through the services, so each lands in the ledger."""
+
+    list_display = ["user", "approved_by", "approved_at", "note"]
+    list_select_related = ["user", "approved_by"]
+    search_fields = ["user__username", "user__email"]
+    raw_id_fields = ["user"]
+    fields = ["user", "note"]
+    actions = ["revoke_selected"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return ["user", "note"] if obj is not None else []
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+    def save_model(self, request, obj, form, change):
+        approval = services.voter_approval_grant(user=obj.user, by=request.user, note=obj.note)
+        obj.pk, obj.approved_by, obj.approved_at = approval.pk, approval.approved_by, approval.approved_at
+
+    def delete_model(self, request, obj):
+        services.voter_approval_revoke(user=obj.user, by=request.user)
+
+    @admin.action(description="Withdraw approval of the selected members")
+    def revoke_selected(self, request, queryset):
+        done = sum(services.voter_approval_revoke(user=a.user, by=request.user) for a in queryset)
+        self.message_user(request, f"Withdrew {done} approval(s).", messages.SUCCESS)

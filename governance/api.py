@@ -10,6 +10,7 @@ from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
+from core.ratelimit import per_account, per_address, signed_in_account
 from governance import selectors, services
 from governance.models import Guardrail, Proposal
 from governance.serializers import (
@@ -148,6 +149,8 @@ class ProposalVetoApi(APIView):
 
 class ProposalCommentsApi(APIView):
     permission_classes = [IsAuthenticatedOrReadOnly]
+    # Posting is limited per address and per account; reading is not.
+    throttle_classes = [per_address("comment_address"), per_account("comment_account", signed_in_account)]
 
     @extend_schema(responses=CommentOutput(many=True))
     def get(self, request, pk: int):

@@ -22,3 +22,9 @@ class NotAllowed(GovernanceError):
 
     code = "forbidden"
     http_status = 403
+
+
+class NotEligible(NotAllowed):
+    """The member may not vote: no verified e-mail address, or the eligibility rule does not hold."""
+
+    code = "not_eligible"

@@ -36,6 +36,10 @@ class Proposal(models.Model):
     opens_at = models.DateTimeField(null=True, blank=True)
     closes_at = models.DateTimeField(null=True, blank=True)
     quorum = models.DecimalField(max_digits=14, decimal_places=4, null=True, blank=True)
+    # Frozen at opening too: who may vote (AGORA_VOTER_ELIGIBILITY) and how many members that was then;
+    # the quorum is a fraction of that count.
+    eligibility_rule = models.CharField(max_length=500, blank=True)
+    eligible_voters = models.PositiveIntegerField(null=True, blank=True)
     threshold = models.DecimalField(max_digits=5, decimal_places=4, null=True, blank=True)
     closed_at = models.DateTimeField(null=True, blank=True)
     decided_at = models.DateTimeField(null=True, blank=True)
@@ -117,6 +121,24 @@ class Vote(models.Model):
 
     def __str__(self) -> str:
         return f"{self.voter} {self.choice} on #{self.proposal_id}"
+
+
+class VoterApproval(models.Model):
+    """A staff member approved this account as a voting member (the ``staff_approved`` eligibility term).
+
+    Granted and revoked only through ``voter_approval_grant`` / ``voter_approval_revoke`` (ledger entries).
+    """
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="voter_approval")
+    approved_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    approved_at = models.DateTimeField(default=timezone.now)
+    note = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["-approved_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.user} approved to vote"
 
 
 class Comment(models.Model):

@@ -88,7 +88,7 @@ class ProposalDetailOutput(ProposalListOutput):
     class Meta(ProposalListOutput.Meta):
         fields = ProposalListOutput.Meta.fields + [
             "body", "body_html", "spec", "quorum", "threshold", "closed_at", "decided_at", "decided_by",
-            "veto_reason", "enacted_at", "outcome",
+            "veto_reason", "enacted_at", "outcome", "eligibility_rule", "eligible_voters",
         ]
 
     @extend_schema_field(OpenApiTypes.STR)

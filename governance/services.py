@@ -11,8 +11,9 @@ from django.db import transaction
 from django.utils import timezone
 from rest_framework import serializers
 
-from governance.errors import NotAllowed, ProposalStateError, VotingClosed
-from governance.models import Comment, Guardrail, Proposal, Vote
+from governance.eligibility import eligible_voters, parse_rule, proposal_voter_eligibility, quorum_for
+from governance.errors import NotAllowed, NotEligible, ProposalStateError, VotingClosed
+from governance.models import Comment, Guardrail, Proposal, Vote, VoterApproval
 from governance.selectors import number, proposal_tally
 from governance.signals import training_proposal_approved
 from governance.specs import content_hash, spec_normalise
@@ -100,7 +101,8 @@ def proposal_submit(
 
 @transaction.atomic
 def proposal_open(*, proposal: Proposal, by) -> Proposal:
-    """draft -> active: the window, quorum and threshold in force now are frozen onto the proposal."""
+    """draft -> active: the window, threshold and voter eligibility rule in force now are frozen onto the
+    proposal, with the number of members eligible at this moment and the quorum, a fraction of them."""
     _require_member(by)
     locked = _locked(proposal)
     if locked.author_id != by.pk:
@@ -111,9 +113,13 @@ def proposal_open(*, proposal: Proposal, by) -> Proposal:
     locked.status = Status.ACTIVE
     locked.opens_at = now
     locked.closes_at = now + settings.AGORA_VOTING_PERIOD
-    locked.quorum = Decimal(str(settings.AGORA_QUORUM))
+    locked.eligibility_rule = str(parse_rule(settings.AGORA_VOTER_ELIGIBILITY))
+    locked.eligible_voters = eligible_voters(rule=locked.eligibility_rule, at=now).count()
+    locked.quorum = quorum_for(eligible=locked.eligible_voters)
     locked.threshold = Decimal(str(settings.AGORA_PASS_THRESHOLD))
-    locked.save(update_fields=["status", "opens_at", "closes_at", "quorum", "threshold"])
+    locked.save(
+        update_fields=["status", "opens_at", "closes_at", "quorum", "threshold", "eligibility_rule", "eligible_voters"]
+    )
     entry_append(
         actor=by,
         action="proposal.opened",
@@ -123,6 +129,10 @@ def proposal_open(*, proposal: Proposal, by) -> Proposal:
             "closes_at": locked.closes_at.isoformat(),
             "quorum": number(locked.quorum),
             "threshold": number(locked.threshold),
+            "eligibility_rule": locked.eligibility_rule,
+            "eligible_voters": locked.eligible_voters,
+            "quorum_fraction": str(settings.AGORA_QUORUM_FRACTION),
+            "quorum_min": int(settings.AGORA_QUORUM_MIN),
         },
     )
     return _refresh_into(proposal, locked)
@@ -151,6 +161,8 @@ def proposal_cancel(*, proposal: Proposal, by) -> Proposal:
 def vote_cast(*, proposal: Proposal, voter, choice: str) -> Vote:
     """Cast or change the member's vote while the window is open. Weight is computed and recorded now.
 
+    Only an eligible member votes (``governance.eligibility``, under the rule frozen onto the proposal);
+    otherwise ``NotEligible`` says what is missing. The ledger entry records the eligibility basis.
     Re-casting the same choice changes nothing and appends nothing.
     """
     _require_member(voter)
@@ -162,6 +174,9 @@ def vote_cast(*, proposal: Proposal, voter, choice: str) -> Vote:
         raise ProposalStateError(f"voting is only possible while a proposal is active, not {locked.status}")
     if not (locked.opens_at <= now < locked.closes_at):
         raise VotingClosed("the voting window is closed")
+    eligibility = proposal_voter_eligibility(proposal=locked, user=voter)
+    if not eligibility.eligible:
+        raise NotEligible(eligibility.reason)
     weight = vote_weight(voter)
     vote = Vote.objects.select_for_update().filter(proposal=locked, voter=voter).first()
     if vote is None:
@@ -180,9 +195,41 @@ def vote_cast(*, proposal: Proposal, voter, choice: str) -> Vote:
         actor=voter,
         action=action,
         subject=locked.ledger_subject,
-        payload={"choice": choice, "previous": previous, "weight": number(weight)},
+        payload={
+            "choice": choice,
+            "previous": previous,
+            "weight": number(weight),
+            "eligibility": eligibility.as_ledger(),
+        },
     )
     return vote
+
+
+@transaction.atomic
+def voter_approval_grant(*, user, by, note: str = "") -> VoterApproval:
+    """Staff approve ``user`` as a voting member (the ``staff_approved`` eligibility term). Idempotent."""
+    _require_staff(by)
+    note = (note or "").strip()
+    if len(note) > 200:
+        raise serializers.ValidationError({"note": ["At most 200 characters."]})
+    approval, created = VoterApproval.objects.get_or_create(
+        user=user, defaults={"approved_by": by, "approved_at": timezone.now(), "note": note}
+    )
+    if created:
+        entry_append(actor=by, action="member.approved", subject=f"user:{user.pk}", payload={"note": note})
+    return approval
+
+
+@transaction.atomic
+def voter_approval_revoke(*, user, by, reason: str = "") -> bool:
+    """Withdraw a staff approval; votes already cast stand. Returns whether there was one."""
+    _require_staff(by)
+    deleted, _ = VoterApproval.objects.filter(user=user).delete()
+    if deleted:
+        entry_append(
+            actor=by, action="member.approval_revoked", subject=f"user:{user.pk}", payload={"reason": (reason or "")[:200]}
+        )
+    return bool(deleted)
 
 
 @transaction.atomic
@@ -289,7 +336,7 @@ def proposals_close_due() -> list[int]:
 def _require_staff(user) -> None:
     _require_member(user)
     if not user.is_staff:
-        raise NotAllowed("only staff can approve or veto")
+        raise NotAllowed("only staff can do this")
 
 
 @transaction.atomic

@@ -11,7 +11,10 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 from rest_framework import serializers
 
+from core.client_ip import client_rate_key
+from core.ratelimit import rate_limited, signed_in_account
 from governance import selectors, services
+from governance.eligibility import proposal_voter_eligibility
 from governance.errors import GovernanceError
 from governance.forms import CommentForm, GuardrailProposalForm, TrainingProposalForm, VetoForm
 from governance.models import Guardrail, Proposal, Vote
@@ -55,8 +58,13 @@ def proposal_list(request):
 def _vote_panel_context(request, proposal: Proposal, *, error: str = "") -> dict:
     tally = selectors.proposal_tally(proposal=proposal)
     mine = selectors.my_vote(proposal=proposal, user=request.user)
+    eligibility = (
+        proposal_voter_eligibility(proposal=proposal, user=request.user)
+        if proposal.status == Proposal.Status.ACTIVE and request.user.is_authenticated
+        else None
+    )
     return {"proposal": proposal, "tally": tally, "my_vote": mine, "vote_error": error,
-            "choices": Vote.Choice.choices}
+            "choices": Vote.Choice.choices, "eligibility": eligibility}
 
 
 def proposal_detail(request, pk: int):
@@ -167,6 +175,7 @@ def proposal_veto(request, pk: int):
 
 @require_POST
 @login_required
+@rate_limited(("comment_address", client_rate_key, "address"), ("comment_account", signed_in_account, "account"))
 def proposal_comment(request, pk: int):
     form = CommentForm(request.POST)
     body = form.data.get("body", "")

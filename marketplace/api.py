@@ -26,7 +26,7 @@ from marketplace.serializers import (
     WorkerOut,
     heartbeat_parse,
 )
-from marketplace.throttles import EnrollRateThrottle, WorkerRateThrottle
+from marketplace.throttles import EnrollAccountThrottle, EnrollRateThrottle, WorkerRateThrottle
 
 # A 4xx declared with a description only gets the project's error body in the schema (agora.schema).
 _CONFLICT = OpenApiResponse(description="The worker's state does not allow this (e.g. already revoked).")
@@ -37,7 +37,7 @@ class EnrollApi(APIView):
 
     authentication_classes = []
     permission_classes = [AllowAny]
-    throttle_classes = [EnrollRateThrottle]
+    throttle_classes = [EnrollRateThrottle, EnrollAccountThrottle]  # per address, per the token's owner
     throttle_scope = "enroll"
 
     @extend_schema(request=EnrollIn, responses={

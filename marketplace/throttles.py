@@ -9,7 +9,11 @@ from django.core.cache import cache as default_cache
 from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
 
-from marketplace.models import Worker
+from core.client_ip import client_rate_key
+from core.ratelimit import per_account
+from core.rates import parse_rate
+from marketplace import presence
+from marketplace.models import EnrollmentToken, Worker
 from marketplace.presence import CACHE_ERRORS, cache_down, fast_redis
 
 
@@ -33,6 +37,13 @@ def fail_open(throttle_class):
 class _LiveRates:
     def get_rate(self):
         return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)
+
+    def parse_rate(self, rate):
+        return (None, None) if rate is None else parse_rate(rate)  # also "5/15min"
+
+    def get_ident(self, request):
+        # The one client address (core.client_ip): X-Forwarded-For counts only from trusted proxies.
+        return client_rate_key(request)
 
 
 @fail_open
@@ -89,3 +100,18 @@ class WorkerRateThrottle(_LiveRates, ScopedRateThrottle):
         except ValueError:  # expired between add and incr
             self.cache.set(key, 1, timeout)
             return 1
+
+
+def _enrollment_token_owner(request) -> str | None:
+    """Enrollment is anonymous, but its token names the member who made it: count per that member."""
+    data = request.data
+    token = data.get("enrollment_token") if isinstance(data, dict) else None
+    if not isinstance(token, str) or not token or len(token) > 200:
+        return None
+    owner_id = (
+        EnrollmentToken.objects.filter(token_hash=presence.token_hash(token)).values_list("owner_id", flat=True).first()
+    )
+    return None if owner_id is None else f"user:{owner_id}"
+
+
+EnrollAccountThrottle = per_account("enroll_account", _enrollment_token_owner)

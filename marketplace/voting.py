@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from decimal import ROUND_DOWN, Decimal
 
+from django.db.models import Sum
+
+from marketplace.models import CreditGrant
 from marketplace.selectors import member_credits
 
 
@@ -20,3 +23,14 @@ def weight_for_credits(credits: Decimal) -> Decimal:
 
 def compute_weighted(user) -> Decimal:
     return weight_for_credits(member_credits(user=user))
+
+
+def members_with_credits(*, minimum: Decimal):
+    """Ids of members whose workers hold at least ``minimum`` granted credits (the ``credits:<N>`` voter
+    eligibility term; a subquery, so counting eligible voters stays one query)."""
+    return (
+        CreditGrant.objects.values("worker__owner")
+        .annotate(total=Sum("amount"))
+        .filter(total__gte=minimum)
+        .values("worker__owner")
+    )

@@ -15,9 +15,11 @@ from rest_framework.permissions import AllowAny, IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from core.ratelimit import per_address
 from diloco import safejson
 from governance.selectors import guardrails_active
 from marketplace.auth import IsWorker, WorkerTokenAuthentication
+from marketplace.throttles import WorkerRateThrottle
 from training import blobs, selectors, services
 from training.errors import TrainingError, UploadTooLarge
 from training.models import TrainingRun
@@ -47,6 +49,11 @@ class _WorkerApi(APIView):
 
 
 class TaskClaimApi(_WorkerApi):
+    # Per worker (scope claim_worker) and per client address (claim_address): a stolen or looping agent
+    # cannot hammer the coordinator's busiest query.
+    throttle_classes = [WorkerRateThrottle, per_address("claim_address")]
+    throttle_scope = "claim_worker"
+
     @extend_schema(request=None, responses={200: OpenApiTypes.OBJECT, 204: OpenApiResponse(description="no work")},
                    summary="Claim the next task this worker can run")
     def post(self, request):

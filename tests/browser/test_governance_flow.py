@@ -41,7 +41,7 @@ def log_in(browser, base_url: str, username: str):
     page = browser.new_context(base_url=base_url).new_page()
     page.set_default_timeout(15_000)
     page.goto("/accounts/login/")
-    page.fill("input[name=username]", username)
+    page.fill("input[name=login]", username)
     page.fill("input[name=password]", PASSWORD)
     page.click("form button[type=submit], form input[type=submit]")
     page.wait_for_load_state()

@@ -50,7 +50,9 @@ def test_each_change_appends_its_entry_and_the_chain_verifies(history):
 def test_editing_a_governance_entry_is_named_by_both_verifiers(history, tmp_path, field, value):
     target = Entry.objects.filter(action="vote.cast").get()
     call_command("export_ledger", output=str(tmp_path / "good.json"))
-    Entry.objects.filter(pk=target.pk).update(**{field: value})
+    # The payload is stored as the text that was hashed: edit that text.
+    column, stored = ("payload_json", json.dumps(value)) if field == "payload" else (field, value)
+    Entry.objects.filter(pk=target.pk).update(**{column: stored})
 
     assert ledger_verify().broken_seq == target.seq
     with pytest.raises(CommandError, match=f"seq {target.seq}"):

@@ -37,7 +37,7 @@ def submit(author, kind="training", spec=None, **kwargs) -> Proposal:
                                     spec=spec if spec is not None else {}, **kwargs)
 
 
-@override_settings(AGORA_QUORUM=3, AGORA_PASS_THRESHOLD=0.5, AGORA_VOTING_PERIOD=timedelta(days=3))
+@override_settings(AGORA_QUORUM_MIN=3, AGORA_PASS_THRESHOLD=0.5, AGORA_VOTING_PERIOD=timedelta(days=3))
 def test_training_proposal_from_draft_to_enacted_with_frozen_time(
     member, staff, django_capture_on_commit_callbacks, monkeypatch
 ):
@@ -52,7 +52,7 @@ def test_training_proposal_from_draft_to_enacted_with_frozen_time(
         assert (proposal.quorum, proposal.threshold) == (Decimal(3), Decimal("0.5"))
 
         # The window is frozen: changing the settings later does not move it.
-        with override_settings(AGORA_VOTING_PERIOD=timedelta(hours=1), AGORA_QUORUM=99):
+        with override_settings(AGORA_VOTING_PERIOD=timedelta(hours=1), AGORA_QUORUM_MIN=99):
             proposal.refresh_from_db()
             assert proposal.closes_at == START + timedelta(days=3) and proposal.quorum == 3
 
@@ -157,7 +157,7 @@ def test_quorum_and_threshold_edges(yes, no, abstain, quorum, threshold, quorum_
     assert tally.succeeds is succeeds
 
 
-@override_settings(AGORA_QUORUM=2, AGORA_PASS_THRESHOLD=0.5)
+@override_settings(AGORA_QUORUM_MIN=2, AGORA_PASS_THRESHOLD=0.5)
 def test_defeat_by_missing_quorum_is_recorded(member, other_member):
     with time_machine.travel(START, tick=False) as clock:
         proposal = submit(member, open_now=True)
@@ -170,7 +170,7 @@ def test_defeat_by_missing_quorum_is_recorded(member, other_member):
     assert closed.payload["tally"]["quorum_reached"] is False and closed.payload["outcome"] == "defeated"
 
 
-@override_settings(AGORA_QUORUM=2)
+@override_settings(AGORA_QUORUM_MIN=2)
 def test_guardrail_adopted_then_retired_by_another_proposal(member, other_member):
     with time_machine.travel(START, tick=False) as clock:
         adopt = submit(member, kind="guardrail", open_now=True, spec={

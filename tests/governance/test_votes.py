@@ -11,6 +11,7 @@ from governance.models import Vote
 from governance.selectors import proposal_tally
 from ledger.models import Entry
 from ledger.selectors import ledger_verify
+from tests.factories import UserFactory
 from tests.governance.factories import ProposalFactory, VoteFactory
 
 pytestmark = pytest.mark.django_db
@@ -36,10 +37,12 @@ def test_changing_a_vote_keeps_one_row_and_records_the_change(member):
     assert list(Vote.objects.values_list("choice", flat=True)) == ["no"]
     tally = proposal_tally(proposal=proposal)
     assert (tally.yes, tally.no, tally.votes) == (0, 1, 1)
-    entries = list(Entry.objects.filter(subject=proposal.ledger_subject).values_list("action", "payload"))
+    entries = [(e.action, e.payload) for e in Entry.objects.filter(subject=proposal.ledger_subject).order_by("seq")]
+    age_days = (proposal.opens_at - member.date_joined).days  # measured when the vote opened
+    basis = {"rule": "verified_email,account_age:7d", "verified_email": True, "account_age_days": age_days}
     assert entries == [
-        ("vote.cast", {"choice": "yes", "previous": None, "weight": 1}),
-        ("vote.changed", {"choice": "no", "previous": "yes", "weight": 1}),
+        ("vote.cast", {"choice": "yes", "previous": None, "weight": 1, "eligibility": basis}),
+        ("vote.changed", {"choice": "no", "previous": "yes", "weight": 1, "eligibility": basis}),
     ]
     assert ledger_verify().ok
 
@@ -52,10 +55,10 @@ def test_an_unknown_choice_is_a_field_error(member_client):
 
 
 @override_settings(AGORA_VOTE_WEIGHT_STRATEGY="tests.governance.test_votes.fake_compute_weighted")
-def test_compute_weighted_strategy_from_settings_is_recorded_on_the_vote(django_user_model):
+def test_compute_weighted_strategy_from_settings_is_recorded_on_the_vote():
     proposal = ProposalFactory(status="active")
-    heavy = django_user_model.objects.create_user("gpu-heavy")
-    light = django_user_model.objects.create_user("light")
+    heavy = UserFactory(username="gpu-heavy")
+    light = UserFactory(username="light")
     services.vote_cast(proposal=proposal, voter=heavy, choice="yes")
     services.vote_cast(proposal=proposal, voter=light, choice="no")
     assert Vote.objects.get(voter=heavy).weight == Decimal("2.5")
