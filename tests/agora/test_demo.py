@@ -4,6 +4,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
+from governance.eligibility import voter_eligibility
 from governance.models import Guardrail, Proposal
 from ledger.selectors import ledger_verify
 from training.models import CommunityModel, TrainingRun
@@ -16,6 +17,8 @@ def test_seed_demo_creates_members_proposals_a_guardrail_and_a_run(settings):
     users = get_user_model().objects
     assert users.get(username="admin").is_staff
     assert users.get(username="alice").check_password("agora-demo")
+    for name in ("admin", "alice", "bob", "carol", "dave"):  # verified and old enough: all may vote
+        assert voter_eligibility(users.get(username=name)).eligible, name
     assert Guardrail.objects.filter(active=True, kind="output_filter").exists()
     assert Proposal.objects.filter(status=Proposal.Status.ACTIVE).count() == 2
     assert Proposal.objects.filter(status=Proposal.Status.DRAFT).count() == 1

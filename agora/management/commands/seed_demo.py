@@ -1,10 +1,14 @@
 """Seed a demo: members, an admin, a guardrail in force, open proposals, a community model and an approved
 training proposal that becomes a run as soon as Celery picks it up. Safe to run again: it does nothing
-when the demo is already there."""
+when the demo is already there.
+
+The demo's people are eligible voters under any account-age rule: their e-mail addresses are verified and
+their accounts date from long ago. Members who sign up in the browser verify through the console mail."""
 
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
+from allauth.account.models import EmailAddress
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
@@ -16,6 +20,7 @@ from governance.models import Proposal
 from training.services import community_model_ensure
 
 PASSWORD = "agora-demo"
+FOUNDED = datetime(2024, 1, 1, tzinfo=UTC)  # the demo members' accounts are old enough to vote
 DEMO_MODEL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64}
 
 TRAINING_SPEC = {
@@ -55,15 +60,17 @@ class Command(BaseCommand):
             return
         with transaction.atomic():
             admin = User.objects.create_user("admin", "admin@example.org", PASSWORD, is_staff=True,
-                                             is_superuser=True)
-            members = [User.objects.create_user(name, f"{name}@example.org", PASSWORD)
+                                             is_superuser=True, date_joined=FOUNDED)
+            members = [User.objects.create_user(name, f"{name}@example.org", PASSWORD, date_joined=FOUNDED)
                        for name in ("alice", "bob", "carol", "dave")]
+            for user in (admin, *members):
+                EmailAddress.objects.create(user=user, email=user.email, primary=True, verified=True)
             alice, bob, carol, dave = members
             community_model_ensure(slug="byte-gpt-demo", name="Byte GPT (demo)", arch="byte-gpt",
                                    config=DEMO_MODEL, seed=0)
 
         # Proposals decided in a short window so the demo starts with a guardrail in force and a run going.
-        with override_settings(AGORA_VOTING_PERIOD=timedelta(seconds=2), AGORA_QUORUM=3):
+        with override_settings(AGORA_VOTING_PERIOD=timedelta(seconds=2), AGORA_QUORUM_MIN=3):
             guardrail = gov.proposal_submit(author=alice, kind=Proposal.Kind.GUARDRAIL,
                                             title="Keep credentials out of generated text",
                                             body="Block playground outputs that look like passwords or keys.",
