@@ -37,7 +37,7 @@ class WorkerTokenScheme(OpenApiAuthenticationExtension):
 
 
 class ErrorSerializer(serializers.Serializer):
-    """Every 4xx answer of the API."""
+    """Every error answer of the API (4xx, and 503 where a service behind it is down)."""
 
     error = serializers.CharField(help_text="A stable code: `invalid`, `not_found`, `throttled`, `invalid_state`, ...")
     detail = serializers.CharField(help_text="What went wrong, for people; names the field at fault.")

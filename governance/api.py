@@ -55,7 +55,7 @@ class ProposalListCreateApi(APIView):
         parameters=[
             OpenApiParameter("kind", str, enum=Proposal.Kind.values),
             OpenApiParameter("status", str, enum=Proposal.Status.values),
-            OpenApiParameter("q", str, description="search in title and body"),
+            OpenApiParameter("q", {"type": "string", "maxLength": 200}, description="search in title and body"),
         ],
         responses=ProposalListOutput(many=True),
     )

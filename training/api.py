@@ -104,8 +104,11 @@ class TaskResultApi(_WorkerApi):
     parser_classes = [MultiPartParser]
 
     @extend_schema(
-        request={"multipart/form-data": {"type": "object", "properties": {
-            "update": {"type": "string", "format": "binary"}, "metrics": {"type": "string"}}}},
+        request={"multipart/form-data": {"type": "object", "required": ["update", "metrics"], "properties": {
+            "update": {"type": "string", "format": "binary",
+                       "description": "the pseudo-gradient as safetensors, encoded as the task's `compression` says"},
+            "metrics": {"type": "string", "description": "a JSON object: `loss_start`, `loss_end`, `steps`, "
+                                                           "`tokens`, `seconds`"}}}},
         responses={202: ResultAcceptedSerializer, 409: _TASK_CONFLICT, 410: _TASK_GONE,
                    413: OpenApiResponse(description="The update is larger than this task accepts.")},
         summary="Upload a task's pseudo-gradient (safetensors) and its metrics",
