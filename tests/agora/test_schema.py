@@ -99,10 +99,15 @@ def test_state_changes_document_409(schema, path):
 
 @pytest.mark.parametrize("method, path", [
     ("post", "/api/v1/auth/token"), ("post", "/api/v1/workers/enroll"), ("post", "/api/v1/workers/heartbeat"),
+    ("post", "/api/v1/tasks/claim"), ("post", "/api/v1/proposals/{id}/comments"),
 ])
 def test_throttled_operations_document_429_with_retry_after(schema, method, path):
     response = schema["paths"][path][method]["responses"]["429"]
     assert "Retry-After" in response["headers"]
+
+
+def test_a_throttle_that_counts_only_writes_leaves_reads_without_429(schema):
+    assert "429" not in schema["paths"]["/api/v1/proposals/{id}/comments"]["get"]["responses"]
 
 
 def test_the_upload_is_documented_as_multipart_with_its_limits(schema):
