@@ -192,3 +192,21 @@ def test_verify_ledger_names_every_broken_entry():
     message = str(caught.value)
     assert "seq 2: hash mismatch" in message and "seq 5: hash mismatch" in message
     assert "seq 3" not in message and "seq 6" not in message
+
+
+@pytest.mark.django_db
+def test_an_export_through_the_public_api_verifies_against_its_head(api_client):
+    """What anyone outside can do: page through the API, parse it as JSON, verify against the head."""
+    from ledger.chain import PublishedHead, verify
+
+    for value in AWKWARD_FLOATS + AWKWARD_INTS + ["a\x00b", "😀\U0010ffff"]:
+        entry_append(actor="alice", action="test.export", payload={"v": value, "nested": [{"v": value}]})
+    entries, after = [], 0
+    while after is not None:
+        page = json.loads(api_client.get("/api/v1/ledger/", {"after": after, "limit": 7}).content)
+        entries += page["entries"]
+        after = page["next_after"]
+    head = PublishedHead.from_mapping(json.loads(api_client.get("/api/v1/ledger/head").content))
+    verdict = verify(entries, heads=[head])
+    assert verdict.ok and verdict.count == len(AWKWARD_FLOATS) + len(AWKWARD_INTS) + 2, str(verdict)
+    assert not verify(entries[:-1], heads=[head]).ok
