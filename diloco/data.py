@@ -210,6 +210,11 @@ def _https_parts(url: str, source: str) -> tuple[str, int, str]:
     host = parts.hostname
     if not host or any(c in url for c in "\x00\r\n\t "):
         raise DatasetError(f"dataset source {source!r}{where}: not a valid URL")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise DatasetError(f"dataset source {source!r}{where}: not a valid host name") from None
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query

@@ -337,3 +337,11 @@ def test_the_pinned_connection_goes_to_the_checked_address_and_verifies_the_host
     with pytest.raises(ssl.SSLCertVerificationError):  # a certificate for another name is refused
         open_https(address="127.0.0.1", host="other.example", port=port, target="/corpus.txt", timeout=10,
                    context=context)
+
+
+def test_international_host_names_are_resolved_in_their_ascii_form(web, tmp_path):
+    web.dns["xn--bcher-kva.example"] = [PUBLIC]
+    web.routes[("xn--bcher-kva.example", "/c.txt")] = (200, {}, BODY)
+    docs = load_documents("https://bücher.example/c.txt", SHA, str(tmp_path), policy=web.policy())
+    assert docs == ["alpha doc", "beta doc", "gamma doc"]
+    assert web.lookups == ["xn--bcher-kva.example"]
