@@ -1141,6 +1141,7 @@ def _round_aggregate_claimed(rnd: Round, token: str, tasks: list[Task]) -> Round
         with lease.kept():
             outcome = _aggregate_compute(rnd, token, tasks, lease=lease)
         outcome.timings["aggregation_s"] = time.perf_counter() - started  # read, screen, step, eval, write
+        committed = _aggregate_commit(round_id, token, outcome)
     except _LeaseLost:
         # Whoever took the round over deleted this attempt's files already, or will; only the names unique
         # to this attempt are safe to delete here (another attempt may be writing the same checkpoint).
@@ -1149,9 +1150,11 @@ def _round_aggregate_claimed(rnd: Round, token: str, tasks: list[Task]) -> Round
         return None
     except Exception:
         log.exception("aggregation of round %s failed; re-opening it", round_id)
-        _round_release(round_id=round_id, token=token)
+        try:
+            _round_release(round_id=round_id, token=token)
+        except Exception:  # the database is gone too: the lease lapses and the next check takes over
+            log.exception("could not re-open round %s; its lease will lapse", round_id)
         raise
-    committed = _aggregate_commit(round_id, token, outcome)
     if committed is None:
         _attempt_files_delete(rnd.run_id, rnd.index, token, checkpoint=_round_closed_without(round_id, token))
     else:
