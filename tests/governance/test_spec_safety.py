@@ -190,3 +190,16 @@ def test_the_form_names_the_pattern(client, member):
     html = response.content.decode()
     assert "Pattern 2: Not a valid regular expression for the linear-time RE2 engine: invalid perl operator" in html
     assert not Proposal.objects.exists()
+
+
+@pytest.mark.parametrize("source", ["file:/etc/shadow", "https://169.254.169.254/latest/meta-data/"])
+def test_the_training_form_puts_the_refusal_on_the_source_input(client, member, data_root, source):
+    client.force_login(member)
+    response = client.post("/proposals/new/", {
+        "kind": "training", "title": "Steal", "model_name": "byte-gpt-small", "dataset_source": source,
+        "dataset_sha256": SHA, "heldout_fraction": "0.1"})
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert '<ul class="errorlist" id="id_dataset_source-errors">' in html
+    assert "not a public address" in html or "under the server&#x27;s data root" in html
+    assert not Proposal.objects.exists() and not Entry.objects.exists()
