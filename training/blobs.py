@@ -105,8 +105,7 @@ def blob_write(name: str, data: bytes, *, content_addressed: bool = False, sha25
     bytes before returning; on a mismatch the blob is removed and ``BlobCorrupt`` raised, so callers
     commit rows that name a blob only once it is known good. A content-addressed blob already stored
     with the right bytes is left alone; one with other bytes (a truncated write) is replaced.
-    Raises ``OSError`` when storage fails; nothing is left at ``name`` that was not there before, except
-    a content-addressed blob that now holds the right bytes.
+    Raises ``OSError`` when storage fails; a failed write never leaves part of ``data`` under ``name``.
     """
     if content_addressed and sha256 is None:
         sha256 = sha256_hex(data)
