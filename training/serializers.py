@@ -106,7 +106,8 @@ class RoundSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Round
-        fields = ["index", "status", "opened_at", "deadline", "aggregated_at", "aggregator", "checkpoint_in",
+        fields = ["index", "status", "attempt", "extensions", "opened_at", "deadline", "aggregated_at", "aggregator",
+                  "checkpoint_in",
                   "checkpoint_out", "eval_loss_before", "eval_loss_after", "accepted", "reason", "timings", "tasks"]
 
 

@@ -105,7 +105,7 @@ def test_the_database_refuses_two_live_tasks_of_one_worker_in_a_round():
     Task.objects.filter(pk=other.pk).update(worker=worker, status=Task.Status.ASSIGNED)  # the lost one no longer counts
 
 
-def test_a_starved_round_fails_after_its_extensions_and_is_tried_again():
+def test_a_starved_round_fails_after_its_extensions_and_is_tried_again(api_client, client):
     run = _start(workers_per_round=2, min_workers=2, rounds=1, max_round_extensions=2, max_failed_rounds=1)
     rnd = Round.objects.get(run=run)
     for extension in (1, 2):
@@ -127,6 +127,10 @@ def test_a_starved_round_fails_after_its_extensions_and_is_tried_again():
     assert Task.objects.get(pk=kept.pk).status == Task.Status.COMPLETED
     run.refresh_from_db()
     assert run.status == TrainingRun.Status.RUNNING and run.failed_rounds == 1
+    shown = api_client.get(f"/api/v1/runs/{run.pk}/").json()["rounds"][0]
+    assert (shown["status"], shown["attempt"], shown["extensions"]) == ("open", 2, 0)
+    assert "attempt 1 of round 1 got 1" in shown["reason"]
+    assert "(attempt 2, deadline extended 0 times)" in client.get(f"/runs/{run.pk}/").content.decode()
 
     # The second attempt gets its second result and aggregates both.
     other = WorkerFactory(gpus=[])
@@ -163,7 +167,7 @@ def test_a_run_fails_with_its_reason_once_it_has_used_up_its_failed_rounds(api_c
 
     body = api_client.get(f"/api/v1/runs/{run.pk}/").json()
     assert body["status"] == "failed" and body["reason"] == run.reason
-    assert body["rounds"][0]["status"] == "failed"
+    assert body["rounds"][0]["status"] == "failed" and body["rounds"][0]["attempt"] == 2
     page = client.get(f"/runs/{run.pk}/").content.decode()
     assert "round 1 failed" in page
     assert ledger_verify().ok
