@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from django.urls import reverse
 from rest_framework import serializers
 
@@ -73,8 +75,18 @@ class ResultAcceptedSerializer(serializers.Serializer):
     update_sha256 = serializers.CharField()
 
 
+class StoredFloatField(serializers.FloatField):
+    """A stored float as JSON: NaN and infinities (a diverged evaluation, an overflowing norm) become null,
+    since JSON has no spelling for them and one such value would fail the whole response."""
+
+    def to_representation(self, value):
+        value = super().to_representation(value)
+        return value if math.isfinite(value) else None
+
+
 class CheckpointRefSerializer(serializers.ModelSerializer):
     url = serializers.SerializerMethodField()
+    eval_loss = StoredFloatField(allow_null=True, read_only=True)
 
     class Meta:
         model = Checkpoint
@@ -89,6 +101,7 @@ class CheckpointRefSerializer(serializers.ModelSerializer):
 class TaskSummarySerializer(serializers.ModelSerializer):
     worker_id = serializers.IntegerField(allow_null=True)
     worker_name = serializers.SerializerMethodField()
+    update_norm = StoredFloatField(allow_null=True, read_only=True)
 
     class Meta:
         model = Task
@@ -103,6 +116,8 @@ class RoundSerializer(serializers.ModelSerializer):
     checkpoint_in = serializers.CharField(source="checkpoint_in_id")
     checkpoint_out = serializers.CharField(source="checkpoint_out_id", allow_null=True)
     tasks = TaskSummarySerializer(many=True)
+    eval_loss_before = StoredFloatField(allow_null=True, read_only=True)
+    eval_loss_after = StoredFloatField(allow_null=True, read_only=True)
 
     class Meta:
         model = Round

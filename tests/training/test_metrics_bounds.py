@@ -140,3 +140,26 @@ def test_loss_chart_draws_extreme_values():
     points = [LossPoint(0, 1.7e308, None, None), LossPoint(1, 0.0, 1.79e308, True), LossPoint(2, 5e-324, 2.0, False)]
     svg = loss_chart_svg(points)
     assert svg.startswith("<svg") and "nan" not in svg and "inf" not in svg
+
+
+def test_run_api_renders_non_finite_stored_floats_as_null(client, api_client, run, cpu_worker):
+    """A diverged evaluation stores NaN or infinity in a float column; JSON cannot spell either."""
+    from training.models import Checkpoint
+
+    rnd = Round.objects.get(run=run, index=1)
+    task = services.task_claim(worker=cpu_worker)
+    Task.objects.filter(pk=task.pk).update(update_norm=float("nan"), metrics={"loss_end": 3.0},
+                                           status=Task.Status.REJECTED, update_sha256="a" * 64)
+    Round.objects.filter(pk=rnd.pk).update(aggregated_at=timezone.now(), accepted=False, eval_loss_before=float("nan"),
+                                           eval_loss_after=float("-inf"), status=Round.Status.REJECTED,
+                                           checkpoint_out_id=rnd.checkpoint_in_id)
+    Checkpoint.objects.filter(pk=rnd.checkpoint_in_id).update(eval_loss=float("inf"))
+
+    assert client.get(f"/runs/{run.pk}/").status_code == 200
+    response = api_client.get(f"/api/v1/runs/{run.pk}/")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    first = body["rounds"][0]
+    assert first["eval_loss_before"] is None and first["eval_loss_after"] is None
+    assert first["tasks"][0]["update_norm"] is None and body["base_checkpoint"]["eval_loss"] is None
+    assert body["losses"][-1]["train"] == 3.0
