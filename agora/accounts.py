@@ -17,7 +17,7 @@ from allauth.account.adapter import DefaultAccountAdapter
 from allauth.account.models import EmailAddress
 from axes.handlers.proxy import AxesProxyHandler
 from axes.helpers import get_cool_off
-from django.contrib import messages
+from django.contrib import admin, messages
 from django.contrib.auth.decorators import login_required
 from django.http import JsonResponse
 from django.shortcuts import redirect, render
@@ -44,12 +44,15 @@ class AccountAdapter(DefaultAccountAdapter):
 
 
 def axes_username(request, credentials: dict | None) -> str | None:
-    """The account a log-in attempt is for, whichever way it was sent (allauth's form says ``login``)."""
+    """The account a log-in attempt is for, whichever way it was sent (allauth's form says ``login``).
+
+    Case-folded: allauth matches usernames without regard to case, so ``Alice`` and ``alice`` must share
+    one failure count (``axes_reset_username`` takes the lower-case name)."""
     for source in (credentials or {}, getattr(request, "POST", {})):
         for name in ("username", "login"):
             value = source.get(name)
             if isinstance(value, str) and value.strip():
-                return value.strip()
+                return value.strip().casefold()
     return None
 
 
@@ -81,6 +84,7 @@ _login_limits = (
     ("login_account", submitted_username, "account"),
 )
 login = rate_limited(*_login_limits)(allauth_views.login)
+admin_login = rate_limited(*_login_limits)(admin.site.login)
 signup = rate_limited(("signup_address", client_rate_key, "address"))(allauth_views.signup)
 
 

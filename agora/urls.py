@@ -34,5 +34,6 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="api-redoc"),
+    path("admin/login/", accounts.admin_login),  # the admin's own log-in form, limited like ours
     path("admin/", admin.site.urls),
 ]

@@ -249,3 +249,29 @@ def test_sign_up_is_limited_per_address(client, settings):
     assert third.status_code == 429 and int(third["Retry-After"]) > 0
     assert sorted(get_user_model().objects.values_list("username", flat=True)) == ["sock0", "sock1"]
     assert client.get("/accounts/signup/").status_code == 200  # showing the form is not counted
+
+
+def test_changing_the_case_of_the_username_does_not_reset_the_failure_count(client, member, lockout):
+    for name in (member.username, member.username.upper(), member.username.title()):
+        form_login(client, name, "wrong")
+    assert form_login(client, member.username, PASSWORD).status_code == 429
+
+
+def test_the_admin_log_in_form_is_limited_and_locks_out_too(client, staff, settings, lockout):
+    for _ in range(3):
+        client.post("/admin/login/", {"username": staff.username, "password": "wrong"})
+    assert client.post("/admin/login/", {"username": staff.username, "password": PASSWORD}).status_code == 429
+    set_rates(settings, login_address="1/min")
+    other = client.post("/admin/login/", {"username": "x", "password": "y"}, REMOTE_ADDR="192.0.2.50")
+    assert other.status_code == 200
+    assert client.post("/admin/login/", {"username": "x", "password": "y"},
+                       REMOTE_ADDR="192.0.2.50").status_code == 429
+
+
+@pytest.mark.parametrize("path", ["/accounts/email/", "/accounts/password/reset/", "/accounts/password/change/",
+                                  "/accounts/logout/"])
+def test_allauth_pages_render_in_agora_layout(client, member, path):
+    client.force_login(member)
+    response = client.get(path)
+    assert response.status_code == 200
+    assert 'class="site-header"' in response.content.decode()
