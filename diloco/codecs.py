@@ -36,6 +36,9 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 _HEADER_MAX_DEPTH = 4  # {name: {"shape": [...]}} is 3 levels
 _META_MAX_CHARS = 1024
 _META_KEYS = {"format", "codec", "chunk"}
+# An update's header lists each tensor once (name, dtype, shape, offsets): allow this much per tensor.
+_HEADER_BASE = 64 * 1024
+_HEADER_PER_TENSOR = 1024
 SCALE_SUFFIX = "::scale"
 _FP16_MAX = 65504.0
 
@@ -135,14 +138,15 @@ def payload_nbytes(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], co
     return total
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
+def _read_header(data: bytes, *, max_bytes: int | None = None) -> dict:
+    max_bytes = MAX_HEADER_BYTES if max_bytes is None else min(max_bytes, MAX_HEADER_BYTES)
     if len(data) < 8:
         raise CodecError("update is not a safetensors file: too short")
     header_len = int.from_bytes(data[:8], "little")
     if header_len <= 0 or 8 + header_len > len(data):
         raise CodecError("update is not a safetensors file: bad header length")
-    if header_len > MAX_HEADER_BYTES:
-        raise CodecError(f"update header is {header_len} bytes, beyond the limit of {MAX_HEADER_BYTES}")
+    if header_len > max_bytes:
+        raise CodecError(f"update header is {header_len} bytes, beyond the limit of {max_bytes}")
     try:
         header = safejson.loads(data[8 : 8 + header_len], max_depth=_HEADER_MAX_DEPTH, what="header")
     except safejson.JsonRefused as exc:
@@ -151,12 +155,20 @@ def _read_metadata(data: bytes) -> dict[str, str]:
         raise CodecError("update is not a safetensors file: header is not JSON") from exc
     if not isinstance(header, dict):
         raise CodecError("update is not a safetensors file: header is not an object")
+    return header
+
+
+def _metadata_of(header: dict) -> dict[str, str]:
     meta = header.get("__metadata__") or {}
     return meta if isinstance(meta, dict) else {}
 
 
-def _update_metadata(data: bytes) -> dict:
-    raw = _read_metadata(data).get(META_KEY)
+def _read_metadata(data: bytes) -> dict[str, str]:
+    return _metadata_of(_read_header(data))
+
+
+def _update_metadata(header: dict) -> dict:
+    raw = _metadata_of(header).get(META_KEY)
     if isinstance(raw, str) and len(raw) > _META_MAX_CHARS:
         raise CodecError(f"update metadata {META_KEY!r} is longer than {_META_MAX_CHARS} characters")
     try:
@@ -178,27 +190,30 @@ def decode_update(
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CodecError("update must be bytes")
     data = bytes(data)
-    # The metadata first: it is small, and decides how much the tensors may make us allocate.
-    meta = _update_metadata(data)
+    # The header first, bounded by what an update of this model needs, and checked against the reference
+    # before safetensors allocates anything it declares.
+    header = _read_header(data, max_bytes=_HEADER_BASE + _HEADER_PER_TENSOR * 2 * len(reference))
+    meta = _update_metadata(header)
     if meta.get("format") != FORMAT:
         raise CodecError(f"update metadata format is {str(meta.get('format'))[:40]!r}, expected {FORMAT!r}")
     codec = meta.get("codec")
     if codec not in CODECS:
         raise CodecError(f"unknown codec {str(codec)[:20]!r} in update metadata (known: {', '.join(CODECS)})")
     chunk = _check_chunk(meta.get("chunk")) if codec == "int8" else INT8_CHUNK
+    expected_names = set(reference)
+    if codec == "int8":
+        expected_names |= {n + SCALE_SUFFIX for n in reference}
+    declared = set(header) - {"__metadata__"}
+    missing = sorted(expected_names - declared)
+    extra = sorted(declared - expected_names)
+    if missing:
+        raise CodecError(f"update is missing tensor(s): {', '.join(missing[:5])}")
+    if extra:
+        raise CodecError(f"update has unexpected tensor(s): {', '.join(n[:80] for n in extra[:5])}")
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types for every malformed input
         raise CodecError(f"update is not a safetensors file: {exc}") from exc
-    expected_names = set(reference)
-    if codec == "int8":
-        expected_names |= {n + SCALE_SUFFIX for n in reference}
-    missing = sorted(expected_names - set(tensors))
-    extra = sorted(set(tensors) - expected_names)
-    if missing:
-        raise CodecError(f"update is missing tensor(s): {', '.join(missing[:5])}")
-    if extra:
-        raise CodecError(f"update has unexpected tensor(s): {', '.join(extra[:5])}")
     stored_dtype = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[codec]
     out: dict[str, Tensor] = {}
     for name, (shape, ref_dtype) in reference.items():

@@ -238,7 +238,7 @@ def test_int8_chunk_outside_the_allowed_sizes_is_400(claimed, worker_client, che
 def test_update_with_deep_header_is_400(claimed, worker_client, checkpoint_storage):  # noqa: F811
     task, body = claimed
     _, metrics = train_update(body)
-    header = b'{"__metadata__":{},"x":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    header = b'{"__metadata__":{},"x":' + b"[" * 20_000 + b"]" * 20_000 + b"}"
     data = len(header).to_bytes(8, "little") + header
     response = _upload(worker_client, task.pk, data, metrics_json(**metrics))
     assert response.status_code == 400 and "nested deeper than" in response.json()["detail"]
