@@ -411,8 +411,12 @@ class Agent:
                 task_id=task_id, deadline=task.get("deadline") if isinstance(task.get("deadline"), str) else None,
                 metrics=output.metrics, update=output.update, run_id=task.get("run_id"), round=task.get("round"),
                 finished_at=datetime.now(UTC).isoformat(), clock_offset_s=round(self.clock.wall_offset(), 3))
-            cfgmod.pending_save(self.config_path, pending)
-            cfgmod.state_clear(self.config_path)  # from here on the result on disk speaks for the task
+            try:
+                cfgmod.pending_save(self.config_path, pending)
+                cfgmod.state_clear(self.config_path)  # from here on the result on disk speaks for the task
+            except OSError as exc:  # a full or read-only disk must not cost the result itself
+                log.warning("task %s: cannot keep the result on disk (%s); it is lost if the agent stops before "
+                            "it is delivered", task_id, exc)
             self._deliver_result(pending, current)
         finally:
             beat.stop()

@@ -115,6 +115,8 @@ def cmd_run(args) -> int:
         lock.acquire()
     except cfgmod.AgentLocked as exc:
         raise CommandError(str(exc), EXIT_LOCKED) from exc
+    except OSError as exc:
+        raise CommandError(f"cannot lock {lock.path}: {exc.strerror or exc}") from exc
     try:
         return _run_locked(args, config, lock)
     finally:
