@@ -1,7 +1,8 @@
 """Requests no view should see, refused before they reach the database, and JSON errors under ``/api/``.
 
-- A NUL character in the path or in a query parameter (``/api/v1/checkpoints/%00``, ``?q=a%00b``): PostgreSQL
-  cannot store or compare one, so it used to surface as a 500. Now 400 naming the parameter.
+- A NUL character in the path, a query parameter or a header (``/api/v1/checkpoints/%00``, ``?q=a%00b``,
+  ``Authorization: Token a\0b``, a session cookie): PostgreSQL cannot store or compare one, so it used to
+  surface as a 500 from the token or session lookup. Now 400 naming the parameter or header.
 - An integer path parameter beyond a 64-bit id (``/api/v1/runs/99999999999999999999/``): no row can have it,
   and the database would fail on the comparison. Now 404 naming the parameter.
 - Any other 404 under ``/api/`` that Django answers itself (a path no pattern matches) is rendered in the
@@ -25,6 +26,9 @@ def _is_api(request) -> bool:
 def _nul_parameter(request) -> str | None:
     if "\x00" in request.path_info:
         return "path"
+    for key, value in request.META.items():
+        if key.startswith("HTTP_") and isinstance(value, str) and "\x00" in value:
+            return f"{key[5:].replace('_', '-').title()} header"
     for key, values in request.GET.lists():
         if "\x00" in key:
             return "query string"

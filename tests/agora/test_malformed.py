@@ -128,6 +128,17 @@ def test_nul_in_path_or_query_is_400_naming_it(client, url, name):
     _error(client.get(url), 400, name)
 
 
+@pytest.mark.parametrize("header, value, name", [
+    ("HTTP_AUTHORIZATION", "Token abc\x00def", "Authorization header"),
+    ("HTTP_AUTHORIZATION", "Bearer abc\x00def", "Authorization header"),
+    ("HTTP_COOKIE", "sessionid=abcdefghij\x00klm", "Cookie header"),
+])
+def test_nul_in_credentials_is_400_not_a_failed_lookup(client, header, value, name):
+    _error(client.get("/api/v1/ledger/head", **{header: value}), 400, name)
+    page = client.get("/", **{header: value})
+    assert page.status_code == 400 and name.encode() in page.content
+
+
 def test_nul_in_a_page_query_is_a_plain_400(client):
     response = client.get("/proposals/?q=a%00b")
     assert response.status_code == 400 and b"q: NUL" in response.content
