@@ -93,3 +93,44 @@ def test_agent_enrolls_goes_online_pauses_goes_offline_and_stops_when_revoked(pr
         assert status.returncode == 3 and "agora-worker enroll" in status.stderr
     finally:
         agent.stop()
+
+
+def test_a_canceled_run_stops_the_agents_task_at_once_and_nothing_is_uploaded(process_env, live_server,
+                                                                              fast_presence, monkeypatch,
+                                                                              tmp_path):
+    """The server's ``stop_task`` reaches a real agent mid-training; the agent stops between two steps,
+    uploads and reports nothing, and goes back to claiming."""
+    from marketplace.services import enrollment_token_create
+    from tests.factories import UserFactory
+    from tests.training.factories import approved_proposal
+    from training import services
+    from training.models import Task
+
+    monkeypatch.setattr("training.services._enqueue_round_check", lambda *_: None)  # no Celery in this test
+    proposal = approved_proposal(diloco={"rounds": 1, "workers_per_round": 1, "min_workers": 1,
+                                         "inner_steps": 100_000, "round_timeout_s": 3600})
+    run = services.run_start(proposal_id=proposal.pk)
+    config = tmp_path / "agora" / "worker.json"
+    env = agent_env(process_env, config)
+    secret = enrollment_token_create(owner=UserFactory(), name="e2e box")
+    enrolled = worker_cli(env, "enroll", "--server", live_server.url, "--token", secret.token, "--name", "e2e-box")
+    assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
+    worker_id = json.loads(config.read_text())["worker_id"]
+
+    agent = Proc([sys.executable, "-m", "workers.cli", "run", "--allow-cpu"], env, tmp_path / "agent.log")
+    try:
+        wait_for(lambda: "inner steps" in agent.output(), 120, what="the agent training", procs=[agent])
+        task = Task.objects.get(round__run=run, worker_id=worker_id)
+        services.run_cancel(run_id=run.pk, by=UserFactory(is_staff=True), reason="e2e: stopped mid-task")
+        wait_for(lambda: f"task {task.pk} stopped" in agent.output(), 60, what="the agent stopping the task",
+                 procs=[agent])
+        wait_for(lambda: live_state(worker_id) == "online", 30, what="the worker idle again", procs=[agent])
+        assert agent.alive()
+        assert f"the server asked to stop task {task.pk}" in agent.output()
+        assert "uploading" not in agent.output() and "result delivered" not in agent.output()
+        task.refresh_from_db()
+        assert task.update_sha256 == "" and task.status != Task.Status.FAILED
+        assert not (config.parent / "state.json").exists() and not (config.parent / "result.json").exists()
+        assert agent.stop() == 0, agent.output()
+    finally:
+        agent.stop()
