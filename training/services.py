@@ -1010,10 +1010,11 @@ def _save_step(new_state: dict, meta: dict, outer_tensors: dict, outer_name: str
     sha, size = _checkpoint_blob(new_state, meta, before_write=list_files)
     t_outer = time.perf_counter()
     outer_bytes = save_weights(outer_tensors, {"run_id": meta.get("run_id"), "round": meta.get("round")})
-    blobs.blob_write(outer_name, outer_bytes)
+    outer_sha = sha256_hex(outer_bytes)
+    blobs.blob_write(outer_name, outer_bytes, sha256=outer_sha)  # checked on disk before the run row names it
     blobs.remember_outer_state(outer_name, outer_tensors)
     done = time.perf_counter()
-    return sha, size, sha256_hex(outer_bytes), {"save_checkpoint_s": t_outer - t, "save_outer_state_s": done - t_outer}
+    return sha, size, outer_sha, {"save_checkpoint_s": t_outer - t, "save_outer_state_s": done - t_outer}
 
 
 def _discard_step(sha: str, outer_name: str) -> None:
