@@ -528,6 +528,14 @@ class Agent:
             cfgmod.state_clear(self.config_path)
             return
         current = _CurrentTask(task_id, parse_timestamp(state.get("deadline")))
+        if not self.clock.synced:  # ask the server's time before judging the deadline (this machine's may be off)
+            try:
+                self.heartbeat()
+            except AuthError:
+                raise
+            except ClientError as exc:
+                log.info("cannot reach the server yet (%s); judging task %s's deadline by the clock estimate",
+                         exc, task_id)
         if self._unwanted(current):
             log.info("task %s was interrupted by a restart and its deadline has passed; the server re-issues it",
                      task_id)

@@ -331,8 +331,9 @@ def test_restart_reports_the_interrupted_task_as_failed(fake_server, start, work
     agent = start()
     fake_server.wait_for(lambda: fake_server.claims(), what="a claim")
     assert agent.stop() == 0
-    assert fake_server.requests[0].path == "/api/v1/tasks/21/fail"
-    assert fake_server.requests[0].json == {"reason": "agent restarted"}
+    paths = [r.path for r in fake_server.requests]
+    assert paths.index("/api/v1/tasks/21/fail") < paths.index("/api/v1/tasks/claim")  # reported before claiming
+    assert fake_server.calls("POST", "/api/v1/tasks/21/fail")[0].json == {"reason": "agent restarted"}
     assert cfgmod.state_load(worker_config.path) == {}
 
 

@@ -275,3 +275,16 @@ def test_stop_task_while_the_result_waits_discards_it(fake_server, start, worker
     assert agent.stop() == 0
     assert len(result_calls(fake_server)) == n  # no more tries
     assert cfgmod.pending_manifest(worker_config.path) is None
+
+
+@pytest.mark.parametrize("skew_s,deadline_in_s,reported", [(+3600, 600, True), (-3600, -5, False)],
+                         ids=["clock_ahead_task_still_live", "clock_behind_task_expired"])
+def test_a_restart_judges_the_interrupted_tasks_deadline_by_the_servers_clock(fake_server, start, worker_config,
+                                                                              skew_s, deadline_in_s, reported):
+    cfgmod.state_save(worker_config.path, {"task_id": 21, "deadline": server_deadline(fake_server, deadline_in_s)})
+    fake_server.on("POST", "/api/v1/tasks/21/fail", (200, {}))
+    agent = start(client=skewed_client(worker_config, skew_s))
+    fake_server.wait_for(lambda: fake_server.claims(), what="a claim")
+    assert agent.stop() == 0
+    assert len(fake_server.calls("POST", "/api/v1/tasks/21/fail")) == (1 if reported else 0)
+    assert cfgmod.state_load(worker_config.path) == {}

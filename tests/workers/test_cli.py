@@ -287,3 +287,35 @@ def test_a_result_waiting_when_the_agent_is_killed_is_delivered_when_it_starts_a
     assert json.loads(delivered.form["metrics"]) == kept.metrics
     assert fake_server.calls("POST", "/api/v1/tasks/17/fail") == []
     assert cfgmod.pending_manifest(worker_config.path) is None
+
+
+LIBFAKETIME = next((p for p in ("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+                                "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+                                "/usr/lib/faketime/libfaketimeMT.so.1") if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(LIBFAKETIME is None, reason="libfaketime is not installed")
+def test_an_agent_whose_clock_is_an_hour_behind_stops_at_the_servers_deadline(fake_server, serve_task,
+                                                                             worker_config, agent_procs, monkeypatch):
+    from datetime import UTC, datetime
+
+    task = serve_task(steps=1_000_000)
+
+    def claim(_req):  # the deadline comes 3 s after the claim, on the server's clock
+        if fake_server.claims()[1:]:
+            return 204, None
+        deadline = datetime.fromtimestamp(fake_server.now() + 3, UTC).isoformat(timespec="milliseconds")
+        return 200, {**task, "deadline": deadline}
+
+    fake_server.on("POST", "/api/v1/tasks/claim", claim)
+    monkeypatch.setenv("LD_PRELOAD", LIBFAKETIME)
+    monkeypatch.setenv("FAKETIME", "-3600")  # every clock of the process, monotonic ones included
+    monkeypatch.setenv("FAKETIME_DONT_RESET", "1")
+    agent = AgentProcess(worker_config.path, "--allow-cpu")
+    agent_procs.append(agent)
+    agent.wait_output("task 17 stopped: its deadline")
+    fake_server.wait_for(lambda: len(fake_server.claims()) >= 2, what="claiming again")
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(60) == 0, agent.output()
+    assert fake_server.calls("POST", "/api/v1/tasks/17/result") == []
+    assert fake_server.calls("POST", "/api/v1/tasks/17/fail") == []
