@@ -90,6 +90,12 @@ def test_log_in_and_out(client, member):
     assert client.get("/accounts/profile/").status_code == 302
 
 
+def test_log_in_returns_to_the_page_that_asked_for_it(client, member):
+    assert 'name="next"' in client.get("/accounts/login/?next=/proposals/").content.decode()
+    response = client.post("/accounts/login/", {"login": member.username, "password": PASSWORD, "next": "/proposals/"})
+    assert response.status_code == 302 and response["Location"] == "/proposals/"
+
+
 def test_wrong_password_is_refused(client, member):
     response = form_login(client, member.username, "nope")
     assert response.status_code == 200
