@@ -294,6 +294,14 @@ class Client:
             raise ProtocolError(response.status_code, "bad_response", "the server's answer is not a JSON object")
         return body
 
+    @classmethod
+    def _lenient_json(cls, response: httpx.Response) -> dict:
+        """The body of a 2xx answer whose status is what counts: a proxy's empty or HTML body is not an error."""
+        try:
+            return cls._json(response) if response.content else {}
+        except ProtocolError:
+            return {}
+
     # --- the calls ---------------------------------------------------------------------------------
 
     def enroll(self, *, enrollment_token: str, name: str, hardware: dict, benchmark: dict,
@@ -323,11 +331,11 @@ class Client:
         files = {"update": ("update.safetensors", update, "application/octet-stream")}
         data = {"metrics": json.dumps(metrics, allow_nan=False)}
         response = self._task_call("POST", f"{API}/tasks/{int(task_id)}/result", files=files, data=data)
-        return self._json(response) if response.content else {}
+        return self._lenient_json(response)
 
     def report_failure(self, task_id: int, *, reason: str) -> dict:
         response = self._task_call("POST", f"{API}/tasks/{int(task_id)}/fail", json={"reason": reason[:1000]})
-        return self._json(response) if response.content else {}
+        return self._lenient_json(response)
 
     def checkpoint_path(self, sha256: str, url: str | None = None) -> str:
         """The path to fetch a checkpoint from: the task's ``checkpoint_url`` when it points at this server

@@ -191,3 +191,8 @@ def test_task_calls_say_when_the_server_no_longer_wants_the_task(fake_server, cl
     fake_server.on("POST", "/api/v1/tasks/5/fail", (403, {"error": "worker_suspended", "detail": "no"}))
     with pytest.raises(AuthError):  # about the worker, not the task
         client.report_failure(5, reason="x")
+
+
+def test_an_accepted_result_with_a_body_that_is_not_json_still_counts(fake_server, client):
+    fake_server.on("POST", "/api/v1/tasks/5/result", (202, b"<html>Accepted</html>"))
+    assert client.submit_result(5, update=b"x", metrics={"loss_end": 1.0}) == {}
