@@ -151,7 +151,7 @@ def gunicorn(env: dict[str, str], log_path: Path, port: int, *, workers: int = 1
     and its workers down together, as a crashed container does). Access log lines go to the log."""
     program = [*prefix, "gunicorn"] if prefix else [str(BIN / "gunicorn")]
     args = [*program, "agora.wsgi", "-b", f"127.0.0.1:{port}", "-k", "gthread", "-w", str(workers),
-            "--threads", str(threads), "--timeout", "120", "--graceful-timeout", "5",
+            "--threads", str(threads), "--timeout", "120", "--graceful-timeout", "5", "--no-control-socket",
             "--access-logfile", "-", "--access-logformat", 'ACCESS %(m)s %(U)s %(s)s']
     return Proc(args, env, log_path, new_session=True)
 

@@ -69,6 +69,7 @@ class Drill:
     own_redis: bool = False  # always run a Redis of the drill's own (else only when REDIS_URL is set)
     agent_env: dict[int, dict[str, str]] = field(default_factory=dict)
     needs: str = ""  # "faketime", "redis-server": what the machine must have
+    outage_s: float = 0.0  # how long a killed server stays down before its supervisor starts it again
     extra_problems: Callable[[Cluster], list[str]] | None = None
 
 
@@ -112,7 +113,8 @@ class Cluster:
             AGORA_CACHE_PREFIX=f"drill-{drill.name}",
             AGORA_TRAINING_TICK_S="1", AGORA_CLOSE_EVERY_S="5", AGORA_SWEEP_EVERY_S="2",
             AGORA_HEARTBEAT_INTERVAL_S="1",
-            AGORA_RATE_HEARTBEAT="100000/min", AGORA_RATE_CLAIM="100000/min", AGORA_RATE_ENROLL="1000/min",
+            AGORA_RATE_HEARTBEAT="100000/min", AGORA_RATE_CLAIM_WORKER="100000/min",
+            AGORA_RATE_CLAIM_ADDRESS="100000/min",
             # A dead aggregation is taken over once its lease lapses (the server's default is well under a
             # minute; the drills keep it short so a recovery is not mostly waiting).
             AGORA_AGGREGATION_LEASE_S="10",
@@ -306,30 +308,24 @@ def kill_celery_mid_blob_write(c: Cluster) -> float:
     return kill_celery_worker_mid_aggregation(c)
 
 
-WEB_OUTAGE_S = 3.0
-
-
 def kill_web_during_upload(c: Cluster) -> float:
-    """kill -9 gunicorn (master and workers) while it stores an upload; it comes back after an outage."""
+    """kill -9 gunicorn (master and workers) while it stores an upload; it comes back after ``outage_s``."""
     c.arm()
     c.wait_hit()
     c.arm_file.unlink()
     c.web.kill()
     at = time.time()
-    time.sleep(WEB_OUTAGE_S)
+    time.sleep(c.drill.outage_s)
     c.start_web()
     return at
 
 
-REDIS_OUTAGE_S = 5.0
-
-
 def kill_and_restart_redis(c: Cluster) -> float:
-    """kill -9 the drill's Redis (broker and cache) mid-round; it comes back empty after an outage."""
+    """kill -9 the drill's Redis (broker and cache) mid-round; it comes back empty after ``outage_s``."""
     c.wait_task_assigned(0, c.fault_round)
     c.redis.kill()
     at = time.time()
-    time.sleep(REDIS_OUTAGE_S)
+    time.sleep(c.drill.outage_s)
     c.redis.start()
     return at
 
@@ -370,12 +366,17 @@ DRILLS = [
           kill_celery_worker_mid_aggregation, fault_at="aggregation"),
     Drill("celery-child-kill", "kill -9 the Celery pool child mid-aggregation",
           kill_celery_pool_child_mid_aggregation, fault_at="aggregation", celery_pool="prefork"),
-    Drill("web-kill", f"kill -9 gunicorn during an upload (back after {WEB_OUTAGE_S:g} s)", kill_web_during_upload,
-          fault_at="upload"),
-    Drill("redis-restart", f"kill -9 Redis, broker and cache (back empty after {REDIS_OUTAGE_S:g} s)",
-          kill_and_restart_redis, own_redis=True, needs="redis-server", extra_problems=_web_5xx_on_worker_calls),
-    Drill("slow-cpu", f"an agent at {SLOW_SHARE:.0%} of a CPU, too slow for the 20 s deadline", slow_agent_cpu,
-          agents=3, workers_per_round=3, min_workers=2, round_timeout_s=20),
+    Drill("web-kill", "kill -9 gunicorn during an upload (restarted after 2 s)", kill_web_during_upload,
+          fault_at="upload", outage_s=2),
+    # Down longer than the uploading task had left: its result comes too late, the task expires, and the
+    # round needs its agents to take replacement tasks in a round where they already held one.
+    Drill("web-outage", "kill -9 gunicorn during an upload, down 35 s (past the 30 s task deadline)",
+          kill_web_during_upload, fault_at="upload", outage_s=35),
+    Drill("redis-restart", "kill -9 Redis, broker and cache (back empty after 5 s)",
+          kill_and_restart_redis, own_redis=True, needs="redis-server", extra_problems=_web_5xx_on_worker_calls,
+          outage_s=5),
+    Drill("slow-cpu", f"an agent at {SLOW_SHARE:.0%} of a CPU, too slow for the 30 s deadline", slow_agent_cpu,
+          agents=3, workers_per_round=3, min_workers=2, round_timeout_s=30),
     Drill("clock-skew", "agent clocks 1 h ahead and 1 h behind; the fast one kill -9'd mid-task (restarted)",
           kill_skewed_agent_mid_task, needs="faketime",
           agent_env={0: {"LD_PRELOAD": LIBFAKETIME or "", "FAKETIME": "+3600", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
