@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -122,3 +123,38 @@ def test_member_proposes_and_votes_then_staff_approves(browser, live_server, mon
         assert action in ledger_text
     admin_page.screenshot(path=str(tmp_path / "ledger.png"), full_page=True)
     assert ledger_verify().ok
+
+
+def test_a_new_member_signs_up_verifies_the_address_and_then_may_vote(browser, live_server, monkeypatch, settings):
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    settings.AGORA_VOTER_ELIGIBILITY = "verified_email"  # no account age, so the new member can vote today
+    from django.core import mail
+
+    proposal = services.proposal_submit(author=UserFactory(), kind="training", title="Vote on me", spec={},
+                                        open_now=True)
+    page = browser.new_context(base_url=live_server.url).new_page()
+    page.set_default_timeout(15_000)
+    page.goto("/accounts/signup/")
+    page.fill("input[name=username]", "newcomer")
+    page.fill("input[name=email]", "newcomer@example.org")
+    page.fill("input[name=password1]", "a-long pass phrase")
+    page.fill("input[name=password2]", "a-long pass phrase")
+    page.click("form button[type=submit]")
+    page.wait_for_load_state()
+    assert page.locator("summary", has_text="newcomer").count() == 1
+
+    # Not verified yet: the vote panel says what is missing and offers no buttons.
+    page.goto(f"/proposals/{proposal.pk}/")
+    assert "a verified e-mail address" in page.locator("#vote-eligibility").inner_text()
+    assert page.locator("#vote-panel button[value=yes]").count() == 0
+
+    link = re.search(r"https?://\S+/accounts/confirm-email/\S+/", mail.outbox[-1].body).group(0)
+    page.goto(link)
+    page.click("main form button[type=submit]")
+    page.wait_for_load_state()
+
+    page.goto(f"/proposals/{proposal.pk}/")
+    page.click("#vote-panel button[value=yes]")
+    page.locator('[data-tally="yes"]', has_text="1").wait_for()
+    vote = proposal.votes.get()
+    assert vote.voter.username == "newcomer" and vote.choice == "yes"
