@@ -38,6 +38,17 @@ def error_response(code: str, detail: str, http_status: int, fields: dict | None
     return Response(error_body(code, detail, fields), status=http_status)
 
 
+class RequestTooLarge(exceptions.APIException):
+    """413 for a body beyond what the parser accepts, before it is read."""
+
+    status_code = 413
+    default_code = "too_large"
+
+    def __init__(self, reason: str, *, field: str = "body"):
+        super().__init__(f"{field}: {reason}")
+        self.fields = {field: [reason]}
+
+
 class MalformedRequest(exceptions.ParseError):
     """400 for a request the parsers refuse, naming the field (or ``body``) at fault and the limit."""
 

@@ -9,7 +9,8 @@ project's plumbing can produce for it, all with the one error body (component ``
 - 403 where a permission can refuse an authenticated caller (staff only; a suspended worker; CSRF on a
   session-authenticated write);
 - 404 where the path has a parameter;
-- 415 where the operation reads a body; 429 where a throttle of the view counts this method.
+- 415 where the operation reads a body, and 413 where that body may be JSON (``AGORA_MAX_JSON_BYTES``);
+- 429 where a throttle of the view counts this method.
 
 Codes that only a view knows (409 state conflicts, 410 an expired task, 413 an oversized upload, a 403
 from a service's rule) are declared in the view's ``@extend_schema(responses=...)``; a 4xx declared there
@@ -103,6 +104,8 @@ class AutoSchema(openapi.AutoSchema):
             codes.append("404")
         if "requestBody" in operation:
             codes.append("415")
+            if "application/json" in operation["requestBody"].get("content", {}):
+                codes.append("413")  # agora.parsers: AGORA_MAX_JSON_BYTES
         # A throttle may count only some methods (``core.ratelimit``: writes); DRF's own count them all.
         if any(self.method in getattr(t, "methods", (self.method,)) for t in self.view.get_throttles()):
             codes.append("429")

@@ -334,6 +334,8 @@ SPECTACULAR_SETTINGS = {
 # --- Agora ------------------------------------------------------------------------------------
 # JSON from clients (bodies, upload metrics, update headers) nests at most this many levels.
 AGORA_JSON_MAX_DEPTH = env.int("AGORA_JSON_MAX_DEPTH", default=32)
+# A JSON request body larger than this is refused (413) before it is read into memory.
+AGORA_MAX_JSON_BYTES = env.int("AGORA_MAX_JSON_BYTES", default=1024 * 1024)
 # Governance defaults, frozen onto each proposal when it opens.
 AGORA_VOTING_PERIOD = timedelta(hours=env.float("AGORA_VOTING_PERIOD_HOURS", default=72))
 # Quorum (total weight cast, yes+no+abstain) = max(AGORA_QUORUM_MIN, ceil(fraction x eligible voters)), both

@@ -90,6 +90,27 @@ def test_nesting_limit_follows_the_setting(settings, token_client):
     assert "3 levels" in body["detail"]
 
 
+def test_json_bodies_beyond_the_size_limit_are_413_before_they_are_read(settings, token_client):
+    big = '{"kind": "training", "title": "' + "x" * (1024 * 1024) + '", "spec": {}}'
+    body = _error(_post_json(token_client, "/api/v1/proposals/", big), 413, "body")
+    assert body["error"] == "too_large" and str(1024 * 1024) in body["detail"]
+    settings.AGORA_MAX_JSON_BYTES = 100
+    _error(_post_json(APIClient(), "/api/v1/auth/token", '{"username": "' + "u" * 100 + '"}'), 413, "body")
+    assert not Proposal.objects.exists()
+
+
+def test_a_body_without_a_declared_length_is_cut_at_the_limit(settings):
+    from io import BytesIO
+
+    from agora.api import RequestTooLarge
+    from agora.parsers import JSONParser
+
+    settings.AGORA_MAX_JSON_BYTES = 10
+    assert JSONParser().parse(BytesIO(b'{"a": 1}'), parser_context={}) == {"a": 1}
+    with pytest.raises(RequestTooLarge):
+        JSONParser().parse(BytesIO(b'{"a": "' + b"x" * 100 + b'"}'), parser_context={})
+
+
 @pytest.mark.parametrize("number", ["1e400", "-1e999", "NaN", "Infinity", "-Infinity"])
 def test_non_finite_numbers_are_refused_by_field(worker_client, number):
     response = _post_json(worker_client, "/api/v1/workers/heartbeat", '{"state": "idle", "progress": ' + number + "}")
