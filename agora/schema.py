@@ -9,7 +9,7 @@ project's plumbing can produce for it, all with the one error body (component ``
 - 403 where a permission can refuse an authenticated caller (staff only; a suspended worker; CSRF on a
   session-authenticated write);
 - 404 where the path has a parameter;
-- 415 where the operation reads a body, and 413 where that body may be JSON (``AGORA_MAX_JSON_BYTES``);
+- 413 and 415 where the operation reads a body (``AGORA_MAX_BODY_BYTES``; a media type it cannot parse);
 - 429 where a throttle of the view counts this method.
 
 Codes that only a view knows (409 state conflicts, 410 an expired task, 413 an oversized upload, a 403
@@ -103,9 +103,7 @@ class AutoSchema(openapi.AutoSchema):
         if any(p.get("in") == "path" for p in operation.get("parameters", [])):
             codes.append("404")
         if "requestBody" in operation:
-            codes.append("415")
-            if "application/json" in operation["requestBody"].get("content", {}):
-                codes.append("413")  # agora.parsers: AGORA_MAX_JSON_BYTES
+            codes += ["413", "415"]  # agora.parsers: AGORA_MAX_BODY_BYTES, and the media types it parses
         # A throttle may count only some methods (``core.ratelimit``: writes); DRF's own count them all.
         if any(self.method in getattr(t, "methods", (self.method,)) for t in self.view.get_throttles()):
             codes.append("429")

@@ -302,8 +302,8 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "agora.schema.AutoSchema",
     "DEFAULT_PARSER_CLASSES": [
         "agora.parsers.JSONParser",
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
+        "agora.parsers.FormParser",
+        "agora.parsers.MultiPartParser",
     ],
     "DEFAULT_PAGINATION_CLASS": "agora.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
@@ -334,8 +334,9 @@ SPECTACULAR_SETTINGS = {
 # --- Agora ------------------------------------------------------------------------------------
 # JSON from clients (bodies, upload metrics, update headers) nests at most this many levels.
 AGORA_JSON_MAX_DEPTH = env.int("AGORA_JSON_MAX_DEPTH", default=32)
-# A JSON request body larger than this is refused (413) before it is read into memory.
-AGORA_MAX_JSON_BYTES = env.int("AGORA_MAX_JSON_BYTES", default=1024 * 1024)
+# A JSON, form or multipart request body larger than this is refused (413) before it is read; the worker's
+# update upload has its own limit (per task, from the model's size).
+AGORA_MAX_BODY_BYTES = env.int("AGORA_MAX_BODY_BYTES", default=1024 * 1024)
 # Governance defaults, frozen onto each proposal when it opens.
 AGORA_VOTING_PERIOD = timedelta(hours=env.float("AGORA_VOTING_PERIOD_HOURS", default=72))
 # Quorum (total weight cast, yes+no+abstain) = max(AGORA_QUORUM_MIN, ceil(fraction x eligible voters)), both

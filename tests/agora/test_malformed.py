@@ -90,11 +90,17 @@ def test_nesting_limit_follows_the_setting(settings, token_client):
     assert "3 levels" in body["detail"]
 
 
-def test_json_bodies_beyond_the_size_limit_are_413_before_they_are_read(settings, token_client):
+def test_bodies_beyond_the_size_limit_are_413_before_they_are_read(settings, token_client):
     big = '{"kind": "training", "title": "' + "x" * (1024 * 1024) + '", "spec": {}}'
     body = _error(_post_json(token_client, "/api/v1/proposals/", big), 413, "body")
     assert body["error"] == "too_large" and str(1024 * 1024) in body["detail"]
-    settings.AGORA_MAX_JSON_BYTES = 100
+    form = token_client.post("/api/v1/proposals/", "kind=training&title=" + "x" * (1024 * 1024),
+                             content_type="application/x-www-form-urlencoded")
+    _error(form, 413, "body")
+    multipart = token_client.post("/api/v1/proposals/", {"kind": "training", "title": "x" * (1024 * 1024)},
+                                  format="multipart")
+    _error(multipart, 413, "body")
+    settings.AGORA_MAX_BODY_BYTES = 100
     _error(_post_json(APIClient(), "/api/v1/auth/token", '{"username": "' + "u" * 100 + '"}'), 413, "body")
     assert not Proposal.objects.exists()
 
@@ -103,12 +109,15 @@ def test_a_body_without_a_declared_length_is_cut_at_the_limit(settings):
     from io import BytesIO
 
     from agora.api import RequestTooLarge
-    from agora.parsers import JSONParser
+    from agora.parsers import FormParser, JSONParser
 
-    settings.AGORA_MAX_JSON_BYTES = 10
+    settings.AGORA_MAX_BODY_BYTES = 10
     assert JSONParser().parse(BytesIO(b'{"a": 1}'), parser_context={}) == {"a": 1}
+    assert FormParser().parse(BytesIO(b"a=1"), parser_context={})["a"] == "1"
     with pytest.raises(RequestTooLarge):
         JSONParser().parse(BytesIO(b'{"a": "' + b"x" * 100 + b'"}'), parser_context={})
+    with pytest.raises(RequestTooLarge):
+        FormParser().parse(BytesIO(b"a=" + b"x" * 100), parser_context={})
 
 
 @pytest.mark.parametrize("number", ["1e400", "-1e999", "NaN", "Infinity", "-Infinity"])
