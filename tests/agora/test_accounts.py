@@ -281,3 +281,18 @@ def test_allauth_pages_render_in_agora_layout(client, member, path):
     response = client.get(path)
     assert response.status_code == 200
     assert 'class="site-header"' in response.content.decode()
+
+
+def test_staff_lift_a_lockout_in_the_admin(client, member, lockout):
+    for _ in range(3):
+        form_login(client, member.username, "wrong")
+    assert form_login(client, member.username, PASSWORD).status_code == 429
+    staff_client = type(client)()
+    staff_client.force_login(UserFactory(is_staff=True, is_superuser=True))
+    attempts = list(AccessAttempt.objects.values_list("pk", flat=True))
+    page = staff_client.get("/admin/axes/accessattempt/")
+    assert page.status_code == 200 and member.username in page.content.decode()
+    staff_client.post("/admin/axes/accessattempt/", {"action": "delete_selected", "_selected_action": attempts,
+                                                     "post": "yes"})
+    assert not AccessAttempt.objects.exists()
+    assert form_login(client, member.username, PASSWORD).status_code == 302
