@@ -1,6 +1,10 @@
 """One client address for everything (core.client_ip), believed from X-Forwarded-For only as far as the
 trusted-proxy settings say; and every rate limit keyed on it holds against rotating forwarded headers."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 from allauth.account.adapter import get_adapter
 from axes.helpers import get_client_ip_address
@@ -156,3 +160,13 @@ def test_comments_are_limited_per_account_and_per_address_in_the_api_and_the_for
              for n in range(3)]
     assert codes == [201, 429, 429]
     assert proposal.comments.count() == 3
+
+
+@pytest.mark.parametrize("name, value", [("AGORA_TRUSTED_PROXIES", "10.0.0.0/33"), ("AGORA_RATE_LOGIN_ADDRESS", "lots"),
+                                         ("AGORA_RATE_CLAIM_WORKER", "5/fortnight")])
+def test_the_server_refuses_to_start_with_a_malformed_proxy_or_rate_setting(tmp_path, name, value):
+    env = {**os.environ, name: value, "AGORA_VAR_DIR": str(tmp_path), "DJANGO_SECRET_KEY": "test",
+           "DJANGO_SETTINGS_MODULE": "agora.settings"}
+    done = subprocess.run([sys.executable, "-c", "import django; django.setup()"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "ImproperlyConfigured" in done.stderr and value.split("/")[-1] in done.stderr
