@@ -28,6 +28,7 @@ from core.rates import parse_rate
 
 logger = logging.getLogger(__name__)
 
+
 def rate_for(scope: str) -> str | None:
     return api_settings.DEFAULT_THROTTLE_RATES.get(scope) or None
 
@@ -124,9 +125,6 @@ def per_account(scope: str, ident: Callable, *, methods: tuple[str, ...] = ("POS
     return type(f"{scope.title().replace('_', '')}AccountThrottle", (RateThrottle,),
                 {"scope": scope, "methods": methods, "per": "account", "__module__": __name__,
                  "ident": lambda self, request, view: ident(request)})
-
-
-ADDRESS = client_rate_key
 
 
 def too_many_requests(request, wait: int, *, per: str):

@@ -4,14 +4,19 @@ trusted-proxy settings say; and every rate limit keyed on it holds against rotat
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 
 import pytest
+import time_machine
 from allauth.account.adapter import get_adapter
 from axes.helpers import get_client_ip_address
 from django.test import RequestFactory
 from rest_framework.test import APIClient
 
+from core import ratelimit
 from core.client_ip import client_ip, client_rate_key
+from core.ratelimit import consume
+from core.rates import parse_rate
 from marketplace.services import enrollment_token_create
 from tests.factories import UserFactory
 from tests.governance.factories import ProposalFactory
@@ -170,3 +175,32 @@ def test_the_server_refuses_to_start_with_a_malformed_proxy_or_rate_setting(tmp_
     done = subprocess.run([sys.executable, "-c", "import django; django.setup()"], env=env,
                           capture_output=True, text=True)
     assert done.returncode != 0 and "ImproperlyConfigured" in done.stderr and value.split("/")[-1] in done.stderr
+
+
+# --- the counter ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rate, parsed", [("10/min", (10, 60)), ("5/15min", (5, 900)), ("1/s", (1, 1)),
+                                          ("30/hour", (30, 3600)), ("2/days", (2, 86400))])
+def test_rates_are_read_like_drf_and_with_a_multiplier(rate, parsed):
+    assert parse_rate(rate) == parsed
+
+
+def test_a_window_answers_how_long_to_wait_and_then_opens_again(settings):
+    set_rates(settings, login_address="2/min")
+    start = datetime(2026, 5, 1, 12, 0, 45, tzinfo=UTC)
+    with time_machine.travel(start, tick=False):
+        assert [consume("login_address", "a") for _ in range(3)] == [None, None, 15]
+        assert consume("login_address", "b") is None  # another key, its own count
+    with time_machine.travel(start + timedelta(seconds=15), tick=False):
+        assert consume("login_address", "a") is None
+
+
+def test_a_limit_fails_open_with_a_warning_when_the_cache_is_down(settings, monkeypatch, caplog):
+    set_rates(settings, login_address="1/min")
+
+    def down(*args, **kwargs):
+        raise ConnectionError("cache is down")
+
+    monkeypatch.setattr(ratelimit.cache, "add", down)
+    assert [consume("login_address", "a") for _ in range(3)] == [None, None, None]
+    assert "not enforced" in caplog.text
