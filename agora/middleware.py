@@ -52,6 +52,7 @@ class RefuseMalformedRequestsMiddleware:
         if (
             response.status_code == 404
             and _is_api(request)
+            and not hasattr(response, "data")  # DRF's own answers (JSON, or HTML for the browsable API) stay
             and not response.get("Content-Type", "").startswith("application/json")
             and not getattr(response, "streaming", False)
         ):

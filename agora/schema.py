@@ -8,7 +8,7 @@ project's plumbing can produce for it, all with the one error body (component ``
 - 401 where the view authenticates anyone (bad or missing credentials);
 - 403 where a permission can refuse an authenticated caller (staff only; a suspended worker; CSRF on a
   session-authenticated write);
-- 404 where the path has a parameter;
+- 404 where the path has a parameter; 406 where DRF negotiates the answer's media type (``Accept``);
 - 413 and 415 where the operation reads a body (``AGORA_MAX_BODY_BYTES``; a media type it cannot parse);
 - 429 where a throttle of the view counts this method.
 
@@ -23,6 +23,7 @@ from drf_spectacular import openapi
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import permissions, serializers
 from rest_framework.authentication import SessionAuthentication
+from rest_framework.views import APIView
 
 
 class WorkerTokenScheme(OpenApiAuthenticationExtension):
@@ -57,6 +58,7 @@ _DESCRIPTIONS = {
     "401": "Credentials are missing or invalid.",
     "403": "Not allowed for these credentials.",
     "404": "No such object.",
+    "406": "The Accept header asks for a media type this operation cannot answer in.",
     "409": "The object is not in a state that allows this.",
     "410": "Gone.",
     "413": "The request body is too large.",
@@ -102,6 +104,8 @@ class AutoSchema(openapi.AutoSchema):
             codes.append("403")
         if any(p.get("in") == "path" for p in operation.get("parameters", [])):
             codes.append("404")
+        if type(self.view).perform_content_negotiation is APIView.perform_content_negotiation:
+            codes.append("406")  # an Accept header that neither JSON nor the browsable API satisfies
         if "requestBody" in operation:
             codes += ["413", "415"]  # agora.parsers: AGORA_MAX_BODY_BYTES, and the media types it parses
         # A throttle may count only some methods (``core.ratelimit``: writes); DRF's own count them all.

@@ -225,6 +225,9 @@ def test_unknown_api_paths_answer_in_the_error_shape(client):
     response = client.get("/api/v1/no-such-thing")
     assert response.status_code == 404 and response.json()["error"] == "not_found"
     assert client.get("/no-such-page").status_code == 404  # pages keep their HTML 404
+    drf = client.get("/api/v1/runs/12345/")  # a view's own 404 keeps its message
+    assert drf.status_code == 404 and drf.json()["detail"] != "No such API endpoint."
+    assert client.get("/api/v1/ledger/head", HTTP_ACCEPT="application/xml").status_code == 406
 
 
 # --- uploads -----------------------------------------------------------------------------------------------
