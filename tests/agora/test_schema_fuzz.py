@@ -8,6 +8,7 @@ at the default rates most generated requests would only ever see the throttle.""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
@@ -18,7 +19,9 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from rest_framework.authtoken.models import Token
 
+from governance.models import Proposal
 from tests.factories import UserFactory
+from tests.governance.factories import ProposalFactory
 from tests.marketplace.factories import WorkerFactory
 from tests.training.factories import approved_proposal
 from training import blobs, services
@@ -33,7 +36,8 @@ CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conform
 @pytest.fixture
 def world(settings, tmp_path, monkeypatch):
     """A member, a worker (of another member, so the member cannot revoke it), a running run with a
-    checkpoint and a task the worker holds, and a proposal: generated ids 1, 2, ... find real objects."""
+    checkpoint and a task the worker holds, and proposals in several states (one a draft of the member's):
+    generated ids 1, 2, ... find real objects."""
     settings.STORAGES = {**settings.STORAGES, "checkpoints": {
         "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(tmp_path / "blobs")}}}
     settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
@@ -44,11 +48,17 @@ def world(settings, tmp_path, monkeypatch):
     worker = WorkerFactory(owner=UserFactory(), gpus=[], cuda_version="")
     run = services.run_start(proposal_id=approved_proposal().pk)
     task = services.task_claim(worker=worker)
+    for status in (Proposal.Status.ACTIVE, Proposal.Status.SUCCEEDED, Proposal.Status.DRAFT):
+        ProposalFactory(status=status)
+    ProposalFactory(status=Proposal.Status.DRAFT, author=member)
     yield {
         "anonymous": {},
         "member": {"Authorization": f"Token {Token.objects.create(user=member).key}"},
         "worker": {"Authorization": f"Bearer {worker.plain_token}"},
-        "run": run, "task": task,
+        # Ids of real objects by path parameter: a share of the generated requests uses them, so they reach
+        # the services instead of stopping at 404.
+        "known": {"id": sorted({*Proposal.objects.values_list("pk", flat=True), run.pk}),
+                  "worker_id": [worker.pk], "task_id": [task.pk], "sha256": [run.base_checkpoint.sha256]},
     }
     blobs.clear_caches()
 
@@ -70,9 +80,14 @@ class Fuzz:
         self.statuses: Counter = Counter()
         self.failures: list[str] = []
 
-    def run(self, operation, role: str, headers: dict) -> None:
-        strategy = st.one_of(operation.as_strategy(schemathesis.GenerationMode.POSITIVE),
-                             operation.as_strategy(schemathesis.GenerationMode.NEGATIVE))
+    def run(self, operation, role: str, headers: dict, known: dict[str, list]) -> None:
+        strategies = [operation.as_strategy(schemathesis.GenerationMode.POSITIVE),
+                      operation.as_strategy(schemathesis.GenerationMode.NEGATIVE)]
+        names = re.findall(r"{(\w+)}", operation.path)
+        if names and all(name in known for name in names):
+            strategies += [operation.as_strategy(schemathesis.GenerationMode.POSITIVE, path_parameters={name: value})
+                           for name in names for value in known[name]]
+        strategy = st.one_of(strategies)
 
         @hypothesis_settings(max_examples=EXAMPLES_PER_OPERATION_AND_ROLE, deadline=None, database=None,
                              derandomize=True, phases=[Phase.explicit, Phase.generate],
@@ -100,7 +115,7 @@ def test_every_operation_answers_as_documented(live_server, world):
     fuzz = Fuzz(live_server.url)
     for operation in operations:
         for role in ("anonymous", "member", "worker"):
-            fuzz.run(operation, role, world[role])
+            fuzz.run(operation, role, world[role], world["known"])
 
     total = sum(fuzz.sent.values())
     print(f"\n{total} requests over {len(fuzz.sent)} operations; statuses {dict(sorted(fuzz.statuses.items()))}")
