@@ -170,22 +170,32 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 class CpuThrottle(threading.Thread):
-    """What ``cpulimit`` does: let ``pid`` run for ``share`` of every ``period_s`` and hold it stopped
-    (SIGSTOP) for the rest, so the process gets that fraction of a CPU however idle the machine is."""
+    """A CPU ``share`` times as fast as this one, as ``cpulimit`` makes it: ``pid`` may use at most ``share``
+    CPU-seconds per second of wall time (all its threads together, read from ``/proc/<pid>/stat``); whenever
+    it is ahead of that budget it is held stopped (SIGSTOP) until the wall clock catches up (SIGCONT)."""
 
-    def __init__(self, pid: int, share: float, period_s: float = 0.2):
+    def __init__(self, pid: int, share: float, tick_s: float = 0.02):
         super().__init__(name=f"cpu-throttle-{pid}", daemon=True)
-        self.pid, self.share, self.period_s = pid, share, period_s
+        self.pid, self.share, self.tick_s = pid, share, tick_s
         self.done = threading.Event()
+        self._hz = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self._hz  # utime + stime
 
     def run(self) -> None:
+        stopped = False
         try:
+            base, started = self.cpu_seconds(), time.monotonic()
             while not self.done.is_set():
-                os.kill(self.pid, signal.SIGSTOP)
-                self.done.wait(self.period_s * (1 - self.share))
-                os.kill(self.pid, signal.SIGCONT)
-                self.done.wait(self.period_s * self.share)
-        except ProcessLookupError:
+                ahead = self.cpu_seconds() - base > self.share * (time.monotonic() - started)
+                if ahead != stopped:
+                    os.kill(self.pid, signal.SIGSTOP if ahead else signal.SIGCONT)
+                    stopped = ahead
+                self.done.wait(self.tick_s)
+        except (ProcessLookupError, FileNotFoundError):
             return
         finally:
             try:

@@ -11,8 +11,8 @@ itself) the first time it opens a blob of the kind ``AGORA_FAULT_AT`` names, und
 
 - ``aggregation``: an uploaded update opened for reading; only aggregation reads updates, so the round is
   claimed (``aggregating``) and nothing of the step is written yet.
-- ``blob-write``: the first blob opened for writing that is not an update: the new checkpoint of the
-  step (written before the outer-optimizer state), created and still empty.
+- ``blob-write``: a checkpoint (not an update, not an outer-optimizer state) opened for writing: the new
+  weights of the step, their file (or its temporary file) created and still empty.
 - ``upload``: an update opened for writing: the web process is storing a worker's upload, inside the
   transaction that records it.
 
@@ -39,7 +39,7 @@ def _wants_write(mode, flags) -> bool:
 
 def _install(point: str, root: str, arm: str, hit: str) -> None:
     root = os.path.abspath(root) + os.sep  # FileSystemStorage names files by abspath(location) too
-    updates = root + "updates" + os.sep
+    updates, outer = root + "updates" + os.sep, root + "outer" + os.sep
 
     def hook(event: str, args: tuple) -> None:
         if event != "open" or getattr(_busy, "on", False):
@@ -53,8 +53,8 @@ def _install(point: str, root: str, arm: str, hit: str) -> None:
         write = _wants_write(args[1], args[2] if len(args) > 2 else None)
         if point == "aggregation":
             wanted = path.startswith(updates) and not write
-        elif point == "blob-write":
-            wanted = write and not path.startswith(updates)
+        elif point == "blob-write":  # checkpoints live in <sha[:2]>/ folders, beside updates/ and outer/
+            wanted = write and not path.startswith(updates) and not path.startswith(outer)
         else:  # upload
             wanted = write and path.startswith(updates)
         if not wanted or not os.path.exists(arm):
