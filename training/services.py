@@ -387,7 +387,7 @@ def task_stop_reason(task_id: int, worker_id: int) -> str | None:
         tasks_liveness.remember(task_id=task_id, worker_id=None, deadline=None, stop=not_yours)
         return not_yours
     rnd, run = task.round, task.round.run
-    reason = None
+    reason, lasting = None, True
     if run.status != TrainingRun.Status.RUNNING:
         reason = f"the run is {run.status}" + (f": {run.reason}" if run.reason else "")
     elif task.status == Task.Status.FAILED:
@@ -395,14 +395,20 @@ def task_stop_reason(task_id: int, worker_id: int) -> str | None:
     elif task.status == Task.Status.EXPIRED:
         reason = f"the task expired: {task.reason or 'deadline passed'}"
     elif task.status in (Task.Status.ACCEPTED, Task.Status.REJECTED) or rnd.status in (
-            Round.Status.AGGREGATING, Round.Status.DONE, Round.Status.REJECTED):
+            Round.Status.DONE, Round.Status.REJECTED):
         reason = f"round {rnd.index} was already aggregated"
+    elif rnd.status == Round.Status.AGGREGATING:
+        # Not remembered: an aggregation that fails re-opens the round, and the task is wanted again.
+        lasting = False
+        if task.status == Task.Status.ASSIGNED:
+            reason = f"round {rnd.index} is being aggregated without it"
     elif rnd.status != Round.Status.OPEN:
         reason = f"round {rnd.index} is {rnd.status}"
     elif task.status == Task.Status.ASSIGNED and task.deadline <= timezone.now():
         reason = "the task's deadline passed"
-    deadline = None if task.status == Task.Status.COMPLETED else task.deadline.timestamp()
-    tasks_liveness.remember(task_id=task.pk, worker_id=task.worker_id, deadline=deadline, stop=reason)
+    if lasting:
+        deadline = None if task.status == Task.Status.COMPLETED else task.deadline.timestamp()
+        tasks_liveness.remember(task_id=task.pk, worker_id=task.worker_id, deadline=deadline, stop=reason)
     if task.worker_id != worker_id:
         return not_yours
     return reason
@@ -645,8 +651,9 @@ def _round_fail(*, rnd: Round, results: int, now) -> None:
 
 def _round_close_tasks(rnd: Round, *, reason: str) -> list[int]:
     """Expire the round's pending and assigned tasks (they will never be aggregated) and tell their agents."""
-    open_tasks = list(Task.objects.filter(round=rnd, status__in=[Task.Status.PENDING, Task.Status.ASSIGNED])
-                      .values_list("pk", "worker_id"))
+    # Locked, so a claim committing meanwhile is waited for and its worker gets the stop marker too.
+    open_tasks = list(Task.objects.select_for_update().filter(
+        round=rnd, status__in=[Task.Status.PENDING, Task.Status.ASSIGNED]).values_list("pk", "worker_id"))
     Task.objects.filter(pk__in=[pk for pk, _ in open_tasks]).update(status=Task.Status.EXPIRED, reason=reason)
     _tell_stopped({pk: (worker_id, reason) for pk, worker_id in open_tasks if worker_id is not None})
     return [pk for pk, _ in open_tasks]

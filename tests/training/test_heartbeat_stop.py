@@ -187,3 +187,20 @@ def test_a_stale_live_marker_written_back_never_overwrites_a_newer_stop(run, wor
     # The database hook read the task while it was still live and writes back after the stop was marked.
     tasks_liveness.remember(task_id=task.pk, worker_id=worker.pk, deadline=None, stop=None)
     assert tasks_liveness.stop_reason(task_id=task.pk, worker_id=worker.pk) == "the task was reported failed"
+
+
+def test_while_the_round_is_aggregated_an_unfinished_task_is_stopped_and_a_finished_one_is_not(run, worker):
+    training = _claimed(worker)
+    finished_by = WorkerFactory(gpus=[])
+    finished = _claimed(finished_by)
+    _submit(finished, finished_by)
+    rnd = Round.objects.get(run=run, index=1)
+    Round.objects.filter(pk=rnd.pk).update(status=Round.Status.AGGREGATING, aggregation_token="t",
+                                           lease_expires_at=timezone.now() + timedelta(seconds=30))
+    _forget_markers(training.pk, finished.pk)
+    reply = _beat(worker, training.pk)
+    assert reply["stop_task"] is True and "being aggregated" in reply["stop_reason"]
+    assert _beat(finished_by, finished.pk)["stop_task"] is False
+    # Not remembered: if this aggregation fails and the round re-opens, the task is wanted again.
+    Round.objects.filter(pk=rnd.pk).update(status=Round.Status.OPEN, aggregation_token="", lease_expires_at=None)
+    assert _beat(worker, training.pk)["stop_task"] is False

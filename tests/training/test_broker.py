@@ -1,0 +1,64 @@
+"""The embedded default's filesystem broker never hands a worker half a message, and an unreadable one
+does not stop the worker (a round check it carried is caught up by the tick)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from django.conf import settings
+from kombu import Connection
+
+from agora import broker
+
+
+@pytest.fixture
+def connection(tmp_path):
+    folder = tmp_path / "queue"
+    folder.mkdir()
+    options = {"data_folder_in": str(folder), "data_folder_out": str(folder), "store_processed": False,
+               "control_folder": str(tmp_path / "control")}
+    with Connection("filesystem://", transport="agora.broker:Transport", transport_options=options) as conn:
+        yield conn, folder
+
+
+def test_a_message_is_only_visible_once_complete(connection, monkeypatch):
+    conn, folder = connection
+    seen_while_writing = []
+    replace = os.replace
+
+    def spy(src, dst):
+        seen_while_writing.append(sorted(p for p in os.listdir(folder) if p.endswith(".celery.msg")))
+        assert os.path.getsize(src) > 0
+        replace(src, dst)
+
+    monkeypatch.setattr(broker.os, "replace", spy)
+    queue = conn.SimpleQueue("celery")
+    queue.put({"round_id": 7})
+    assert seen_while_writing == [[]]  # nothing a reader takes existed before the payload was whole
+    message = queue.get(timeout=1)
+    assert message.payload == {"round_id": 7}
+    message.ack()
+    assert not [p for p in os.listdir(folder) if "partial" in p]
+    queue.close()
+
+
+def test_an_unreadable_message_is_skipped_not_fatal(connection):
+    conn, folder = connection
+    queue = conn.SimpleQueue("checks")  # kombu's in-process broker state outlives a connection: a queue per test
+    (folder / "1_broken.checks.msg").write_bytes(b"")  # what a torn write used to leave
+    queue.put({"round_id": 8})
+    message = queue.get(timeout=1)
+    assert message.payload == {"round_id": 8}
+    message.ack()
+    assert os.listdir(folder) == []
+    queue.close()
+
+
+@pytest.mark.skipif(settings.CELERY_BROKER_URL != "filesystem://", reason="only the embedded default")
+def test_the_embedded_default_uses_it():
+    from agora.celery import app
+
+    assert app.conf.broker_transport == "agora.broker:Transport"
+    with app.connection_for_write() as conn:
+        assert isinstance(conn.transport, broker.Transport)
