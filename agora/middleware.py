@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from django.conf import settings
+from django.core.exceptions import TooManyFieldsSent
 from django.http import HttpResponseBadRequest, HttpResponseNotFound, JsonResponse
 
 from agora.api import error_body
@@ -42,9 +44,11 @@ class RefuseMalformedRequestsMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
-        name = _nul_parameter(request)
+        try:
+            name, reason = _nul_parameter(request), "NUL characters are not allowed"
+        except TooManyFieldsSent:
+            name, reason = "query string", f"more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} parameters"
         if name is not None:
-            reason = "NUL characters are not allowed"
             if _is_api(request):
                 return JsonResponse(error_body("invalid", f"{name}: {reason}", {name: [reason]}), status=400)
             return HttpResponseBadRequest(f"{name}: {reason}", content_type="text/plain; charset=utf-8")

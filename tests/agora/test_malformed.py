@@ -169,6 +169,11 @@ def test_nul_in_credentials_is_400_not_a_failed_lookup(client, header, value, na
     assert page.status_code == 400 and name.encode() in page.content
 
 
+def test_too_many_query_parameters_is_400_in_the_error_shape(client):
+    body = _error(client.get("/api/v1/runs/?" + "&".join(f"p{i}=1" for i in range(1500))), 400, "query string")
+    assert "1000 parameters" in body["detail"]
+
+
 def test_nul_in_a_page_query_is_a_plain_400(client):
     response = client.get("/proposals/?q=a%00b")
     assert response.status_code == 400 and b"q: NUL" in response.content
