@@ -747,18 +747,20 @@ def round_take_over_if_lapsed(*, round_id: int, now=None) -> bool:
     rnd = Round.objects.select_for_update().filter(pk=round_id).first()
     if rnd is None or not _lease_lapsed(rnd, now):
         return False
-    lapsed = rnd.lease_expires_at or rnd.aggregation_started_at
-    _round_reopen(rnd, now=now, reason=f"the aggregation's lease lapsed at {lapsed.isoformat() if lapsed else '?'}")
+    _round_reopen(rnd, now=now, reason=_lapsed_reason(rnd))
     return True
+
+
+def _lapsed_reason(rnd: Round) -> str:
+    lapsed = rnd.lease_expires_at or rnd.aggregation_started_at
+    return f"the aggregation's lease lapsed at {lapsed.isoformat()}" if lapsed else "the aggregation's lease lapsed"
 
 
 @transaction.atomic
 def _round_claim_for_aggregation(*, round_id: int, now) -> tuple[Round, str, list[Task]] | None:
     rnd = Round.objects.select_for_update().select_related("run").filter(pk=round_id).first()
-    if rnd is not None and _lease_lapsed(rnd, now):
-        lapsed = rnd.lease_expires_at or rnd.aggregation_started_at
-        _round_reopen(rnd, now=now,
-                      reason=f"the aggregation's lease lapsed at {lapsed.isoformat() if lapsed else '?'}")
+    if rnd is not None and _lease_lapsed(rnd, now):  # a dead attempt's round: take it over here
+        _round_reopen(rnd, now=now, reason=_lapsed_reason(rnd))
     if rnd is None or rnd.status != Round.Status.OPEN or rnd.run.status != TrainingRun.Status.RUNNING \
             or not _round_ready(rnd, now):
         return None
