@@ -20,6 +20,9 @@ from .factories import approved_proposal, train_update
 
 pytestmark = pytest.mark.django_db
 
+# Taken before the suite's fixture swaps it for a recorder (see conftest.py).
+_REAL_ENQUEUE_ROUND_CHECK = services._enqueue_round_check
+
 
 def _start(**diloco) -> TrainingRun:
     return services.run_start(proposal_id=approved_proposal(diloco=diloco).pk)
@@ -209,3 +212,30 @@ def test_a_worker_without_a_task_in_the_round_still_gets_the_oldest(cpu_worker):
     _start(workers_per_round=2)
     client = client_for(cpu_worker)
     assert client.post("/api/v1/tasks/claim").json()["dataset"]["shard_index"] == 0
+
+
+def test_an_upload_while_the_broker_is_down_is_still_accepted(monkeypatch, django_capture_on_commit_callbacks):
+    """The round check enqueued after the upload commits cannot be sent: logged, and the tick catches up."""
+    import json
+
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from .factories import METRICS
+
+    def broker_down(*args):
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr("training.services._enqueue_round_check", _REAL_ENQUEUE_ROUND_CHECK)
+    monkeypatch.setattr(tasks.round_check, "delay", broker_down)
+    run = _start(workers_per_round=1, rounds=1)
+    worker = WorkerFactory(gpus=[])
+    task = services.task_claim(worker=worker)
+    body = task_payload(task, request=APIRequestFactory().get("/"), guardrails=[], max_upload_bytes=0)
+    data, _ = train_update(body)
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        response = client_for(worker).post(f"/api/v1/tasks/{task.pk}/result", {
+            "update": SimpleUploadedFile("u.safetensors", data), "metrics": json.dumps(METRICS)})
+    assert response.status_code == 202, response.content
+    assert callbacks  # the enqueue was attempted
+    assert Task.objects.get(pk=task.pk).status == Task.Status.COMPLETED
+    assert tasks.tick()["ready"] == [Round.objects.get(run=run).pk]
