@@ -65,7 +65,8 @@ class Drill:
     min_workers: int = 2
     round_timeout_s: int = 30
     celery_pool: str = "solo"
-    fault_at: str = ""  # a point of tests/e2e/faultpoint.py: aggregation, blob-write (Celery), upload (web)
+    fault_at: str = ""  # a point of tests/e2e/faultpoint.py: aggregation, blob-write (Celery), upload (web),
+    #                     task (agent 0)
     own_redis: bool = False  # always run a Redis of the drill's own (else only when REDIS_URL is set)
     agent_env: dict[int, dict[str, str]] = field(default_factory=dict)
     needs: str = ""  # "faketime", "redis-server": what the machine must have
@@ -138,6 +139,7 @@ class Cluster:
         self.throttles: list[CpuThrottle] = []
         self.run_id: int | None = None
         self.web_starts = 0
+        self.problems: list[str] = []  # found while the fault was injected
 
     # --- processes ------------------------------------------------------------------------------
 
@@ -161,7 +163,11 @@ class Cluster:
 
     def start_agent(self, index: int) -> Proc:
         env = self.agent_envs[index]
-        proc = Proc([str(BIN / "agora-worker"), "run", "--allow-cpu"], env, self.workdir / f"agent-{index}.log")
+        program = [str(BIN / "agora-worker")]
+        if self.drill.fault_at == "task" and index == 0:
+            env = {**env, **self._fault_env("task"), "AGORA_FAULT_ROOT": env["AGORA_WORKER_CACHE"]}
+            program = [*FAULTPOINT, "agora-worker"]
+        proc = Proc([*program, "run", "--allow-cpu"], env, self.workdir / f"agent-{index}.log")
         self.agents[index] = proc
         return proc
 
@@ -274,11 +280,17 @@ class Cluster:
 
 
 def kill_agent_mid_task(c: Cluster) -> float:
-    """kill -9 an agent while it trains its task; its supervisor starts it again at once."""
-    c.wait_task_assigned(0, c.fault_round)
-    time.sleep(0.5)  # into the checkpoint download or the training steps
+    """kill -9 an agent mid-task (it has claimed its task and is saving the round's checkpoint into its
+    cache); its supervisor starts it again at once."""
+    c.arm()
+    pid = c.wait_hit()
+    assert pid == c.agents[0].pid, (pid, c.agents[0].pid)
+    task = c.wait_task_assigned(0, c.fault_round, timeout=10)
     c.agents[0].kill()
     at = time.time()
+    task.refresh_from_db()
+    if task.status != "assigned":
+        c.problems.append(f"the kill missed: task {task.pk} was already {task.status} when the agent died")
     c.start_agent(0)
     return at
 
@@ -339,13 +351,18 @@ def slow_agent_cpu(c: Cluster) -> float:
     """From its task of the fault round on, agent 2 may use 0.1% of a CPU (held stopped whenever it is ahead
     of that budget, as ``cpulimit`` does): far too slow for the deadline. The throttle is lifted once the
     round commits."""
-    c.wait_task_assigned(2, c.fault_round)
+    from training.models import Task
+
+    task = c.wait_task_assigned(2, c.fault_round)
     throttle = c.throttle(2, SLOW_SHARE)
     at = time.time()
     wait_for(lambda: (r := c.round_row(c.fault_round)) is not None and r.aggregated_at is not None,
              RECOVERY_LIMIT_S, interval=0.5, what=f"round {c.fault_round} to commit without the slow agent",
              procs=c.procs())
     throttle.stop()
+    task.refresh_from_db()
+    if task.status not in (Task.Status.EXPIRED, Task.Status.FAILED):
+        c.problems.append(f"the slow agent's task {task.pk} ended {task.status}: it was not too slow after all")
     return at
 
 
@@ -364,7 +381,7 @@ def _web_5xx_on_worker_calls(c: Cluster) -> list[str]:
 
 
 DRILLS = [
-    Drill("agent-kill", "kill -9 an agent mid-task (restarted)", kill_agent_mid_task),
+    Drill("agent-kill", "kill -9 an agent mid-task (restarted)", kill_agent_mid_task, fault_at="task"),
     Drill("celery-kill", "kill -9 the Celery worker mid-aggregation (restarted)",
           kill_celery_worker_mid_aggregation, fault_at="aggregation"),
     Drill("celery-child-kill", "kill -9 the Celery pool child mid-aggregation",
@@ -381,7 +398,7 @@ DRILLS = [
     Drill("slow-cpu", f"an agent at {SLOW_SHARE:.1%} of a CPU, too slow for the 30 s deadline", slow_agent_cpu,
           agents=3, workers_per_round=3, min_workers=2, round_timeout_s=30),
     Drill("clock-skew", "agent clocks 1 h ahead and 1 h behind; the fast one kill -9'd mid-task (restarted)",
-          kill_skewed_agent_mid_task, needs="faketime",
+          kill_skewed_agent_mid_task, needs="faketime", fault_at="task",
           agent_env={0: {"LD_PRELOAD": LIBFAKETIME or "", "FAKETIME": "+3600", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
                          "FAKETIME_DONT_RESET": "1"},
                      1: {"LD_PRELOAD": LIBFAKETIME or "", "FAKETIME": "-3600", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
@@ -447,6 +464,7 @@ def _outcome(c: Cluster, fault_at: float) -> Outcome:
              if r["index"] != c.fault_round and r["aggregated_at"] is not None and r["opened_at"] < r["aggregated_at"]
              and not (r["opened_at"] <= fault_at <= r["aggregated_at"])]
     problems, notes = check_invariants(c)
+    problems = c.problems + problems
     if c.drill.extra_problems is not None:
         problems += c.drill.extra_problems(c)
     return Outcome(drill=c.drill.name, run_status=run.status, run_reason=run.reason, rounds=rounds, fault_at=fault_at,

@@ -1,13 +1,14 @@
-"""Run Celery or gunicorn so that a fault drill can kill it at an exact point of its work.
+"""Run Celery, gunicorn or an agent so that a fault drill can kill it at an exact point of its work.
 
     python -m tests.e2e.faultpoint celery -A agora worker ...
     python -m tests.e2e.faultpoint gunicorn agora.wsgi ...
+    python -m tests.e2e.faultpoint agora-worker run ...
 
 A kill -9 at a random moment rarely lands inside a 100 ms aggregation of a tiny model; a drill wants it
 there every time. So the program runs with a Python audit hook (``sys.addaudithook``, which sees every file
 the process opens) that, while the file ``AGORA_FAULT_ARM`` exists, freezes the process (SIGSTOP to
-itself) the first time it opens a blob of the kind ``AGORA_FAULT_AT`` names, under ``AGORA_FAULT_ROOT``
-(the checkpoint storage folder):
+itself) the first time it opens a file of the kind ``AGORA_FAULT_AT`` names, under ``AGORA_FAULT_ROOT``
+(the checkpoint storage folder; for an agent, its cache folder):
 
 - ``aggregation``: an uploaded update opened for reading; only aggregation reads updates, so the round is
   claimed (``aggregating``) and nothing of the step is written yet.
@@ -15,6 +16,9 @@ itself) the first time it opens a blob of the kind ``AGORA_FAULT_AT`` names, und
   weights of the step, their file (or its temporary file) created and still empty.
 - ``upload``: an update opened for writing: the web process is storing a worker's upload, inside the
   transaction that records it.
+- ``task``: (an agent) a file written into its cache: the round's checkpoint, just downloaded after the
+  claim and before any training; a tiny model trains in a fraction of a second, so a kill timed from the
+  outside often lands after the result is in.
 
 It records its pid in ``AGORA_FAULT_HIT`` (created exclusively, so the fault fires once per drill, across
 restarts and pool children) before stopping. The drill waits for that file and sends the real
@@ -55,8 +59,10 @@ def _install(point: str, root: str, arm: str, hit: str) -> None:
             wanted = path.startswith(updates) and not write
         elif point == "blob-write":  # checkpoints live in <sha[:2]>/ folders, beside updates/ and outer/
             wanted = write and not path.startswith(updates) and not path.startswith(outer)
-        else:  # upload
+        elif point == "upload":
             wanted = write and path.startswith(updates)
+        else:  # task
+            wanted = write
         if not wanted or not os.path.exists(arm):
             return
         _busy.on = True
@@ -77,8 +83,8 @@ def main() -> None:
     program, args = sys.argv[1], sys.argv[2:]
     point = os.environ.get("AGORA_FAULT_AT", "")
     if point:
-        if point not in ("aggregation", "blob-write", "upload"):
-            raise SystemExit(f"AGORA_FAULT_AT={point!r}: expected aggregation, blob-write or upload")
+        if point not in ("aggregation", "blob-write", "upload", "task"):
+            raise SystemExit(f"AGORA_FAULT_AT={point!r}: expected aggregation, blob-write, upload or task")
         _install(point, os.environ["AGORA_FAULT_ROOT"], os.environ["AGORA_FAULT_ARM"], os.environ["AGORA_FAULT_HIT"])
     sys.argv = [program, *args]
     if program == "celery":
@@ -89,6 +95,10 @@ def main() -> None:
         from gunicorn.app.wsgiapp import run
 
         sys.exit(run())
+    elif program == "agora-worker":
+        from workers.cli import main as agent_main
+
+        sys.exit(agent_main())
     else:
         raise SystemExit(f"unknown program {program!r}")
 

@@ -24,13 +24,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.drill, pytest.mark.django_db(transact
 
 
 @pytest.mark.parametrize("drill", DRILLS, ids=[d.name for d in DRILLS])
-def test_fault_drill(drill, tmp_path, settings):
+def test_fault_drill(drill, tmp_path):
     why_not = missing_need(drill)
     if why_not:
         if os.environ.get("AGORA_REQUIRE_SERVICES") == "1":
             pytest.fail(f"{drill.name} cannot run: {why_not}")
         pytest.skip(why_not)
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
     outcome = run_drill(drill, tmp_path)
 
