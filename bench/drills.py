@@ -3,6 +3,7 @@
     python -m bench.drills                                  # every drill, embedded default (SQLite)
     DATABASE_URL=postgres://... REDIS_URL=redis://... python -m bench.drills --drills celery-kill,web-kill
     python -m bench.drills --rounds 5 --fault-round 3
+    python -m bench.drills --tick-s 10 --lease-s 30 --heartbeat-s 5   # the server's default timers
 
 Each drill (``tests/e2e/drillkit.py``, the same scenarios ``pytest -m drill`` asserts on) starts gunicorn, a
 Celery worker, Celery beat, ``agora-worker`` agents on the CPU and, when Redis is in use, a Redis of its own
@@ -43,6 +44,9 @@ def main(argv=None) -> int:
                         help=f"comma-separated, of: {', '.join(DRILLS_BY_NAME)}")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--fault-round", type=int, default=3)
+    parser.add_argument("--tick-s", type=int, default=1, help="AGORA_TRAINING_TICK_S (server default 10)")
+    parser.add_argument("--lease-s", type=int, default=10, help="AGORA_AGGREGATION_LEASE_S (server default 30)")
+    parser.add_argument("--heartbeat-s", type=int, default=1, help="AGORA_HEARTBEAT_INTERVAL_S (server default 30)")
     parser.add_argument("--keep", action="store_true", help="keep each drill's folder (logs, blobs)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.drills.split(",") if n.strip()]
@@ -64,6 +68,8 @@ def main(argv=None) -> int:
         override_settings(PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"]).enable()
         base = Path(tempfile.mkdtemp(prefix="agora-drills-"))
         rows, failures = [], 0
+        timers = {"AGORA_TRAINING_TICK_S": str(args.tick_s), "AGORA_AGGREGATION_LEASE_S": str(args.lease_s),
+                  "AGORA_HEARTBEAT_INTERVAL_S": str(args.heartbeat_s)}
         for name in names:
             drill = DRILLS_BY_NAME[name]
             why_not = missing_need(drill)
@@ -72,7 +78,8 @@ def main(argv=None) -> int:
                 continue
             started = time.monotonic()
             try:
-                outcome = run_drill(drill, base / name, rounds=args.rounds, fault_round=args.fault_round)
+                outcome = run_drill(drill, base / name, rounds=args.rounds, fault_round=args.fault_round,
+                                    timers=timers)
             except Exception as exc:  # a stall: the drill's wait timed out
                 failures += 1
                 first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
@@ -96,8 +103,9 @@ def main(argv=None) -> int:
         broker = "Redis (a server of each drill's own)" if settings.REDIS_URL else "filesystem broker"
         print(f"\nFault drills on {connection.vendor}, {broker}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
               f"{args.rounds} rounds of a 1-layer byte-level GPT (2 agents, 10 inner steps), fault in round "
-              f"{args.fault_round}. Recovery: fault -> next committed round; target < {TARGET_S:g} s for one process "
-              f"death.\n")
+              f"{args.fault_round}; training tick {args.tick_s} s, aggregation lease {args.lease_s} s, heartbeats "
+              f"every {args.heartbeat_s} s. Recovery: fault -> next committed round; target < {TARGET_S:g} s for "
+              f"one process death.\n")
         print_table(["drill", "recovery (s)", "fault-free round, median (s)", "run", "invariants"], rows)
         if not args.keep:
             import shutil

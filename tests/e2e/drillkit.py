@@ -49,6 +49,10 @@ LIBFAKETIME = next((p for p in ("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeM
                                 "/usr/local/lib/faketime/libfaketimeMT.so.1") if os.path.exists(p)), None)
 
 MODEL = {"n_layer": 1, "n_embd": 32, "n_head": 4, "block_size": 32}
+# The server's timers in the drills: a training tick every second, a 10 s aggregation lease (the server's
+# defaults are 10 s and 30 s) and 1 s heartbeats, so that a recovery is not mostly waiting. The benchmark
+# can run with other values (``bench.drills --tick-s --lease-s --heartbeat-s``).
+DRILL_TIMERS = {"AGORA_TRAINING_TICK_S": "1", "AGORA_AGGREGATION_LEASE_S": "10", "AGORA_HEARTBEAT_INTERVAL_S": "1"}
 # How long, after the fault, the faulted round may take to commit before the drill calls it a stall.
 RECOVERY_LIMIT_S = float(os.environ.get("AGORA_DRILL_RECOVERY_LIMIT_S", "120"))
 
@@ -90,7 +94,7 @@ class Outcome:
 class Cluster:
     """The processes of one drill and the handles a fault needs."""
 
-    def __init__(self, drill: Drill, workdir: Path, rounds: int, fault_round: int):
+    def __init__(self, drill: Drill, workdir: Path, rounds: int, fault_round: int, timers: dict[str, str]):
         from django.conf import settings
 
         self.drill, self.workdir, self.rounds, self.fault_round = drill, workdir, rounds, fault_round
@@ -112,14 +116,11 @@ class Cluster:
             AGORA_MEDIA_ROOT=str(self.media),
             AGORA_CHECKPOINT_STORAGE="filesystem",
             AGORA_CACHE_PREFIX=f"drill-{drill.name}",
-            AGORA_TRAINING_TICK_S="1", AGORA_CLOSE_EVERY_S="5", AGORA_SWEEP_EVERY_S="2",
-            AGORA_HEARTBEAT_INTERVAL_S="1",
+            AGORA_CLOSE_EVERY_S="5", AGORA_SWEEP_EVERY_S="2",
             AGORA_RATE_HEARTBEAT="100000/min", AGORA_RATE_CLAIM_WORKER="100000/min",
             AGORA_RATE_CLAIM_ADDRESS="100000/min",
-            # A dead aggregation is taken over once its lease lapses (the server's default is well under a
-            # minute; the drills keep it short so a recovery is not mostly waiting).
-            AGORA_AGGREGATION_LEASE_S="10",
             DJANGO_LOG_LEVEL="INFO",
+            **{**DRILL_TIMERS, **timers},
             # Half a dozen processes share the machine's cores; one torch thread each keeps them from
             # spinning against each other.
             OMP_NUM_THREADS="1",
@@ -421,12 +422,12 @@ def missing_need(drill: Drill) -> str:
 # --- the script every drill follows -------------------------------------------------------------
 
 
-def run_drill(drill: Drill, workdir: Path, *, rounds: int = 3, fault_round: int = 2,
-              finish_timeout: float = 300) -> Outcome:
+def run_drill(drill: Drill, workdir: Path, *, rounds: int = 3, fault_round: int = 2, finish_timeout: float = 300,
+              timers: dict[str, str] | None = None) -> Outcome:
     from training.models import TrainingRun
 
     workdir.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(drill, workdir, rounds, fault_round)
+    cluster = Cluster(drill, workdir, rounds, fault_round, timers or {})
     try:
         cluster.start()
         cluster.wait_round_open(fault_round)
