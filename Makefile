@@ -21,6 +21,8 @@ run: export DJANGO_DEBUG ?= 1
 run: export AGORA_PUBLIC_URL ?= http://$(HOST):$(PORT)
 run: export AGORA_HOST := $(HOST)
 run: export AGORA_HEARTBEAT_INTERVAL_S ?= 5
+# A demo member who signs up can vote once the console e-mail is confirmed (production adds an account age).
+run: export AGORA_VOTER_ELIGIBILITY ?= verified_email
 run: export AGORA_PORT := $(PORT)
 run: $(STAMP)
 	$(BIN)/python manage.py migrate --noinput
