@@ -258,6 +258,15 @@ class Cluster:
                         timeout, interval=0.1, what=f"agent {agent} to hold a task of round {round_index}",
                         procs=self.procs())
 
+    def wait_result_in(self, agent: int, round_index: int, timeout: float = 240):
+        from training.models import Task
+
+        return wait_for(lambda: Task.objects.filter(round__run_id=self.run_id, round__index=round_index,
+                                                    worker_id=self.worker_ids[agent],
+                                                    status__in=["completed", "accepted", "rejected"]).first(),
+                        timeout, interval=0.1, what=f"agent {agent}'s result for round {round_index}",
+                        procs=self.procs())
+
     def arm(self) -> None:
         self.arm_file.write_text("armed")
 
@@ -283,8 +292,7 @@ class Cluster:
 def kill_agent_mid_task(c: Cluster) -> float:
     """kill -9 an agent mid-task (it has claimed its task and is saving the round's checkpoint into its
     cache); its supervisor starts it again at once."""
-    c.arm()
-    pid = c.wait_hit()
+    pid = c.wait_hit()  # armed by run_drill once the agent's previous task was in
     assert pid == c.agents[0].pid, (pid, c.agents[0].pid)
     task = c.wait_task_assigned(0, c.fault_round, timeout=10)
     c.agents[0].kill()
@@ -430,6 +438,11 @@ def run_drill(drill: Drill, workdir: Path, *, rounds: int = 3, fault_round: int 
     cluster = Cluster(drill, workdir, rounds, fault_round, timers or {})
     try:
         cluster.start()
+        if drill.fault_at == "task":
+            # The agent caches the next round's checkpoint within a second of the round opening, so the
+            # fault point is armed as soon as its result for the round before is in.
+            cluster.wait_result_in(0, fault_round - 1)
+            cluster.arm()
         cluster.wait_round_open(fault_round)
         fault_at = drill.fault(cluster)
 
