@@ -10,6 +10,11 @@ class TrainingConfig(AppConfig):
 
         training_proposal_approved.connect(on_training_proposal_approved, dispatch_uid="training-start-run")
 
+        from training.receivers import on_round_result_stored
+        from training.signals import round_result_stored
+
+        round_result_stored.connect(on_round_result_stored, dispatch_uid="training-round-check")
+
         from marketplace import tasks_liveness
 
         tasks_liveness.register(_task_stop_reason)

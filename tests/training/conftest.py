@@ -20,7 +20,7 @@ def checkpoint_storage(settings, tmp_path):
 def enqueued(monkeypatch):
     """Round checks the services enqueue after commit, recorded instead of sent to a broker."""
     calls: list[int] = []
-    monkeypatch.setattr("training.services._enqueue_round_check", calls.append)
+    monkeypatch.setattr("training.services.assignment._enqueue_round_check", calls.append)
     return calls
 
 

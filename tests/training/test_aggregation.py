@@ -13,6 +13,7 @@ from marketplace.models import CreditGrant, Worker
 from tests.marketplace.factories import WorkerFactory
 from training import blobs, services
 from training.models import CommunityModel, Round, Task, TrainingRun, checkpoint_storage_name
+from training.services import aggregation
 
 from .conftest import stored_files
 from .factories import approved_proposal, metrics_json, random_update, train_update
@@ -142,7 +143,7 @@ def test_sign_flipped_update_is_rejected_while_honest_ones_aggregate():
 @pytest.fixture(params=[True, False], ids=["writes-during-eval", "writes-after-eval"])
 def overlap(request, monkeypatch):
     """Both ways of ordering the evaluation and the blob writes (which one runs depends on the machine)."""
-    monkeypatch.setattr(services, "_overlap_eval_with_writes", lambda: request.param)
+    monkeypatch.setattr(aggregation, "_overlap_eval_with_writes", lambda: request.param)
     return request.param
 
 
@@ -264,7 +265,7 @@ def test_a_dead_aggregation_is_reopened_and_a_late_finisher_commits_nothing(monk
     run = _start(workers_per_round=2, rounds=2)
     _claim_and_submit(run, [WorkerFactory(gpus=[]) for _ in range(2)], honest)
     rnd = Round.objects.get(run=run, index=1)
-    claimed = services._round_claim_for_aggregation(round_id=rnd.pk, now=timezone.now())
+    claimed = aggregation._round_claim_for_aggregation(round_id=rnd.pk, now=timezone.now())
     assert claimed is not None
     _, old_token, old_tasks = claimed
     # The worker that held the claim died; the tick re-opens the round after the stale timeout.
@@ -272,8 +273,8 @@ def test_a_dead_aggregation_is_reopened_and_a_late_finisher_commits_nothing(monk
     assert services.rounds_release_stale(now=later) == [rnd.pk]
     assert services.round_aggregate(round_id=rnd.pk).accepted
     # The old attempt wakes up and tries to commit: nothing happens.
-    outcome = services._aggregate_compute(Round.objects.select_related("run").get(pk=rnd.pk), old_token, old_tasks)
-    assert services._aggregate_commit(rnd.pk, old_token, outcome) is None
+    outcome = aggregation._aggregate_compute(Round.objects.select_related("run").get(pk=rnd.pk), old_token, old_tasks)
+    assert aggregation._aggregate_commit(rnd.pk, old_token, outcome) is None
     assert Entry.objects.filter(action="round.aggregated").count() == 1
     assert Round.objects.filter(run=run).count() == 2
 
@@ -306,8 +307,8 @@ def test_eval_and_writes_overlap_only_where_it_pays(settings, precision, threads
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert services._overlap_eval_with_writes() is expected
-        with services._one_core_spared():
+        assert aggregation._overlap_eval_with_writes() is expected
+        with aggregation._one_core_spared():
             assert torch.get_num_threads() == threads - 1
         assert torch.get_num_threads() == threads
     finally:

@@ -10,6 +10,7 @@ from tests.marketplace.factories import WorkerFactory
 from training import services
 from training.errors import TaskExpired
 from training.models import Round, Task, TrainingRun
+from training.services import aggregation
 
 from .factories import approved_proposal, train_update
 
@@ -105,13 +106,13 @@ def test_an_aggregation_under_way_when_the_run_is_canceled_commits_nothing(staff
     data, metrics = train_update(body)
     services.task_submit_result(task_id=task.pk, worker=worker, data=data, metrics=metrics)
     rnd = Round.objects.get(run=run, index=1)
-    claimed = services._round_claim_for_aggregation(round_id=rnd.pk, now=timezone.now())
+    claimed = aggregation._round_claim_for_aggregation(round_id=rnd.pk, now=timezone.now())
     assert claimed is not None
-    outcome = services._aggregate_compute(*claimed)
+    outcome = aggregation._aggregate_compute(*claimed)
     assert outcome.accepted
 
     services.run_cancel(run_id=run.pk, by=staff, reason="Stop.")
-    assert services._aggregate_commit(rnd.pk, claimed[1], outcome) is None
+    assert aggregation._aggregate_commit(rnd.pk, claimed[1], outcome) is None
 
     run.refresh_from_db()
     assert run.status == TrainingRun.Status.CANCELED

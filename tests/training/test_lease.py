@@ -14,6 +14,7 @@ from marketplace.models import CreditGrant
 from tests.marketplace.factories import WorkerFactory
 from training import blobs, services, tasks
 from training.models import Checkpoint, Round, TrainingRun, checkpoint_storage_name
+from training.services import aggregation, rounds
 
 from .conftest import stored_files
 from .test_stalls import _start, _submit
@@ -29,7 +30,7 @@ def _ready_round(*, rounds=2) -> Round:
 
 
 def _claim(rnd: Round):
-    claimed = services._round_claim_for_aggregation(round_id=rnd.pk, now=timezone.now())
+    claimed = aggregation._round_claim_for_aggregation(round_id=rnd.pk, now=timezone.now())
     assert claimed is not None
     return claimed
 
@@ -39,8 +40,8 @@ def _lapse(rnd: Round) -> None:
 
 
 def _attempt_files(rnd: Round, token: str) -> list[str]:
-    return [services._attempt_outer_name(rnd.run_id, rnd.index, token),
-            services._attempt_manifest_name(rnd.run_id, rnd.index, token)]
+    return [rounds._attempt_outer_name(rnd.run_id, rnd.index, token),
+            rounds._attempt_manifest_name(rnd.run_id, rnd.index, token)]
 
 
 def _checkpoints_intact() -> None:
@@ -64,8 +65,8 @@ def test_a_dead_aggregation_is_taken_over_its_files_deleted_and_the_round_aggreg
     rnd = _ready_round()
     old_round, old_token, old_tasks = _claim(rnd)
     # The old attempt computed and wrote its step (checkpoint, outer state, manifest), then its worker died.
-    outcome = services._aggregate_compute(old_round, old_token, old_tasks,
-                                          lease=services._Lease(round_id=rnd.pk, token=old_token))
+    outcome = aggregation._aggregate_compute(old_round, old_token, old_tasks,
+                                          lease=rounds._Lease(round_id=rnd.pk, token=old_token))
     assert outcome.accepted
     written = set(stored_files(checkpoint_storage))
     assert set(_attempt_files(rnd, old_token)) <= written
@@ -83,11 +84,11 @@ def test_a_dead_aggregation_is_taken_over_its_files_deleted_and_the_round_aggreg
     assert restarted.payload["round"] == 1 and "lease lapsed" in restarted.payload["reason"]
 
     # The old attempt wakes up: its commit changes nothing, and its clean-up spares the committed checkpoint.
-    assert services._aggregate_commit(rnd.pk, old_token, outcome) is None
-    services._attempt_files_delete(rnd.run_id, rnd.index, old_token,
-                                   checkpoint=services._round_closed_without(rnd.pk, old_token))
+    assert aggregation._aggregate_commit(rnd.pk, old_token, outcome) is None
+    rounds._attempt_files_delete(rnd.run_id, rnd.index, old_token,
+                                   checkpoint=aggregation._round_closed_without(rnd.pk, old_token))
     # ... and so does one that wakes before its next phase boundary.
-    assert services._round_aggregate_claimed(old_round, old_token, old_tasks) is None
+    assert aggregation._round_aggregate_claimed(old_round, old_token, old_tasks) is None
 
     assert Entry.objects.filter(action="round.aggregated").count() == 1
     assert Round.objects.filter(run_id=rnd.run_id).count() == 2
@@ -104,7 +105,7 @@ def test_a_checkpoint_cut_short_by_a_dead_attempt_is_deleted_by_the_taker(checkp
     # Killed mid-write: the manifest names a checkpoint of which only a prefix reached the store.
     whole = b"x" * 4096
     sha = sha256_hex(whole)
-    blobs.blob_write(services._attempt_manifest_name(rnd.run_id, rnd.index, old_token),
+    blobs.blob_write(rounds._attempt_manifest_name(rnd.run_id, rnd.index, old_token),
                      f'{{"checkpoint": "{sha}", "outer_state": ""}}'.encode())
     blobs.store().save(checkpoint_storage_name(sha), __import__("io").BytesIO(whole[:1000]))
     assert checkpoint_storage_name(sha) in stored_files(checkpoint_storage)
@@ -137,7 +138,7 @@ def test_an_aggregation_that_fails_gives_the_round_back_without_its_files(monkey
     def broken_commit(*args, **kwargs):
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(services, "_aggregate_commit", broken_commit)
+    monkeypatch.setattr(aggregation, "_aggregate_commit", broken_commit)
     with pytest.raises(RuntimeError):
         services.round_aggregate(round_id=rnd.pk)
     rnd.refresh_from_db()
@@ -153,7 +154,7 @@ def test_a_run_canceled_while_aggregating_closes_the_round_and_the_attempt_leave
     services.run_cancel(run_id=rnd.run_id, by=staff, reason="Stop.")
     rnd.refresh_from_db()
     assert rnd.status == Round.Status.CANCELED and rnd.aggregation_token == ""
-    assert services._round_aggregate_claimed(*claimed) is None
+    assert aggregation._round_aggregate_claimed(*claimed) is None
     assert set(stored_files(checkpoint_storage)) == before
     assert TrainingRun.objects.get(pk=rnd.run_id).status == TrainingRun.Status.CANCELED
     assert not Entry.objects.filter(action="round.aggregated").exists()
@@ -166,7 +167,7 @@ def test_the_keep_alive_thread_renews_the_lease_while_a_phase_runs(settings):
     rnd = _ready_round()
     _, token, _ = _claim(rnd)
     first = Round.objects.get(pk=rnd.pk).lease_expires_at
-    lease = services._Lease(round_id=rnd.pk, token=token)
+    lease = rounds._Lease(round_id=rnd.pk, token=token)
     with lease.kept():
         for _ in range(100):  # a long phase: wait (up to 10 s) until the thread has renewed
             if Round.objects.get(pk=rnd.pk).lease_expires_at > first:
@@ -174,7 +175,7 @@ def test_the_keep_alive_thread_renews_the_lease_while_a_phase_runs(settings):
             time.sleep(0.1)
     assert Round.objects.get(pk=rnd.pk).lease_expires_at > first
     Round.objects.filter(pk=rnd.pk).update(aggregation_token="someone-else")
-    with pytest.raises(services._LeaseLost):
+    with pytest.raises(rounds._LeaseLost):
         lease.renew()
 
 

@@ -14,6 +14,7 @@ from tests.marketplace.factories import WorkerFactory
 from training import services, tasks
 from training.models import Round, Task, TrainingRun
 from training.serializers import task_payload
+from training.services import assignment
 
 from .conftest import client_for
 from .factories import approved_proposal, train_update
@@ -21,7 +22,7 @@ from .factories import approved_proposal, train_update
 pytestmark = pytest.mark.django_db
 
 # Taken before the suite's fixture swaps it for a recorder (see conftest.py).
-_REAL_ENQUEUE_ROUND_CHECK = services._enqueue_round_check
+_REAL_ENQUEUE_ROUND_CHECK = assignment._enqueue_round_check
 
 
 def _start(**diloco) -> TrainingRun:
@@ -225,7 +226,7 @@ def test_an_upload_while_the_broker_is_down_is_still_accepted(monkeypatch, djang
     def broker_down(*args):
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr("training.services._enqueue_round_check", _REAL_ENQUEUE_ROUND_CHECK)
+    monkeypatch.setattr("training.services.assignment._enqueue_round_check", _REAL_ENQUEUE_ROUND_CHECK)
     monkeypatch.setattr(tasks.round_check, "delay", broker_down)
     run = _start(workers_per_round=1, rounds=1)
     worker = WorkerFactory(gpus=[])

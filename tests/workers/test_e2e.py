@@ -106,7 +106,7 @@ def test_a_canceled_run_stops_the_agents_task_at_once_and_nothing_is_uploaded(pr
     from training import services
     from training.models import Task
 
-    monkeypatch.setattr("training.services._enqueue_round_check", lambda *_: None)  # no Celery in this test
+    monkeypatch.setattr("training.services.assignment._enqueue_round_check", lambda *_: None)  # no Celery in this test
     proposal = approved_proposal(diloco={"rounds": 1, "workers_per_round": 1, "min_workers": 1,
                                          "inner_steps": 100_000, "round_timeout_s": 3600})
     run = services.run_start(proposal_id=proposal.pk)
