@@ -367,6 +367,13 @@ AGORA_VOTE_WEIGHT_STRATEGY = env(
 # Workers
 AGORA_HEARTBEAT_INTERVAL_S = env.int("AGORA_HEARTBEAT_INTERVAL_S", default=30)
 AGORA_OFFLINE_AFTER_S = env.int("AGORA_OFFLINE_AFTER_S", default=100)  # about three missed heartbeats
+# A worker whose reliability (a decaying average of valid results, starting at 0.5) falls under this after at
+# least AGORA_SUSPEND_AFTER_TASKS recorded results is suspended automatically (0 turns this off).
+AGORA_SUSPEND_BELOW_RELIABILITY = env.float("AGORA_SUSPEND_BELOW_RELIABILITY", default=0.2)
+AGORA_SUSPEND_AFTER_TASKS = env.int("AGORA_SUSPEND_AFTER_TASKS", default=5)
+if not 0 <= AGORA_SUSPEND_BELOW_RELIABILITY <= 1 or AGORA_SUSPEND_AFTER_TASKS < 1:
+    raise ImproperlyConfigured("AGORA_SUSPEND_BELOW_RELIABILITY must be within [0, 1] and AGORA_SUSPEND_AFTER_TASKS "
+                               "at least 1")
 AGORA_ENROLLMENT_TOKEN_TTL = timedelta(hours=env.float("AGORA_ENROLLMENT_TOKEN_TTL_HOURS", default=24))
 AGORA_PUBLIC_URL = env("AGORA_PUBLIC_URL", default="http://127.0.0.1:8000")
 # Training: where the server evaluates held-out loss after each round (cpu, cuda, or auto).

@@ -166,11 +166,38 @@ def worker_suspend(*, worker: Worker, by, reason: str) -> Worker:
         raise MarketplaceError("reason: a reason is required to suspend a worker", code="invalid")
     if worker.status != Worker.Status.ACTIVE:
         raise WorkerStateError(f"only an active worker can be suspended, not a {worker.status} one")
+    return _suspend(worker, actor=by, reason=reason)
+
+
+def _suspend(worker: Worker, *, actor, reason: str, **extra) -> Worker:
     _set_status(worker, Worker.Status.SUSPENDED, reason[:1000])
     presence.presence_forget(worker.pk)
-    entry_append(actor=by, action="worker.suspended", subject=worker.ledger_label,
-                 payload={"worker_id": worker.pk, "name": worker.name, "reason": worker.status_reason})
+    entry_append(actor=actor, action="worker.suspended", subject=worker.ledger_label,
+                 payload={"worker_id": worker.pk, "name": worker.name, "reason": worker.status_reason, **extra})
     return worker
+
+
+def suspension_threshold() -> tuple[float, int]:
+    """(reliability under which a worker is suspended automatically, results it must have first)."""
+    return (float(getattr(settings, "AGORA_SUSPEND_BELOW_RELIABILITY", 0.2)),
+            int(getattr(settings, "AGORA_SUSPEND_AFTER_TASKS", 5)))
+
+
+@transaction.atomic
+def worker_suspend_if_unreliable(*, worker: Worker) -> bool:
+    """Suspend an active worker whose reliability fell under ``AGORA_SUSPEND_BELOW_RELIABILITY`` after at least
+    ``AGORA_SUSPEND_AFTER_TASKS`` recorded results; the ledger's ``worker.suspended`` entry is by the system,
+    marked ``automatic``, with the reliability and counts that decided it. Returns whether it suspended."""
+    below, after = suspension_threshold()
+    worker = _locked(worker)
+    results = worker.tasks_valid + worker.tasks_invalid
+    if worker.status != Worker.Status.ACTIVE or below <= 0 or results < after or not worker.reliability < below:
+        return False
+    reason = (f"suspended automatically: reliability {worker.reliability:.3f} fell under {below:g} after "
+              f"{results} results ({worker.tasks_invalid} invalid)")
+    _suspend(worker, actor="system", reason=reason, automatic=True, reliability=round(worker.reliability, 6),
+             tasks_valid=worker.tasks_valid, tasks_invalid=worker.tasks_invalid)
+    return True
 
 
 @transaction.atomic
@@ -231,7 +258,8 @@ def worker_sweep_offline() -> dict:
 @transaction.atomic
 def worker_record_outcome(*, worker: Worker, valid: bool, reference: str) -> Worker:
     """Move reliability towards 1 (valid) or 0 (invalid): ``r ← 0.9·r + 0.1·valid``, like BOINC's decaying
-    error rate. Recorded once per ``reference``: calling again for the same task changes nothing."""
+    error rate. Recorded once per ``reference``: calling again for the same task changes nothing. An invalid
+    result that takes reliability under the threshold suspends the worker (``worker_suspend_if_unreliable``)."""
     if not reference:
         raise MarketplaceError("reference: a reference (e.g. task:17) is required", code="invalid")
     worker = Worker.objects.select_for_update().get(pk=worker.pk)
@@ -247,6 +275,9 @@ def worker_record_outcome(*, worker: Worker, valid: bool, reference: str) -> Wor
     worker.refresh_from_db(fields=["tasks_valid", "tasks_invalid"])
     WorkerOutcome.objects.create(worker=worker, reference=reference, valid=valid,
                                  reliability_after=worker.reliability)
+    if not valid:
+        worker_suspend_if_unreliable(worker=worker)
+        worker.refresh_from_db(fields=["status", "status_reason", "status_changed_at"])
     return worker
 
 
