@@ -15,6 +15,7 @@ that moves the sketch a lot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 
@@ -26,10 +27,13 @@ DEFAULT_THRESHOLD = 0.99
 MAX_DIM = 1 << 16
 
 
+@functools.lru_cache(maxsize=512)
 def _signs(seed: int, name: str, n: int) -> Tensor:
+    """The ±1 signs of tensor ``name``'s coordinates (int8: one byte a parameter, kept so that sketching a
+    round's updates draws them once)."""
     digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
+    return torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8).mul_(2).sub_(1)
 
 
 @torch.no_grad()
@@ -42,10 +46,11 @@ def sketch(update: dict[str, Tensor], *, seed: int, dim: int = DEFAULT_DIM) -> T
         x = update[name].detach().to(torch.float32).reshape(-1)
         n = x.numel()
         signed = x * _signs(seed, name, n)
-        pad = (-n) % dim
-        if pad:
-            signed = torch.cat([signed, signed.new_zeros(pad)])
-        out += signed.view(-1, dim).sum(dim=0, dtype=torch.float64)
+        whole = n - n % dim
+        if whole:
+            out += signed[:whole].view(-1, dim).sum(dim=0).double()
+        if whole < n:
+            out[: n - whole] += signed[whole:].double()
     return out.to(torch.float32)
 
 
