@@ -26,6 +26,7 @@ class Screen:
     reason: str
     norm: float
     cosine: float
+    code: str = "accepted"
 
 
 def _check(updates: list[dict[str, Tensor]]) -> list[str]:
@@ -118,32 +119,37 @@ def _parallel_blocks(updates, names, kernel, *, need_stack: bool, out_dtype=torc
 
 def _mean(updates, names) -> dict[str, Tensor]:
     k = len(updates)
+    w = 1.0 / k
 
+    # Each row is scaled before it is added, so the running sum never exceeds the largest magnitude
+    # (no overflow on finite inputs near float32's limit).
     def kernel(views, _stacked, out, _scratch):
-        torch.add(views[0], views[1], out=out) if k > 1 else out.copy_(views[0])
-        for v in views[2:]:
-            out.add_(v)
-        out.mul_(1.0 / k)
+        torch.mul(views[0], w, out=out)
+        for v in views[1:]:
+            out.add_(v, alpha=w)
 
     return _parallel_blocks(updates, names, kernel, need_stack=False)[0]
 
 
+def _trim_count(k: int, trim_fraction: float) -> int:
+    return min(int(math.floor(trim_fraction * k)), (k - 1) // 2)
+
+
 def _trimmed_mean(updates, names, trim_fraction: float) -> dict[str, Tensor]:
     k = len(updates)
-    t = min(int(math.floor(trim_fraction * k)), (k - 1) // 2)
+    t = _trim_count(k, trim_fraction)
     if t == 0:
         return _mean(updates, names)
     kept = k - 2 * t
     network = _sorting_network(k)
 
+    # Sorted, then the middle rows averaged: never ``sum - max - min``, which cancels catastrophically in
+    # float32 when the trimmed values are far larger than the kept ones.
     def kernel(_views, stacked, out, scratch):
-        if t == 1:
-            torch.sum(stacked, dim=0, out=out)
-            out.sub_(stacked.amax(dim=0)).sub_(stacked.amin(dim=0)).mul_(1.0 / kept)
-        else:
-            _sort_rows(stacked, network, scratch["tmp"][: out.numel()])
-            torch.sum(stacked[t : k - t], dim=0, out=out)
-            out.mul_(1.0 / kept)
+        _sort_rows(stacked, network, scratch["tmp"][: out.numel()])
+        torch.mul(stacked[t], 1.0 / kept, out=out)
+        for row in range(t + 1, k - t):
+            out.add_(stacked[row], alpha=1.0 / kept)
 
     return _parallel_blocks(updates, names, kernel, need_stack=True)[0]
 
@@ -156,21 +162,28 @@ def _median(updates, names) -> dict[str, Tensor]:
         _sort_rows(stacked, network, scratch["tmp"][: out.numel()])
         if k % 2:
             out.copy_(stacked[k // 2])
-        else:
-            torch.add(stacked[k // 2 - 1], stacked[k // 2], out=out).mul_(0.5)
+        else:  # halves first: (a + b) / 2 overflows for a, b near float32's limit
+            torch.mul(stacked[k // 2 - 1], 0.5, out=out).add_(stacked[k // 2], alpha=0.5)
 
     return _parallel_blocks(updates, names, kernel, need_stack=True)[0]
 
 
 def update_norms(updates: list[dict[str, Tensor]]) -> list[float]:
-    """Global L2 norm of each update over all its tensors (per-tensor norms combined in float64)."""
-    return [math.sqrt(sum(float(torch.linalg.vector_norm(t.detach().float())) ** 2 for t in u.values()))
+    """Global L2 norm of each update over all its tensors, computed in float64 (finite for every finite
+    float32 input; NaN or infinite exactly when the update holds a NaN or an infinity)."""
+    return [math.sqrt(sum(float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2
+                          for t in u.values()))
             for u in updates]
+
+
+def finite_rows(updates: list[dict[str, Tensor]]) -> list[int]:
+    """Indices of the updates whose every value is finite."""
+    return [i for i, u in enumerate(updates) if all(bool(torch.isfinite(t).all()) for t in u.values())]
 
 
 def _norm_clipped_mean(updates, names, clip_norm: float | None) -> dict[str, Tensor]:
     k = len(updates)
-    norms = update_norms(updates)
+    norms = update_norms(updates)  # float64: a huge finite row is scaled down, never zeroed by an overflow
     clip = statistics.median(norms) if clip_norm is None else float(clip_norm)
     weights = [(min(1.0, clip / n) if n > 0 else 1.0) / k for n in norms]
 
@@ -193,10 +206,16 @@ def aggregate(
 
     - ``mean``: the plain average (what DiLoCo uses with honest workers).
     - ``trimmed_mean``: per coordinate, drop the ``floor(trim_fraction · k)`` largest and smallest values
-      (never all of them) and average the rest.
+      (never all of them) and average the rest; with ``floor(trim_fraction · k) == 0`` it is the mean.
     - ``median``: per coordinate median (the average of the two middle values when k is even).
     - ``norm_clipped_mean``: scale every update whose global norm exceeds ``clip_norm`` (default: the
       median norm) down to it, then average: one worker moves the result by at most clip/k.
+
+    Every method equals its definition computed exactly and rounded once more to float32 (within a few
+    float32 ulps of the kept values' magnitude) on any finite input, including values near float32's
+    limit. Non-finite rows: an update holding any NaN or infinity is left out as a whole before
+    aggregating (k counts the finite updates only); if none is finite, ``ValueError``. The result is
+    therefore always finite.
     """
     if method not in METHODS:
         raise ValueError(f"unknown aggregator {method!r} (known: {', '.join(METHODS)})")
@@ -205,6 +224,11 @@ def aggregate(
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError("clip_norm must be > 0")
     names = _check(updates)
+    finite = finite_rows(updates)
+    if not finite:
+        raise ValueError("no finite update to aggregate (every update holds a NaN or an infinity)")
+    if len(finite) < len(updates):
+        updates = [updates[i] for i in finite]
     if method == "mean":
         return _mean(updates, names)
     if method == "trimmed_mean":
@@ -214,92 +238,160 @@ def aggregate(
     return _norm_clipped_mean(updates, names, clip_norm)
 
 
-def _gram(updates: list[dict[str, Tensor]], names: list[str]) -> Tensor:
-    """The k × k matrix of dot products between updates (float64), in one blockwise pass."""
+def _loo_median_dots(updates: list[dict[str, Tensor]], names: list[str]) -> tuple[list[float], list[float]]:
+    """For each update i: ``<u_i, c_i>`` and ``|c_i|²`` (float64), where ``c_i`` is the coordinate median
+    of all the *other* updates, in one blockwise pass.
 
-    def kernel(_views, stacked, _out, scratch):
-        g = (stacked @ stacked.T).to(torch.float64)
-        scratch["acc"] = g if scratch["acc"] is None else scratch["acc"] + g
+    Leaving the update out matters: with a handful of updates, an update's own values move the median
+    towards it, which would give pure noise a sizeable cosine with a centre that includes it. The
+    leave-one-out median is read off the sorted block by value: removing a value above the middle leaves
+    the lower middle, and so on, which is right under ties too.
+    """
+    k = len(updates)
+    network = _sorting_network(k)
+
+    def kernel(views, stacked, _out, scratch):
+        _sort_rows(stacked, network, scratch["tmp"][: stacked.shape[1]])
+        acc = torch.zeros(2, k, dtype=torch.float64)
+        s = stacked.to(torch.float64)
+        for i, u in enumerate(views):
+            u = u.to(torch.float64)
+            if k % 2 == 0:
+                lo, hi = s[k // 2 - 1], s[k // 2]
+                c = torch.where(u >= hi, lo, hi)
+            else:
+                h = k // 2
+                below, mid, above = s[h - 1], s[h], s[h + 1]
+                c = torch.where(u < mid, (mid + above) * 0.5, torch.where(u > mid, (below + mid) * 0.5,
+                                                                           (below + above) * 0.5))
+            acc[0, i] = torch.dot(u, c)
+            acc[1, i] = torch.dot(c, c)
+        scratch["acc"] = acc if scratch["acc"] is None else scratch["acc"] + acc
 
     _, accs = _parallel_blocks(updates, names, kernel, need_stack=True)
-    k = len(updates)
-    return sum((a for a in accs if a is not None), torch.zeros(k, k, dtype=torch.float64))
+    total = sum((a for a in accs if a is not None), torch.zeros(2, k, dtype=torch.float64))
+    return total[0].tolist(), total[1].tolist()
 
 
-def _cosine_with_others(gram: Tensor, i: int, others: list[int]) -> float:
-    others = [j for j in others if j != i]
-    if not others:
-        return 0.0
-    dot = float(gram[i, others].sum())
-    sum_sq = float(gram[others][:, others].sum())
-    denom = math.sqrt(max(float(gram[i, i]), 0.0)) * math.sqrt(max(sum_sq, 0.0))
-    return max(-1.0, min(1.0, dot / denom)) if denom > 0 else 0.0
+# Screening codes: ``non_finite`` is a fault of the update alone; the others judge it against the rest of
+# the round, so they are only as trustworthy as the round (see ``diloco.round.Verdict.blamed``).
+ACCEPTED, NON_FINITE, NORM_HIGH, NORM_LOW, DIRECTION = "accepted", "non_finite", "norm_high", "norm_low", "direction"
+
+
+def _direction_pass(updates, names, alive, norms, cosines, min_cosine_ratio, opposed_cosine) -> dict:
+    """Cosines of the ``alive`` updates with their leave-one-out median (written into ``cosines``) and
+    the ones to reject, ``{index: (code, reason)}`` (see ``screen_updates``)."""
+    dots, centre_sq = _loo_median_dots([updates[i] for i in alive], names)
+    for j, i in enumerate(alive):
+        denom = norms[i] * math.sqrt(max(centre_sq[j], 0.0))
+        cosines[i] = max(-1.0, min(1.0, dots[j] / denom)) if denom > 0 else 0.0
+    params = sum(t.numel() for t in updates[alive[0]].values())
+    agreement = statistics.median(cosines[i] for i in alive)
+    noise_level = 4.0 / math.sqrt(max(params, 1))
+    if len(alive) >= 3 and agreement > noise_level:
+        threshold = min_cosine_ratio * agreement
+        return {i: (DIRECTION, f"direction disagrees with the round's robust centre (cosine {cosines[i]:.3f} "
+                               f"with the others' coordinate median < {min_cosine_ratio:g} x their median "
+                               f"cosine {agreement:.3f})")
+                for i in alive if cosines[i] < threshold}
+    if len(alive) == 2:
+        return {i: (DIRECTION, f"direction opposes the only other update (cosine {cosines[i]:.3f} < "
+                               f"{opposed_cosine:g}); cannot tell which is honest")
+                for i in alive if cosines[i] < opposed_cosine}
+    return {i: (DIRECTION, f"direction opposes the others (cosine {cosines[i]:.3f} with their coordinate "
+                           f"median < {opposed_cosine:g})")
+            for i in alive if cosines[i] < opposed_cosine}
 
 
 def screen_updates(
-    updates: list[dict[str, Tensor]], *, max_norm_ratio: float = 5.0, min_cosine: float = -0.5
+    updates: list[dict[str, Tensor]],
+    *,
+    max_norm_ratio: float = 5.0,
+    min_cosine_ratio: float = 0.5,
+    opposed_cosine: float = -0.5,
+    reference_norm: float | None = None,
 ) -> list[Screen]:
-    """Validate each update against the others, returning one :class:`Screen` per update, in order.
+    """Judge each update against a robust centre of the round, returning one :class:`Screen` per update.
 
-    Rejected, in this order: non-finite values; a global norm more than ``max_norm_ratio`` times the
-    median norm of the finite updates, or less than that median divided by it; a direction opposing the
-    others (cosine with the sum of the other accepted updates below ``min_cosine``). Direction is checked
-    iteratively, most opposed first, so one attacker does not drag honest updates down; when only two
-    remain and they oppose each other, both are rejected (there is no majority to tell which is honest).
+    Rejected, in this order:
+
+    1. non-finite values (``non_finite``);
+    2. a global norm more than ``max_norm_ratio`` times the median norm of the finite updates, or less
+       than that median divided by it (``norm_high`` / ``norm_low``). With ``reference_norm`` (e.g. the
+       median of the last round's accepted norms, out of this round's attackers' reach) the norm must
+       also lie within the same ratio of it;
+    3. a direction that does not agree with the others (``direction``): the cosine of the update with the
+       coordinate median of the *other* updates left after 1-2 (a leave-one-out median) is compared with
+       ``min_cosine_ratio`` times the median of those cosines.
+
+    Why this centre: a coordinate median cannot be moved far by a minority, even a colluding one sending
+    the same vector, and leaving the judged update out means neither noise nor a colluder is judged
+    against a centre it pulls on. Why this threshold: honest updates of one round are the same signal plus
+    shard noise, so their cosines with the centre cluster around the median cosine (a majority is honest);
+    half of it leaves room for a shard twice as noisy as the typical one, while noise orthogonal to the
+    centre (cosine ~ 1/sqrt(parameters)) and anything opposed fall below it whenever the honest updates
+    agree. When they do not agree (median cosine under ``4/sqrt(parameters)``, the noise level, or fewer
+    than three updates left) direction cannot tell noise from work, and only a clearly opposed update
+    (cosine below ``opposed_cosine``) is rejected; two updates that oppose each other are then both
+    rejected (nothing tells which is honest).
+
     ``cosine`` is 0.0 when there is nothing to compare with; ``norm`` is -1.0 for a non-finite update
     (so a Screen is always JSON-safe).
     """
     if max_norm_ratio < 1:
         raise ValueError("max_norm_ratio must be >= 1")
+    if not 0.0 <= min_cosine_ratio < 1.0:
+        raise ValueError("min_cosine_ratio must be in [0, 1)")
     names = _check(updates) if updates else []
     k = len(updates)
-    # One pass over the data: the Gram matrix (accumulated in float64, so squares of float32 values cannot
-    # overflow) has a non-finite diagonal exactly when an update holds a NaN or an infinity. Only the
-    # rejected updates are scanned again, to name the offending tensor.
-    gram = _gram(updates, names) if updates else torch.zeros(0, 0, dtype=torch.float64)
-    finite = [bool(torch.isfinite(gram[i, i])) for i in range(k)]
-    reasons: dict[int, str] = {}
+    raw_norms = update_norms(updates)
+    finite = [math.isfinite(n) for n in raw_norms]
+    norms = [n if f else -1.0 for n, f in zip(raw_norms, finite, strict=True)]
+    reasons: dict[int, tuple[str, str]] = {}
     for i in range(k):
         if not finite[i]:
             bad = next((n for n, t in updates[i].items() if not bool(torch.isfinite(t).all())), None)
-            reasons[i] = f"non-finite values in {bad}" if bad else "values so large that the norm overflows"
+            reasons[i] = (NON_FINITE, f"non-finite values in {bad}")
     ok = [i for i in range(k) if finite[i]]
-    norms = [math.sqrt(max(float(gram[i, i]), 0.0)) if finite[i] else -1.0 for i in range(k)]
+
+    def check_norm(i: int, label: str, centre: float) -> None:
+        n = norms[i]
+        if centre > 0 and n > max_norm_ratio * centre:
+            reasons[i] = (NORM_HIGH, f"norm {n:.4g} is {n / centre:.1f}x {label} {centre:.4g} (limit {max_norm_ratio:g}x)")
+        elif centre > 0 and n < centre / max_norm_ratio:
+            reasons[i] = (NORM_LOW, f"norm {n:.4g} is 1/{centre / max(n, 1e-300):.1f} of {label} {centre:.4g} "
+                                    f"(limit 1/{max_norm_ratio:g})")
+        elif centre == 0 and n > 0:
+            reasons[i] = (NORM_HIGH, f"norm {n:.4g} while {label} is 0")
+
+    # The reference first: updates far from it do not get to move this round's median either.
+    if reference_norm is not None and reference_norm > 0 and math.isfinite(reference_norm):
+        for i in ok:
+            check_norm(i, "the previous round's median accepted norm", float(reference_norm))
+        ok = [i for i in ok if i not in reasons]
     if ok:
         median = statistics.median(norms[i] for i in ok)
         for i in ok:
-            n = norms[i]
-            if median > 0 and n > max_norm_ratio * median:
-                reasons[i] = f"norm {n:.4g} is {n / median:.1f}x the median norm {median:.4g} (limit {max_norm_ratio:g}x)"
-            elif median > 0 and n < median / max_norm_ratio:
-                reasons[i] = f"norm {n:.4g} is 1/{median / max(n, 1e-300):.1f} of the median norm {median:.4g} (limit 1/{max_norm_ratio:g})"
-            elif median == 0 and n > 0:
-                reasons[i] = f"norm {n:.4g} while the median norm is 0"
+            check_norm(i, "the median norm", median)
     alive = [i for i in ok if i not in reasons]
-    rejected_cosine: dict[int, float] = {}
+    cosines = [0.0] * k
     while len(alive) >= 2:
-        cosines = {i: _cosine_with_others(gram, i, alive) for i in alive}
-        worst = min(alive, key=lambda i: (cosines[i], i))
-        if cosines[worst] >= min_cosine:
+        rejected = _direction_pass(updates, names, alive, norms, cosines, min_cosine_ratio, opposed_cosine)
+        narrowed = len(alive) > 2 and len(rejected) > 1 and 2 * len(rejected) >= len(alive)
+        if narrowed:
+            # Half the round or more disagrees with its centre: a few large updates may be steering the
+            # small round's centres, so only the worst goes and the centres are computed again without it.
+            worst = min(rejected, key=lambda i: (cosines[i], i))
+            rejected = {worst: rejected[worst]}
+        reasons.update(rejected)
+        alive = [i for i in alive if i not in rejected]
+        if not narrowed:
             break
-        if len(alive) == 2:
-            for i in alive:
-                rejected_cosine[i] = cosines[i]
-                reasons[i] = (f"direction opposes the only other update (cosine {cosines[i]:.3f} < {min_cosine:g}); "
-                              "cannot tell which is honest")
-            alive = []
-            break
-        rejected_cosine[worst] = cosines[worst]
-        reasons[worst] = f"direction opposes the others (cosine {cosines[worst]:.3f} with their mean < {min_cosine:g})"
-        alive.remove(worst)
     screens = []
     for i in range(k):
-        if i in rejected_cosine:
-            cosine = rejected_cosine[i]
-        else:
-            cosine = _cosine_with_others(gram, i, alive) if finite[i] else 0.0
         if i in reasons:
-            screens.append(Screen(False, reasons[i], norms[i], cosine))
+            code, reason = reasons[i]
+            screens.append(Screen(False, reason, norms[i], cosines[i], code))
         else:
-            screens.append(Screen(True, "accepted", norms[i], cosine))
+            screens.append(Screen(True, ACCEPTED, norms[i], cosines[i], ACCEPTED))
     return screens

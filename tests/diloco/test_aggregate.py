@@ -98,12 +98,12 @@ def test_screen_rejects_nan_huge_and_flipped():
     flipped = {k: -v for k, v in honest[2].items()}
     tiny = {k: v * 1e-4 for k, v in honest[3].items()}
     updates = [*honest, nan, huge, flipped, tiny]
-    screens = screen_updates(updates, max_norm_ratio=5.0, min_cosine=-0.5)
+    screens = screen_updates(updates, max_norm_ratio=5.0)
     assert [s.accepted for s in screens] == [True] * 5 + [False] * 4
     assert "non-finite values in b" in screens[5].reason
     assert screens[5].norm == -1.0
     assert "norm" in screens[6].reason and "median" in screens[6].reason
-    assert "direction opposes" in screens[7].reason and screens[7].cosine < -0.5
+    assert screens[7].code == "direction" and "robust centre" in screens[7].reason and screens[7].cosine < -0.5
     assert "1/" in screens[8].reason
 
 

@@ -14,7 +14,6 @@ import contextlib
 import functools
 import logging
 import math
-import statistics
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +26,11 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from diloco.aggregate import aggregate, screen_updates, update_norms
 from diloco.codecs import CodecError, decode_update
 from diloco.evaluate import eval_dtype, evaluate_loss
 from diloco.models import model_with_weights
 from diloco.outer import OuterOptimizer
+from diloco.round import AggregatorSpec, OuterSpec, ScreenSpec, Update, Verdict, outer_round
 from ledger.services import entry_append
 from marketplace.services import credit_grant, worker_record_outcome
 from training import blobs
@@ -62,22 +61,16 @@ EVAL_BATCHES = 8
 # Screening: an update whose norm is this many times the median (this round's, or the last round's
 # accepted updates') is rejected.
 MAX_NORM_RATIO = 5.0
+# The trimmed mean's trim for specs frozen before the spec named it.
+TRIM_FRACTION = 0.25
 # Credits are kilotokens of inner training, computed from the spec (not from what the worker reports).
 CREDIT_PER_TOKEN = Decimal("0.001")
 
 
 @dataclass
-class _Verdict:
-    task: Task
-    accepted: bool
-    reason: str
-    norm: float | None = None
-    cosine: float | None = None
-
-
-@dataclass
 class _Outcome:
-    verdicts: list[_Verdict]
+    verdicts: list[Verdict]  # ``Verdict.id`` is the task's id
+    tasks: dict[int, Task]
     accepted: bool
     reason: str
     eval_before: float | None
@@ -128,14 +121,15 @@ def eval_device() -> str:
     return wanted
 
 
-def _previous_median_norm(rnd: Round) -> float | None:
+def _previous_accepted_norms(rnd: Round) -> list[float]:
+    """The norms of the updates accepted in the latest earlier round that accepted any."""
     norms = list(Task.objects.filter(round__run_id=rnd.run_id, round__index__lt=rnd.index, status=Task.Status.ACCEPTED,
                                      update_norm__isnull=False)
                  .order_by("-round__index").values_list("round__index", "update_norm")[:256])
     if not norms:
-        return None
+        return []
     latest = norms[0][0]
-    return statistics.median(n for index, n in norms if index == latest)
+    return [n for index, n in norms if index == latest]
 
 
 def eval_precision() -> torch.dtype | None:
@@ -153,113 +147,75 @@ def _eval(state: dict, run: TrainingRun, tokens) -> float:
 
 
 def _aggregate_compute(rnd: Round, token: str, tasks: list[Task], *, lease: _Lease | None = None) -> _Outcome:
-    """The tensor work of one round. Blobs written here are content addressed (checkpoint) or unique to
-    this attempt (outer state); before writing them the attempt lists them in its manifest, so whoever
-    takes over a dead attempt can delete them. With a ``lease`` it is renewed at each phase boundary,
-    raising ``_LeaseLost`` once another attempt holds the round."""
+    """The tensor work of one round: decode the results and hand them to ``diloco.round.outer_round``.
+
+    Blobs written here are content addressed (checkpoint) or unique to this attempt (outer state); before
+    writing them the attempt lists them in its manifest, so whoever takes over a dead attempt can delete
+    them. With a ``lease`` it is renewed at each phase boundary, raising ``_LeaseLost`` once another
+    attempt holds the round."""
     run = rnd.run
     d = run.diloco
     renew = lease.renew if lease is not None else (lambda: None)
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
     state_in, _meta_in = blobs.checkpoint_state(rnd.checkpoint_in_id)
     m = run.spec["model"]
     reference = blobs.model_reference(m["arch"], m["config"])
-    verdicts: list[_Verdict] = []
-    updates, owners = [], []
+    updates = []
     for task in tasks:
         try:
-            updates.append(decode_update(blobs.blob_read(task.update_name), reference))
-            owners.append(task)
+            updates.append(Update(task.pk, decode_update(blobs.blob_read(task.update_name), reference)))
         except (CodecError, OSError) as exc:  # validated at upload; only storage trouble lands here
-            verdicts.append(_Verdict(task, False, f"update unreadable: {exc}"))
-    timings["decode_s"] = time.perf_counter() - t0
-    renew()
-    t = time.perf_counter()
-    # With two or three updates an attacker drags the round's median norm; the last round's accepted
-    # norms are out of its reach, so updates far from those are turned away before the round's screening.
-    history = _previous_median_norm(rnd)
-    if history and updates:
-        kept_updates, kept_owners = [], []
-        for task, update, norm in zip(owners, updates, update_norms(updates), strict=True):
-            ratio = norm / history
-            if not math.isfinite(norm) or ratio > MAX_NORM_RATIO or ratio < 1 / MAX_NORM_RATIO:
-                verdicts.append(_Verdict(task, False, f"norm {norm:.4g} is {ratio:.3g}x the previous round's median "
-                                         f"accepted norm {history:.4g} (limits 1/{MAX_NORM_RATIO:g}x to "
-                                         f"{MAX_NORM_RATIO:g}x)", norm))
-            else:
-                kept_updates.append(update)
-                kept_owners.append(task)
-        updates, owners = kept_updates, kept_owners
-    screens = screen_updates(updates, max_norm_ratio=MAX_NORM_RATIO) if updates else []
-    good = []
-    for task, update, screen in zip(owners, updates, screens, strict=True):
-        verdicts.append(_Verdict(task, screen.accepted, screen.reason, screen.norm, screen.cosine))
-        if screen.accepted:
-            good.append(update)
-    timings["screen_s"] = time.perf_counter() - t
+            updates.append(Update(task.pk, None, str(exc)))
+    decode_s = time.perf_counter() - t0
     renew()
     tokens = blobs.heldout_tokens(run.spec["dataset"])
-    t = time.perf_counter()
-    eval_before = _previous_eval(rnd)
-    if eval_before is None:
-        eval_before = _eval(state_in, run, tokens)
-    timings["eval_before_s"] = time.perf_counter() - t
-    if not good:
-        return _Outcome(verdicts, False, "no update passed screening", eval_before, None, timings=timings)
-    t = time.perf_counter()
-    pseudo_gradient = aggregate(good, d["aggregator"])
-    timings["aggregate_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    outer_state = blobs.outer_state(run.outer_state_name) if run.outer_state_name else None
-    lr, momentum = float(d["outer_lr"]), float(d["outer_momentum"])
-    if outer_state:
-        opt = OuterOptimizer.from_state(state_in, outer_state, lr=lr, momentum=momentum, nesterov=True)
-    else:
-        opt = OuterOptimizer(state_in, lr=lr, momentum=momentum, nesterov=True)
-    new_state = opt.step(pseudo_gradient)
-    timings["outer_step_s"] = time.perf_counter() - t
-    renew()
-    t = time.perf_counter()
     outer_name = _attempt_outer_name(run.pk, rnd.index, token)
     meta = _model_meta(m["arch"], m["config"], run_id=run.pk, round=rnd.index)
-    save = functools.partial(_save_step, new_state, meta, opt.state_tensors(copy=False), outer_name,
-                             manifest_name=_attempt_manifest_name(run.pk, rnd.index, token))
-    saved = None
-    if _overlap_eval_with_writes():
-        # The new weights and optimizer state are serialised, hashed and written while the held-out loss
-        # is evaluated; a step the evaluation turns down has its blobs removed again.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agora-save") as pool:
-            saving = pool.submit(save)
-            t_eval = time.perf_counter()
-            try:
-                with _one_core_spared():
-                    eval_after = _eval(new_state, run, tokens)
-            finally:
-                timings["eval_after_s"] = time.perf_counter() - t_eval
-                saved = saving.result()
-    else:
-        eval_after = _eval(new_state, run, tokens)
-        timings["eval_after_s"] = time.perf_counter() - t
-    renew()
-    rejection = ""
-    if not _finite(eval_after):
-        rejection = "held-out loss after the step is not finite"
-    elif eval_after > eval_before * (1 + EVAL_TOLERANCE):
-        rejection = (f"held-out loss rose from {eval_before:.4f} to {eval_after:.4f} "
-                     f"(more than {EVAL_TOLERANCE:.0%}); step rejected")
-    if rejection:
+    overlap = _overlap_eval_with_writes()
+    step: dict = {}
+
+    def on_step(new_state: dict, opt: OuterOptimizer) -> None:
+        step["save"] = functools.partial(_save_step, new_state, meta, opt.state_tensors(copy=False), outer_name,
+                                         manifest_name=_attempt_manifest_name(run.pk, rnd.index, token))
+        step["t"] = time.perf_counter()
+        if overlap:
+            # The new weights and optimizer state are serialised, hashed and written while the held-out
+            # loss is evaluated; a step the evaluation turns down has its blobs removed again.
+            step["saving"] = pool.submit(step["save"])
+
+    def evaluate(state: dict) -> float:
+        if "saving" in step:
+            with _one_core_spared():
+                return _eval(state, run, tokens)
+        return _eval(state, run, tokens)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agora-save") as pool:
+        try:
+            result = outer_round(
+                base_state=state_in, updates=updates, evaluate=evaluate,
+                aggregator=AggregatorSpec(d["aggregator"], float(d.get("trim_fraction", TRIM_FRACTION))),
+                outer=OuterSpec(lr=float(d["outer_lr"]), momentum=float(d["outer_momentum"]), nesterov=True),
+                outer_state=blobs.outer_state(run.outer_state_name) if run.outer_state_name else None,
+                previous_norms=_previous_accepted_norms(rnd), screening=ScreenSpec(max_norm_ratio=MAX_NORM_RATIO),
+                eval_before=_previous_eval(rnd), eval_tolerance=EVAL_TOLERANCE, on_phase=lambda _phase: renew(),
+                on_step=on_step)
+        finally:
+            saved = step["saving"].result() if "saving" in step else None
+    timings = {"decode_s": decode_s, **result.timings}
+    by_id = {task.pk: task for task in tasks}
+    if not result.accepted:
         if saved:
             _discard_step(saved[0], outer_name)
-        timings["eval_and_save_s"] = time.perf_counter() - t
-        return _Outcome(verdicts, False, rejection, eval_before, eval_after if _finite(eval_after) else None,
+        if "t" in step:
+            timings["eval_and_save_s"] = time.perf_counter() - step["t"]
+        return _Outcome(result.verdicts, by_id, False, result.reason, result.eval_before, result.eval_after,
                         timings=timings)
-    sha, size, outer_sha, save_timings = saved or save()
+    sha, size, outer_sha, save_timings = saved or step["save"]()
     timings.update(save_timings)
-    timings["eval_and_save_s"] = time.perf_counter() - t
-    return _Outcome(verdicts, True, "", eval_before, eval_after, new_state=new_state, checkpoint_sha=sha,
-                    checkpoint_size=size, outer_state_name=outer_name, outer_state_sha=outer_sha,
-                    timings=timings)
+    timings["eval_and_save_s"] = time.perf_counter() - step["t"]
+    return _Outcome(result.verdicts, by_id, True, "", result.eval_before, result.eval_after,
+                    new_state=result.new_state, checkpoint_sha=sha, checkpoint_size=size,
+                    outer_state_name=outer_name, outer_state_sha=outer_sha, timings=timings)
 
 
 def _overlap_eval_with_writes() -> bool:
@@ -302,33 +258,33 @@ def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
         return None
     rnd.run = run
     now = timezone.now()
-    step_rejected = not out.accepted
     credit = _credit_amount(run)
     report_accepted, report_rejected = [], []
     for v in out.verdicts:
-        task = v.task
+        task = out.tasks[v.id]
         task.update_norm = v.norm if _finite(v.norm) else None
         task.update_cosine = v.cosine if _finite(v.cosine) else None
-        if v.accepted and not step_rejected:
+        if v.credited(step_accepted=out.accepted):
             task.status, task.reason, task.credit = Task.Status.ACCEPTED, "", credit
             credit_grant(worker=task.worker, amount=credit, reason=f"run {run.pk} round {rnd.index}",
                          reference=f"task:{task.pk}")
             worker_record_outcome(worker=task.worker, valid=True, reference=f"task:{task.pk}")
             report_accepted.append({"task_id": task.pk, "worker_id": task.worker_id,
                                     "update_sha256": task.update_sha256, "norm": task.update_norm})
-        elif v.accepted:
-            # Passed screening but the combined step failed evaluation: no credit, and no blame either,
-            # since one cannot tell whose update spoiled it.
-            task.status, task.reason = Task.Status.REJECTED, f"outer step rejected: {out.reason}"
-            report_rejected.append({"task_id": task.pk, "worker_id": task.worker_id,
-                                    "update_sha256": task.update_sha256, "reason": task.reason})
-        else:
-            task.status, task.reason = Task.Status.REJECTED, v.reason
+            task.save(update_fields=["status", "reason", "credit", "update_norm", "update_cosine"])
+            continue
+        # Passed screening but the combined step failed evaluation: no credit, and no blame either, since
+        # one cannot tell whose update spoiled it; a norm or direction rejection is blamed only when the
+        # evaluation confirmed the round that judged it (``Verdict.blamed``).
+        task.status = Task.Status.REJECTED
+        task.reason = f"outer step rejected: {out.reason}" if v.accepted else v.reason
+        blamed = v.blamed(step_accepted=out.accepted)
+        if blamed:
             worker_record_outcome(worker=task.worker, valid=False, reference=f"task:{task.pk}")
-            report_rejected.append({"task_id": task.pk, "worker_id": task.worker_id,
-                                    "update_sha256": task.update_sha256, "reason": v.reason})
+        report_rejected.append({"task_id": task.pk, "worker_id": task.worker_id, "update_sha256": task.update_sha256,
+                                "reason": task.reason, "code": v.code, "blamed": blamed})
         task.save(update_fields=["status", "reason", "credit", "update_norm", "update_cosine"])
-    stops = {v.task.pk: (v.task.worker_id, f"round {rnd.index} was already aggregated") for v in out.verdicts}
+    stops = {v.id: (out.tasks[v.id].worker_id, f"round {rnd.index} was already aggregated") for v in out.verdicts}
     _tell_stopped(stops)
     _round_close_tasks(rnd, reason="the round was aggregated without it")
     rnd.aggregated_at = now
