@@ -75,6 +75,7 @@ class Drill:
     agent_env: dict[int, dict[str, str]] = field(default_factory=dict)
     needs: str = ""  # "faketime", "redis-server": what the machine must have
     outage_s: float = 0.0  # how long a killed server stays down before its supervisor starts it again
+    prepare: Callable[[Cluster], None] | None = None  # runs before ``fault_round`` opens
     extra_problems: Callable[[Cluster], list[str]] | None = None
 
 
@@ -289,10 +290,17 @@ class Cluster:
 # --- the faults ---------------------------------------------------------------------------------
 
 
+def arm_agent_task_point(c: Cluster) -> None:
+    """A tiny model's task takes the agent well under a second, and it claims within a second of the round
+    opening; so its fault point is armed as soon as its result for the round before is in."""
+    c.wait_result_in(0, c.fault_round - 1)
+    c.arm()
+
+
 def kill_agent_mid_task(c: Cluster) -> float:
     """kill -9 an agent mid-task (it has claimed its task and is saving the round's checkpoint into its
     cache); its supervisor starts it again at once."""
-    pid = c.wait_hit()  # armed by run_drill once the agent's previous task was in
+    pid = c.wait_hit()  # armed by arm_agent_task_point
     assert pid == c.agents[0].pid, (pid, c.agents[0].pid)
     task = c.wait_task_assigned(0, c.fault_round, timeout=10)
     c.agents[0].kill()
@@ -356,19 +364,26 @@ def kill_and_restart_redis(c: Cluster) -> float:
 SLOW_SHARE = 0.001
 
 
+def slow_down_agent(c: Cluster) -> None:
+    """Once its result for the round before is in, agent 2 may use 0.1% of a CPU (held stopped whenever it
+    is ahead of that budget, as ``cpulimit`` does). Throttling it only once it holds its task would come too
+    late: a task of the tiny model takes it a fraction of a second."""
+    c.wait_result_in(2, c.fault_round - 1)
+    c.throttle(2, SLOW_SHARE)
+
+
 def slow_agent_cpu(c: Cluster) -> float:
-    """From its task of the fault round on, agent 2 may use 0.1% of a CPU (held stopped whenever it is ahead
-    of that budget, as ``cpulimit`` does): far too slow for the deadline. The throttle is lifted once the
-    round commits."""
+    """The slowed agent claims a task of the fault round (the fault: from then on the round waits on a CPU
+    far too slow for the deadline); the throttle is lifted once the round commits."""
     from training.models import Task
 
-    task = c.wait_task_assigned(2, c.fault_round)
-    throttle = c.throttle(2, SLOW_SHARE)
-    at = time.time()
+    task = c.wait_task_assigned(2, c.fault_round, timeout=60)
+    at = task.claimed_at.timestamp()
     wait_for(lambda: (r := c.round_row(c.fault_round)) is not None and r.aggregated_at is not None,
              RECOVERY_LIMIT_S, interval=0.5, what=f"round {c.fault_round} to commit without the slow agent",
              procs=c.procs())
-    throttle.stop()
+    for throttle in c.throttles:
+        throttle.stop()
     task.refresh_from_db()
     if task.status not in (Task.Status.EXPIRED, Task.Status.FAILED):
         c.problems.append(f"the slow agent's task {task.pk} ended {task.status}: it was not too slow after all")
@@ -390,7 +405,8 @@ def _web_5xx_on_worker_calls(c: Cluster) -> list[str]:
 
 
 DRILLS = [
-    Drill("agent-kill", "kill -9 an agent mid-task (restarted)", kill_agent_mid_task, fault_at="task"),
+    Drill("agent-kill", "kill -9 an agent mid-task (restarted)", kill_agent_mid_task, fault_at="task",
+          prepare=arm_agent_task_point),
     Drill("celery-kill", "kill -9 the Celery worker mid-aggregation (restarted)",
           kill_celery_worker_mid_aggregation, fault_at="aggregation"),
     Drill("celery-child-kill", "kill -9 the Celery pool child mid-aggregation",
@@ -405,9 +421,9 @@ DRILLS = [
           kill_and_restart_redis, own_redis=True, needs="redis-server", extra_problems=_web_5xx_on_worker_calls,
           outage_s=5),
     Drill("slow-cpu", f"an agent at {SLOW_SHARE:.1%} of a CPU, too slow for the 30 s deadline", slow_agent_cpu,
-          agents=3, workers_per_round=3, min_workers=2, round_timeout_s=30),
+          agents=3, workers_per_round=3, min_workers=2, round_timeout_s=30, prepare=slow_down_agent),
     Drill("clock-skew", "agent clocks 1 h ahead and 1 h behind; the fast one kill -9'd mid-task (restarted)",
-          kill_skewed_agent_mid_task, needs="faketime", fault_at="task",
+          kill_skewed_agent_mid_task, needs="faketime", fault_at="task", prepare=arm_agent_task_point,
           agent_env={0: {"LD_PRELOAD": LIBFAKETIME or "", "FAKETIME": "+3600", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
                          "FAKETIME_DONT_RESET": "1"},
                      1: {"LD_PRELOAD": LIBFAKETIME or "", "FAKETIME": "-3600", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
@@ -438,11 +454,8 @@ def run_drill(drill: Drill, workdir: Path, *, rounds: int = 3, fault_round: int 
     cluster = Cluster(drill, workdir, rounds, fault_round, timers or {})
     try:
         cluster.start()
-        if drill.fault_at == "task":
-            # The agent caches the next round's checkpoint within a second of the round opening, so the
-            # fault point is armed as soon as its result for the round before is in.
-            cluster.wait_result_in(0, fault_round - 1)
-            cluster.arm()
+        if drill.prepare is not None:
+            drill.prepare(cluster)
         cluster.wait_round_open(fault_round)
         fault_at = drill.fault(cluster)
 
