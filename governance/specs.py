@@ -243,11 +243,13 @@ def _check_https_source(value: str) -> None:
 
 class DilocoSpec(StrictSerializer):
     rounds = StrictIntegerField(min_value=1, max_value=1000, default=3, help_text="Outer rounds T (1–1000).")
+    # The defaults make the default aggregator robust: a trimmed mean of 4 drops the largest and smallest
+    # value of every coordinate, so one poisoned update of four cannot steer it.
     workers_per_round = StrictIntegerField(
-        min_value=1, max_value=256, default=2, help_text="Workers k asked to train in each round (1–256)."
+        min_value=1, max_value=256, default=4, help_text="Workers k asked to train in each round (1–256)."
     )
     min_workers = StrictIntegerField(
-        min_value=1, max_value=256, default=1,
+        min_value=1, max_value=256, default=3,
         help_text="Results needed to aggregate when the round deadline passes (≤ workers per round).",
     )
     inner_steps = StrictIntegerField(
@@ -279,6 +281,11 @@ class DilocoSpec(StrictSerializer):
         default="trimmed_mean",
         help_text="How the round's updates are combined; robust ones resist poisoned updates.",
     )
+    trim_fraction = FiniteFloatField(
+        min_value=0.0, max_value=0.49, default=0.25,
+        help_text="Trimmed mean: share of the largest and of the smallest values dropped per coordinate "
+                  "(0–0.49; workers per round × trim must be at least 1).",
+    )
     round_timeout_s = StrictIntegerField(
         min_value=30, max_value=86_400, default=600, help_text="Round deadline in seconds (30–86400)."
     )
@@ -301,9 +308,35 @@ class DilocoSpec(StrictSerializer):
             ]
         if attrs["warmup"] > attrs["inner_steps"]:
             errors["warmup"] = [f"Must not exceed inner_steps ({attrs['inner_steps']}); got {attrs['warmup']}."]
+        errors.update(_robustness_errors(attrs))
         if errors:
             raise serializers.ValidationError(errors)
         return attrs
+
+
+# Below these a "robust" aggregator is not: a trimmed mean that trims nothing is the mean, and the median
+# of two values is their mean. Three is the least k where one poisoned update is outvoted.
+ROBUST_MIN_WORKERS = {"median": 3, "norm_clipped_mean": 3}
+
+
+def _robustness_errors(attrs) -> dict:
+    """Field errors for a robust aggregator asked with too few workers per round to be robust."""
+    method, k = attrs["aggregator"], attrs["workers_per_round"]
+    if method == "trimmed_mean":
+        trim = attrs.get("trim_fraction", 0.25)
+        if math.floor(k * trim) < 1:
+            least = math.ceil(1 / trim) if trim > 0 else None
+            message = (f"A trimmed mean needs workers_per_round × trim_fraction ≥ 1 to trim anything; "
+                       f"{k} × {trim:g} trims nothing, which is the plain mean. "
+                       + (f"Ask at least {least} workers per round, raise trim_fraction, or choose \"mean\"."
+                          if least and least <= 256 else "Raise trim_fraction, or choose \"mean\"."))
+            return {"aggregator": [message], "workers_per_round": [message]}
+    least = ROBUST_MIN_WORKERS.get(method)
+    if least and k < least:
+        message = (f"The {method} aggregator needs at least {least} workers per round to resist a poisoned "
+                   f"update; got {k}. Ask more workers, or choose \"mean\".")
+        return {"aggregator": [message], "workers_per_round": [message]}
+    return {}
 
 
 class HardwareSpec(StrictSerializer):

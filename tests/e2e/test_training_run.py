@@ -24,7 +24,7 @@ SPEC = {
     "dataset": {"source": "builtin:python-docs", "heldout_fraction": 0.1},
     "diloco": {"rounds": 3, "workers_per_round": 3, "min_workers": 2, "inner_steps": 10, "inner_lr": 0.003,
                "batch_size": 8, "seq_len": 32, "warmup": 2, "compression": "int8", "aggregator": "trimmed_mean",
-               "round_timeout_s": 120},
+               "trim_fraction": 0.34, "round_timeout_s": 120},
     "hardware": {"min_vram_mb": 0, "allow_cpu": True},
 }
 

@@ -83,7 +83,7 @@ def test_not_ready_round_is_not_aggregated():
 
 
 def test_credits_and_reliability_follow_the_verdicts():
-    run = _start(workers_per_round=3, rounds=1, aggregator="trimmed_mean")
+    run = _start(workers_per_round=3, rounds=1, aggregator="trimmed_mean", trim_fraction=0.34)
     workers = [WorkerFactory(gpus=[]) for _ in range(3)]
     state = blobs.checkpoint_state(run.base_checkpoint_id)[0]
 
