@@ -34,7 +34,8 @@ from diloco.outer import OuterOptimizer
 UNREADABLE = "unreadable"
 STEP_REJECTED = "step_rejected"
 # A rejection for one of these codes is the update's own fault whatever the rest of the round did.
-SELF_EVIDENT_CODES = frozenset({NON_FINITE})
+# A replay or a failed contribution score (``diloco.contributions``) judges the update by itself too.
+SELF_EVIDENT_CODES = frozenset({NON_FINITE, "replay", "score"})
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ def outer_round(
     eval_tolerance: float = 0.10,
     on_phase: Callable[[str], None] | None = None,
     on_step: Callable[[dict[str, Tensor], OuterOptimizer], None] | None = None,
+    contributions: Callable[[Sequence[Update], list[Verdict]], object] | None = None,
 ) -> RoundResult:
     """Screen, aggregate, step and gate one round.
 
@@ -182,6 +184,12 @@ def outer_round(
     t = time.perf_counter()
     verdicts = screen(updates, spec=screening, previous_norms=previous_norms)
     timings["screen_s"] = time.perf_counter() - t
+    if contributions is not None:
+        # Replay and score checks (``diloco.contributions.check_contributions``) turn away screened-in
+        # updates that are not new work on their own shard, before they can steer the aggregate.
+        t = time.perf_counter()
+        contributions(updates, verdicts)
+        timings["contributions_s"] = time.perf_counter() - t
     phase("screen")
     t = time.perf_counter()
     if eval_before is None:
