@@ -172,6 +172,8 @@ class Round(models.Model):
     reason = models.TextField(blank=True)
     outer_state_name = models.CharField(max_length=300, blank=True)
     timings = models.JSONField(default=dict, blank=True)
+    # The count sketch of the public outer step θ_in − θ_out of an accepted round (see ``diloco.replay``).
+    step_sketch = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["run", "index"]
@@ -226,6 +228,11 @@ class Task(models.Model):
     update_norm = models.FloatField(null=True, blank=True)
     update_cosine = models.FloatField(null=True, blank=True)
     credit = models.DecimalField(max_digits=14, decimal_places=4, null=True, blank=True)
+    # Contribution checks (``diloco.contributions``): the losses on its own shard and on another before and
+    # after the update, the verdict and the closest earlier update's cosine; and the update's count sketch,
+    # which later rounds compare against to catch replays.
+    score = models.JSONField(null=True, blank=True)
+    update_sketch = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["round", "shard_index", "id"]
