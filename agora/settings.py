@@ -384,6 +384,14 @@ AGORA_DATA_ROOT = Path(env("AGORA_DATA_ROOT", default=str(VAR_DIR / "data")))
 AGORA_MAX_DATASET_BYTES = env.int("AGORA_MAX_DATASET_BYTES", default=256 * 1024 * 1024)
 # ... and in what precision: auto (bf16 where the device runs it natively, else fp32), fp32, or bf16.
 AGORA_EVAL_PRECISION = env("AGORA_EVAL_PRECISION", default="auto")
+# Contribution checks before each aggregate (diloco.contributions): replays (same sha256, or a count sketch
+# with cosine above AGORA_REPLAY_COSINE against an earlier update or public outer step) and updates that do not
+# lower the loss on their own shard (scored on AGORA_SCORE_WINDOWS windows of it and of another shard).
+AGORA_SCORE_CONTRIBUTIONS = env.bool("AGORA_SCORE_CONTRIBUTIONS", default=True)
+AGORA_SCORE_WINDOWS = env.int("AGORA_SCORE_WINDOWS", default=16)
+AGORA_REPLAY_COSINE = env.float("AGORA_REPLAY_COSINE", default=0.99)
+if not 1 <= AGORA_SCORE_WINDOWS <= 1024 or not 0 < AGORA_REPLAY_COSINE <= 1:
+    raise ImproperlyConfigured("AGORA_SCORE_WINDOWS must be within [1, 1024] and AGORA_REPLAY_COSINE within (0, 1]")
 # A round's aggregation holds a lease of this many seconds, renewed every third of it while it works; a
 # lapsed lease (a killed Celery worker) is taken over by the next round check or training tick.
 AGORA_AGGREGATION_LEASE_S = env.int("AGORA_AGGREGATION_LEASE_S", default=30)

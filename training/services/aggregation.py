@@ -27,14 +27,17 @@ from django.db import transaction
 from django.utils import timezone
 
 from diloco.codecs import CodecError, decode_update
+from diloco.contributions import check_contributions, step_sketch
 from diloco.evaluate import eval_dtype, evaluate_loss
 from diloco.models import model_with_weights
 from diloco.outer import OuterOptimizer
+from diloco.replay import sketch_to_json
 from diloco.round import AggregatorSpec, OuterSpec, ScreenSpec, Update, Verdict, outer_round
 from ledger.services import entry_append
 from marketplace.services import credit_grant, worker_record_outcome
 from training import blobs
 from training.models import Round, Task, TrainingRun
+from training.services import contributions
 from training.services.checkpoints import _checkpoint_row, _discard_step, _model_meta, _save_step
 from training.services.rounds import (
     _attempt_files_delete,
@@ -81,6 +84,7 @@ class _Outcome:
     outer_state_name: str = ""
     outer_state_sha: str = ""
     timings: dict = field(default_factory=dict)
+    step_sketch: list[float] | None = None  # of the accepted outer step θ_in − θ_out
 
 
 @transaction.atomic
@@ -198,7 +202,7 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task], *, lease: _Lea
                 outer_state=blobs.outer_state(run.outer_state_name) if run.outer_state_name else None,
                 previous_norms=_previous_accepted_norms(rnd), screening=ScreenSpec(max_norm_ratio=MAX_NORM_RATIO),
                 eval_before=_previous_eval(rnd), eval_tolerance=EVAL_TOLERANCE, on_phase=lambda _phase: renew(),
-                on_step=on_step)
+                on_step=on_step, contributions=_contribution_stage(run, rnd, tasks, state_in, updates))
         finally:
             saved = step["saving"].result() if "saving" in step else None
     timings = {"decode_s": decode_s, **result.timings}
@@ -215,7 +219,30 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task], *, lease: _Lea
     timings["eval_and_save_s"] = time.perf_counter() - step["t"]
     return _Outcome(result.verdicts, by_id, True, "", result.eval_before, result.eval_after,
                     new_state=result.new_state, checkpoint_sha=sha, checkpoint_size=size,
+                    step_sketch=_step_sketch(run, state_in, result.new_state),
                     outer_state_name=outer_name, outer_state_sha=outer_sha, timings=timings)
+
+
+def _contribution_stage(run: TrainingRun, rnd: Round, tasks: list[Task], state_in: dict, updates: list[Update]):
+    """The replay and score checks of ``diloco.contributions`` for ``outer_round`` (None when
+    ``AGORA_SCORE_CONTRIBUTIONS`` is off or there is nothing to check)."""
+    if not contributions.enabled() or not any(u.tensors is not None for u in updates):
+        return None
+    check = contributions.contribution_check(run=run, rnd=rnd, tasks=tasks, device=eval_device(),
+                                             autocast_dtype=eval_precision())
+    return lambda ups, verdicts: check_contributions(state_in, ups, verdicts, check)
+
+
+def _step_sketch(run: TrainingRun, state_in: dict, new_state: dict) -> list[float] | None:
+    if not contributions.enabled():
+        return None
+    s = step_sketch(state_in, new_state, seed=contributions.sketch_seed(run.pk))
+    return sketch_to_json(s) if s is not None else None
+
+
+def _sketch_json(v: Verdict) -> list[float] | None:
+    s = v.extra.get("sketch")
+    return sketch_to_json(s) if s is not None else None
 
 
 def _overlap_eval_with_writes() -> bool:
@@ -264,14 +291,17 @@ def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
         task = out.tasks[v.id]
         task.update_norm = v.norm if _finite(v.norm) else None
         task.update_cosine = v.cosine if _finite(v.cosine) else None
+        task.score, task.update_sketch = v.score, _sketch_json(v)
         if v.credited(step_accepted=out.accepted):
             task.status, task.reason, task.credit = Task.Status.ACCEPTED, "", credit
             credit_grant(worker=task.worker, amount=credit, reason=f"run {run.pk} round {rnd.index}",
                          reference=f"task:{task.pk}")
             worker_record_outcome(worker=task.worker, valid=True, reference=f"task:{task.pk}")
             report_accepted.append({"task_id": task.pk, "worker_id": task.worker_id,
-                                    "update_sha256": task.update_sha256, "norm": task.update_norm})
-            task.save(update_fields=["status", "reason", "credit", "update_norm", "update_cosine"])
+                                    "update_sha256": task.update_sha256, "norm": task.update_norm,
+                                    "score": task.score})
+            task.save(update_fields=["status", "reason", "credit", "update_norm", "update_cosine", "score",
+                                     "update_sketch"])
             continue
         # Passed screening but the combined step failed evaluation: no credit, and no blame either, since
         # one cannot tell whose update spoiled it; a norm or direction rejection is blamed only when the
@@ -282,8 +312,9 @@ def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
         if blamed:
             worker_record_outcome(worker=task.worker, valid=False, reference=f"task:{task.pk}")
         report_rejected.append({"task_id": task.pk, "worker_id": task.worker_id, "update_sha256": task.update_sha256,
-                                "reason": task.reason, "code": v.code, "blamed": blamed})
-        task.save(update_fields=["status", "reason", "credit", "update_norm", "update_cosine"])
+                                "reason": task.reason, "code": v.code, "blamed": blamed, "score": task.score})
+        task.save(update_fields=["status", "reason", "credit", "update_norm", "update_cosine", "score",
+                                 "update_sketch"])
     stops = {v.id: (out.tasks[v.id].worker_id, f"round {rnd.index} was already aggregated") for v in out.verdicts}
     _tell_stopped(stops)
     _round_close_tasks(rnd, reason="the round was aggregated without it")
@@ -291,6 +322,7 @@ def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
     rnd.lease_expires_at = None
     rnd.eval_loss_before, rnd.eval_loss_after = out.eval_before, out.eval_after
     rnd.timings = {k: round(v, 4) for k, v in out.timings.items()}
+    rnd.step_sketch = out.step_sketch if out.accepted else None
     if out.accepted:
         checkpoint = _checkpoint_row(sha=out.checkpoint_sha, size=out.checkpoint_size, model=run.model, run=run,
                                      round=rnd, note=f"run {run.pk} round {rnd.index}", eval_loss=out.eval_after)
@@ -302,7 +334,7 @@ def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
         rnd.status, rnd.accepted, rnd.reason = Round.Status.REJECTED, False, out.reason
         rnd.checkpoint_out_id = rnd.checkpoint_in_id
     rnd.save(update_fields=["status", "accepted", "reason", "checkpoint_out", "aggregated_at", "eval_loss_before",
-                            "eval_loss_after", "outer_state_name", "timings", "lease_expires_at"])
+                            "eval_loss_after", "outer_state_name", "timings", "lease_expires_at", "step_sketch"])
     payload = {
         "run_id": run.pk, "round": rnd.index, "aggregator": rnd.aggregator,
         "accepted": report_accepted, "rejected": report_rejected,

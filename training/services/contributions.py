@@ -1,0 +1,129 @@
+"""What the server knows to judge a round's updates as work (``diloco.contributions``), and what it keeps.
+
+The checks run inside ``diloco.round.outer_round`` between screening and aggregation; this module builds
+their input from the database and storage:
+
+- the windows each update is scored on: a few windows of its own shard and of the next shard, drawn from
+  a seed the workers cannot know (derived from ``SECRET_KEY``, the run and the round), over the same
+  documents the agents train on (the train split after the data-filter guardrails in force);
+- what it may not repeat: the sha256 and sketch of every earlier update of the run and the sketch of every
+  accepted public outer step. Sketches use one secret seed per run, so they compare across rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import json
+
+from django.conf import settings
+
+from diloco.contributions import ContributionCheck
+from diloco.data import encode_documents, load_documents, shard_documents, split_documents
+from diloco.guardrails import filter_documents
+from diloco.replay import Earlier, sketch_from_json
+from diloco.scoring import score_windows
+from governance.selectors import guardrails_active
+from training import blobs
+from training.models import Round, Task, TrainingRun
+
+
+def _secret_int(label: str) -> int:
+    digest = hmac.new(settings.SECRET_KEY.encode(), label.encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sketch_seed(run_id: int) -> int:
+    """The run's secret sketch seed: the same every round, unknown to the workers."""
+    return _secret_int(f"agora:sketch:{run_id}")
+
+
+def windows_seed(run_id: int, round_index: int) -> int:
+    return _secret_int(f"agora:score-windows:{run_id}:{round_index}")
+
+
+def enabled() -> bool:
+    return bool(getattr(settings, "AGORA_SCORE_CONTRIBUTIONS", True))
+
+
+@functools.lru_cache(maxsize=4)
+def _train_documents(source: str, sha256: str | None, fraction: float, guardrails_json: str, cache_dir: str,
+                     policy) -> tuple[str, ...]:
+    docs = load_documents(source, sha256, cache_dir=cache_dir, policy=policy)
+    train = split_documents(docs, fraction)[0]
+    return tuple(filter_documents(train, json.loads(guardrails_json))[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_tokens(source, sha256, fraction, guardrails_json, cache_dir, policy, index: int, count: int):
+    docs = list(_train_documents(source, sha256, fraction, guardrails_json, cache_dir, policy))
+    return encode_documents(shard_documents(docs, index, count))
+
+
+def shard_tokens(dataset: dict, index: int, count: int, guardrails: list[dict]):
+    """Shard ``index`` of ``count`` of the run's train split, after ``guardrails``: what an agent trains on."""
+    return _shard_tokens(dataset["source"], dataset.get("sha256"), float(dataset.get("heldout_fraction", 0.1)),
+                         json.dumps(guardrails, sort_keys=True), str(settings.VAR_DIR / "datasets"), blobs.dataset_policy(),
+                         int(index), int(count))
+
+
+def clear_caches() -> None:
+    _train_documents.cache_clear()
+    _shard_tokens.cache_clear()
+
+
+def _earlier(run: TrainingRun, rnd: Round, dim: int) -> list[Earlier]:
+    earlier = []
+    rows = (Task.objects.filter(round__run_id=run.pk, round__index__lt=rnd.index).exclude(update_sha256="")
+            .order_by("round__index", "id").values_list("id", "round__index", "update_sha256", "update_sketch"))
+    for task_id, index, sha, sketch in rows:
+        earlier.append(Earlier(f"task {task_id} of round {index}", _sketch_or_none(sketch, dim), sha))
+    steps = (Round.objects.filter(run_id=run.pk, index__lt=rnd.index, accepted=True, step_sketch__isnull=False)
+             .order_by("index").values_list("index", "step_sketch"))
+    for index, sketch in steps:
+        s = _sketch_or_none(sketch, dim)
+        if s is not None:
+            earlier.append(Earlier(f"the public outer step of round {index}", s))
+    return earlier
+
+
+def _sketch_or_none(values, dim: int):
+    if values is None:
+        return None
+    try:
+        return sketch_from_json(values, dim=dim)
+    except ValueError:
+        return None
+
+
+def contribution_check(*, run: TrainingRun, rnd: Round, tasks: list[Task], device: str,
+                       autocast_dtype) -> ContributionCheck:
+    """The ``ContributionCheck`` of a round about to be aggregated (update ids are task ids)."""
+    d = run.diloco
+    count = int(d["workers_per_round"])
+    seq_len = int(d["seq_len"])
+    n_windows = int(getattr(settings, "AGORA_SCORE_WINDOWS", 16))
+    guardrails = guardrails_active(kind="data_filter")
+    own = {t.pk: t.shard_index for t in tasks}
+    other = {t.pk: (t.shard_index + 1) % count for t in tasks}
+    seed = windows_seed(run.pk, rnd.index)
+    windows = {}
+    for s in sorted(set(own.values()) | set(other.values())):
+        tokens = shard_tokens(run.spec["dataset"], s, count, guardrails)
+        if tokens.numel() > seq_len:
+            windows[s] = score_windows(tokens, count=n_windows, seq_len=seq_len, seed=seed + s)
+    # A shard too small to score (a tiny corpus split many ways) is scored against itself: the own-shard
+    # gain still decides, the comparison with other data does not.
+    for task_id in own:
+        if other[task_id] not in windows:
+            other[task_id] = own[task_id]
+    check = ContributionCheck(
+        arch=run.spec["model"]["arch"], config=run.spec["model"]["config"], windows=windows, own=own, other=other,
+        sketch_seed=sketch_seed(run.pk), sha256={t.pk: t.update_sha256 for t in tasks},
+        replay_threshold=float(getattr(settings, "AGORA_REPLAY_COSINE", 0.99)),
+        device=device, autocast_dtype=autocast_dtype)
+    check.earlier = _earlier(run, rnd, check.sketch_dim)
+    if any(own[t] not in windows for t in own):
+        check.score = False  # some shard has too few tokens for one window: replay checks only
+    return check
