@@ -168,17 +168,29 @@ def _median(updates, names) -> dict[str, Tensor]:
     return _parallel_blocks(updates, names, kernel, need_stack=True)[0]
 
 
+def _tensor_norm(t: Tensor) -> float:
+    """L2 norm of ``t``: NaN when it holds a NaN or an infinity, finite otherwise (float32's fast norm,
+    redone in float64 only when a finite tensor's norm overflows float32)."""
+    t = t.detach()
+    n = float(torch.linalg.vector_norm(t.float()))
+    if math.isfinite(n):
+        return n
+    if math.isinf(n):
+        low, high = torch.aminmax(t)
+        if math.isfinite(float(low)) and math.isfinite(float(high)):
+            return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+    return math.nan
+
+
 def update_norms(updates: list[dict[str, Tensor]]) -> list[float]:
-    """Global L2 norm of each update over all its tensors, computed in float64 (finite for every finite
-    float32 input; NaN or infinite exactly when the update holds a NaN or an infinity)."""
-    return [math.sqrt(sum(float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2
-                          for t in u.values()))
-            for u in updates]
+    """Global L2 norm of each update over all its tensors (combined in float64): finite for every finite
+    float32 input, NaN exactly when the update holds a NaN or an infinity."""
+    return [math.sqrt(sum(_tensor_norm(t) ** 2 for t in u.values())) for u in updates]
 
 
 def finite_rows(updates: list[dict[str, Tensor]]) -> list[int]:
     """Indices of the updates whose every value is finite."""
-    return [i for i, u in enumerate(updates) if all(bool(torch.isfinite(t).all()) for t in u.values())]
+    return [i for i, n in enumerate(update_norms(updates)) if math.isfinite(n)]
 
 
 def _norm_clipped_mean(updates, names, clip_norm: float | None) -> dict[str, Tensor]:
@@ -250,22 +262,30 @@ def _loo_median_dots(updates: list[dict[str, Tensor]], names: list[str]) -> tupl
     k = len(updates)
     network = _sorting_network(k)
 
+    def dots(u: Tensor, s: Tensor) -> Tensor:
+        """``[<u_i, c_i>, |c_i|²]`` for the rows ``u`` (k, n) given their sorted copy ``s``, where ``c_i``
+        picks, per coordinate, one of two (k even) or three (k odd) candidates by comparing ``u_i`` with
+        the middle. Written as masks times candidate differences so the work is matrix-vector products
+        (``torch.where`` over a broadcast (k, n) block is several times slower)."""
+        if k % 2 == 0:
+            lo, hi = s[k // 2 - 1], s[k // 2]  # c_i = lo where u_i >= hi, else hi
+            upper = (u >= hi).to(u.dtype)
+            return torch.stack([u @ hi + (u * upper) @ (lo - hi), (hi @ hi).expand(k) + upper @ ((lo - hi) * (lo + hi))])
+        h = k // 2
+        below, mid, above = s[h - 1], s[h], s[h + 1]
+        tie = (below + above) * 0.5  # c_i where u_i == mid
+        if_low, if_high = (mid + above) * 0.5 - tie, (below + mid) * 0.5 - tie
+        low, high = (u < mid).to(u.dtype), (u > mid).to(u.dtype)
+        dot = u @ tie + (u * low) @ if_low + (u * high) @ if_high
+        sq = (tie @ tie).expand(k) + low @ (if_low * (if_low + 2 * tie)) + high @ (if_high * (if_high + 2 * tie))
+        return torch.stack([dot, sq])
+
     def kernel(views, stacked, _out, scratch):
+        u = torch.stack(views)
         _sort_rows(stacked, network, scratch["tmp"][: stacked.shape[1]])
-        acc = torch.zeros(2, k, dtype=torch.float64)
-        s = stacked.to(torch.float64)
-        for i, u in enumerate(views):
-            u = u.to(torch.float64)
-            if k % 2 == 0:
-                lo, hi = s[k // 2 - 1], s[k // 2]
-                c = torch.where(u >= hi, lo, hi)
-            else:
-                h = k // 2
-                below, mid, above = s[h - 1], s[h], s[h + 1]
-                c = torch.where(u < mid, (mid + above) * 0.5, torch.where(u > mid, (below + mid) * 0.5,
-                                                                           (below + above) * 0.5))
-            acc[0, i] = torch.dot(u, c)
-            acc[1, i] = torch.dot(c, c)
+        acc = dots(u, stacked).to(torch.float64)
+        if not bool(torch.isfinite(acc).all()):  # float32 overflowed on huge values: this block in float64
+            acc = dots(u.to(torch.float64), stacked.to(torch.float64))
         scratch["acc"] = acc if scratch["acc"] is None else scratch["acc"] + acc
 
     _, accs = _parallel_blocks(updates, names, kernel, need_stack=True)

@@ -125,3 +125,19 @@ def test_sorting_network_sorts_every_zero_one_input(k):
             if row[i] > row[j]:
                 row[i], row[j] = row[j], row[i]
         assert row == sorted(row)
+
+
+@settings(max_examples=100, deadline=None)
+@given(k=st.integers(2, 9), n=st.integers(1, 40), data=st.data())
+def test_leave_one_out_centre_equals_the_median_of_the_others(k, n, data):
+    """Screening's centre for update i is the coordinate median of the other updates, ties included."""
+    from diloco.aggregate import _loo_median_dots
+
+    ints = st.lists(st.lists(st.integers(-3, 3), min_size=n, max_size=n), min_size=k, max_size=k)
+    rows = torch.tensor(data.draw(ints), dtype=torch.float32) * data.draw(st.sampled_from([1.0, 0.5, 1e20]))
+    dots, squares = _loo_median_dots([{"x": r.clone()} for r in rows], ["x"])
+    for i in range(k):
+        others = torch.cat([rows[:i], rows[i + 1:]]).double()
+        centre = reference(others, "median")
+        assert dots[i] == pytest.approx(float(rows[i].double() @ centre), rel=1e-5, abs=1e-6)
+        assert squares[i] == pytest.approx(float(centre @ centre), rel=1e-5, abs=1e-6)
