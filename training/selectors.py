@@ -26,8 +26,9 @@ def runs_list(*, status: str = "") -> QuerySet[TrainingRun]:
 
 
 def run_get(*, pk: int) -> TrainingRun:
-    tasks = Task.objects.select_related("worker", "worker__owner").order_by("shard_index", "id")
-    rounds = Round.objects.order_by("index").prefetch_related(Prefetch("tasks", queryset=tasks))
+    # Sketches (a thousand floats each) are for the replay check, not for the page.
+    tasks = Task.objects.select_related("worker", "worker__owner").defer("update_sketch").order_by("shard_index", "id")
+    rounds = Round.objects.order_by("index").defer("step_sketch").prefetch_related(Prefetch("tasks", queryset=tasks))
     qs = TrainingRun.objects.select_related(
         "model", "proposal", "proposal__author", "base_checkpoint", "final_checkpoint"
     ).prefetch_related(Prefetch("rounds", queryset=rounds))

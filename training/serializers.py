@@ -102,11 +102,17 @@ class TaskSummarySerializer(serializers.ModelSerializer):
     worker_id = serializers.IntegerField(allow_null=True)
     worker_name = serializers.SerializerMethodField()
     update_norm = StoredFloatField(allow_null=True, read_only=True)
+    score = serializers.JSONField(
+        read_only=True, allow_null=True,
+        help_text="The contribution check: passed, reason, own_gain and other_gain (loss drop on its own shard's "
+                  "and another shard's windows), score (own_gain - other_gain), the losses before and after, "
+                  "replay_max_cosine (closest earlier update or public step); for a replay, replay_of. Null "
+                  "when the update was not checked.")
 
     class Meta:
         model = Task
         fields = ["id", "shard_index", "status", "worker_id", "worker_name", "claimed_at", "completed_at",
-                  "update_sha256", "metrics", "reason", "update_norm", "credit"]
+                  "update_sha256", "metrics", "reason", "update_norm", "credit", "score"]
 
     def get_worker_name(self, obj) -> str | None:
         return obj.worker.name if obj.worker_id else None
