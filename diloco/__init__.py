@@ -9,6 +9,7 @@ Submodules (import what you need; this package imports nothing heavy on its own)
 - ``diloco.outer``: the outer Nesterov SGD optimizer with exportable state.
 - ``diloco.codecs``: fp32 / fp16 / int8 pseudo-gradient codecs as safetensors bytes.
 - ``diloco.aggregate``: mean, trimmed mean, median, norm-clipped mean and update screening.
+- ``diloco.round``: one outer round (screen, aggregate, outer step, evaluation gate) as plain functions.
 - ``diloco.evaluate``: deterministic held-out loss.
 - ``diloco.checkpoint``: weights as safetensors bytes with JSON metadata.
 """
