@@ -22,7 +22,7 @@ import tempfile
 import time
 
 # Phases that run one after another (the eval and the two saves overlap inside eval_and_save_s).
-_SEQUENTIAL = ("decode_s", "screen_s", "eval_before_s", "aggregate_s", "outer_step_s", "eval_and_save_s")
+_SEQUENTIAL = ("decode_s", "screen_s", "contributions_s", "eval_before_s", "aggregate_s", "outer_step_s", "eval_and_save_s")
 CONFIG = {"n_layer": 8, "n_embd": 512, "n_head": 8, "block_size": 256}
 
 
@@ -35,6 +35,24 @@ def _spec(rounds: int, k: int) -> dict:
                    "aggregator": "trimmed_mean", "round_timeout_s": 3600},
         "hardware": {"min_vram_mb": 0, "allow_cpu": True},
     }
+
+
+def _descent_direction(state: dict, *, norm: float) -> dict:
+    """The loss gradient at ``state`` on a batch of the built-in corpus, scaled to global ``norm``."""
+    import torch
+
+    from diloco.data import encode_documents, load_documents, sample_batch
+    from diloco.models import build_model
+
+    model = build_model("byte-gpt", CONFIG)
+    model.load_state_dict(state)
+    tokens = encode_documents(load_documents("builtin:python-docs")[:200])
+    x, y = sample_batch(tokens, 8, 64, torch.Generator().manual_seed(0))
+    _, loss = model(x, y)
+    loss.backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    total = sum(float(g.norm()) ** 2 for g in grads.values()) ** 0.5
+    return {k: grads[k] * (norm / total) if k in grads else torch.zeros_like(v) for k, v in state.items()}
 
 
 def main(argv=None):
@@ -76,9 +94,14 @@ def main(argv=None):
         reference = blobs.model_reference("byte-gpt", CONFIG)
         metrics = {"loss_start": 5.0, "loss_end": 4.5, "steps": 20, "tokens": 10240, "seconds": 10.0}
 
+        descent = _descent_direction(state, norm=0.5)
+
         def fake_update(seed: int) -> bytes:
+            # A step down the loss's gradient plus per-worker noise: it lowers the loss on every shard, as
+            # the contribution checks require, and no two are alike enough to pass for replays.
             gen = torch.Generator().manual_seed(seed)
-            return encode_update({k: torch.randn(v.shape, generator=gen) * 1e-4 for k, v in state.items()}, "int8")
+            return encode_update({k: descent[k] + torch.randn(v.shape, generator=gen) * 5e-5
+                                  for k, v in state.items()}, "int8")
 
         turnaround, upload_s, phases = [], [], []
         update_bytes = 0
@@ -123,6 +146,7 @@ def main(argv=None):
             ("round turnaround (last upload -> checkpoint, committed)", statistics.median(turnaround)),
             ("  read + decode 8 updates", med("decode_s")),
             ("  screen (norms, cosines)", med("screen_s")),
+            ("  contribution checks (replay sketches, scores on own/other shard)", med("contributions_s")),
             ("  aggregate (trimmed mean)", med("aggregate_s")),
             ("  outer Nesterov step", med("outer_step_s")),
             ("  held-out eval and saving (wall; overlapped where it pays)", med("eval_and_save_s")),
