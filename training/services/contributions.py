@@ -73,14 +73,22 @@ def clear_caches() -> None:
     _shard_tokens.cache_clear()
 
 
+# Sketches are compared over this many latest rounds (hashes over the whole run): a round's check reads
+# at most a few thousand small vectors, however long the run.
+SKETCH_ROUNDS = 64
+
+
 def _earlier(run: TrainingRun, rnd: Round, dim: int) -> list[Earlier]:
     earlier = []
+    since = rnd.index - SKETCH_ROUNDS
     rows = (Task.objects.filter(round__run_id=run.pk, round__index__lt=rnd.index).exclude(update_sha256="")
-            .order_by("round__index", "id").values_list("id", "round__index", "update_sha256", "update_sketch"))
-    for task_id, index, sha, sketch in rows:
-        earlier.append(Earlier(f"task {task_id} of round {index}", _sketch_or_none(sketch, dim), sha))
-    steps = (Round.objects.filter(run_id=run.pk, index__lt=rnd.index, accepted=True, step_sketch__isnull=False)
-             .order_by("index").values_list("index", "step_sketch"))
+            .order_by("round__index", "id").values_list("id", "round__index", "update_sha256"))
+    sketches = dict(Task.objects.filter(round__run_id=run.pk, round__index__lt=rnd.index, round__index__gte=since,
+                                        update_sketch__isnull=False).values_list("id", "update_sketch"))
+    for task_id, index, sha in rows:
+        earlier.append(Earlier(f"task {task_id} of round {index}", _sketch_or_none(sketches.get(task_id), dim), sha))
+    steps = (Round.objects.filter(run_id=run.pk, index__lt=rnd.index, index__gte=since, accepted=True,
+                                  step_sketch__isnull=False).order_by("index").values_list("index", "step_sketch"))
     for index, sketch in steps:
         s = _sketch_or_none(sketch, dim)
         if s is not None:
