@@ -98,7 +98,11 @@ def test_honest_agents_are_credited_and_free_riders_earn_nothing(member_client, 
     assert "update_sketch" not in by_id[public.pk] and "step_sketch" not in round2
     page = member_client.get(f"/runs/{run.pk}/")
     assert page.status_code == 200
-    assert "public outer step of round 1" in page.content.decode() and "Scores" in page.content.decode()
+    html = page.content.decode()
+    assert "public outer step of round 1" in html and "Scores" in html
+    assert f"#{public.shard_index} replay" in html
+    own = honest_tasks[0].score["own_gain"]
+    assert f"#{honest_tasks[0].shard_index} {own:.3f}" in html
     assert ledger_verify().ok
 
 
