@@ -31,7 +31,9 @@ from torch import Tensor
 
 from diloco.models import model_with_weights
 
-DEFAULT_TOLERANCE = 0.5
+# Late in a run the gains are small and a few windows measure them roughly, so the comparison with other
+# data only turns away an update that learns other data four times better than its own shard.
+DEFAULT_TOLERANCE = 0.75
 DEFAULT_MIN_SHARE = 0.2
 
 
