@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 from django.conf import settings
@@ -30,12 +31,15 @@ def test_a_message_is_only_visible_once_complete(connection, monkeypatch):
     replace = os.replace
 
     def spy(src, dst):
-        seen_while_writing.append(sorted(p for p in os.listdir(folder) if p.endswith(".celery.msg")))
+        seen_while_writing.append(sorted(p for p in os.listdir(folder) if p.endswith(f".{name}.msg")))
         assert os.path.getsize(src) > 0
         replace(src, dst)
 
     monkeypatch.setattr(broker.os, "replace", spy)
-    queue = conn.SimpleQueue("celery")
+    # kombu's in-process broker state (exchanges, bindings) outlives a connection, and other tests use the
+    # "celery" queue through Celery itself: a queue of this test's own.
+    name = f"visible-{uuid.uuid4().hex[:8]}"
+    queue = conn.SimpleQueue(name)
     queue.put({"round_id": 7})
     assert seen_while_writing == [[]]  # nothing a reader takes existed before the payload was whole
     message = queue.get(timeout=1)
