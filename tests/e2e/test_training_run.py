@@ -137,8 +137,12 @@ def test_approved_proposal_trains_three_rounds_with_agents_and_survives_a_poison
 
         rounds = list(Round.objects.filter(run=run).order_by("index"))
         assert [r.index for r in rounds] == [1, 2, 3]
-        assert rounds[-1].eval_loss_after is not None
-        assert rounds[-1].eval_loss_after < rounds[0].eval_loss_before, [
+        # A round may still be refused as a whole (the evaluation gate, or the contribution checks turning
+        # away a tiny model's honest updates of a few steps: issue 10's open point); the run must then
+        # go on, and the loss must have fallen by the last step it kept.
+        kept = [r for r in rounds if r.eval_loss_after is not None]
+        assert kept, [(r.index, r.status, r.reason) for r in rounds]
+        assert kept[-1].eval_loss_after < rounds[0].eval_loss_before, [
             (r.eval_loss_before, r.eval_loss_after) for r in rounds]
         garbage_tasks = Task.objects.filter(round__run=run, worker_id=garbage.record.pk, update_sha256__gt="")
         assert garbage_tasks.exists(), "the poisoner never got a task in"
