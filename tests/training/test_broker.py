@@ -52,7 +52,8 @@ def test_a_message_is_only_visible_once_complete(connection, monkeypatch):
 def test_an_unreadable_message_is_skipped_not_fatal(connection):
     conn, folder = connection
     queue = conn.SimpleQueue("checks")  # kombu's in-process broker state outlives a connection: a queue per test
-    (folder / "1_broken.checks.msg").write_bytes(b"")  # what a torn write used to leave
+    # what a torn write used to leave; "0_" sorts before every real name ("<monotonic ms>_<uuid>"), so it is read first
+    (folder / "0_broken.checks.msg").write_bytes(b"")
     queue.put({"round_id": 8})
     message = queue.get(timeout=1)
     assert message.payload == {"round_id": 8}
