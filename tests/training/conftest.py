@@ -1,4 +1,6 @@
+import boto3
 import pytest
+from moto import mock_aws
 from rest_framework.test import APIClient
 
 from tests.marketplace.factories import WorkerFactory, bearer
@@ -42,3 +44,23 @@ def client_for(worker) -> APIClient:
     client = APIClient()
     client.credentials(**bearer(worker))
     return client
+
+
+S3_BUCKET = "agora-checkpoints-test"
+
+
+@pytest.fixture
+def s3(settings, monkeypatch):
+    """Checkpoint storage on an in-process S3 (moto) bucket; yields the boto3 client to inspect it."""
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=S3_BUCKET)
+        settings.STORAGES = {**settings.STORAGES, "checkpoints": {
+            "BACKEND": "storages.backends.s3.S3Storage",
+            "OPTIONS": {"bucket_name": S3_BUCKET, "file_overwrite": False, "region_name": "us-east-1"}}}
+        blobs.clear_caches()
+        yield client
+        blobs.clear_caches()

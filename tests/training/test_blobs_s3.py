@@ -5,36 +5,21 @@ from __future__ import annotations
 
 import hashlib
 
-import boto3
 import pytest
-from moto import mock_aws
 
 from training import blobs, services
 from training.models import checkpoint_storage_name
 
+from .conftest import S3_BUCKET
 from .factories import TINY_CONFIG
 
 pytestmark = pytest.mark.django_db
-BUCKET = "agora-blobs-test"
+BUCKET = S3_BUCKET  # the s3 fixture's (conftest)
 DATA = b"weights " * 1024
 SHA = hashlib.sha256(DATA).hexdigest()
 NAME = checkpoint_storage_name(SHA)
 
 
-@pytest.fixture
-def s3(settings, monkeypatch):
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        settings.STORAGES = {**settings.STORAGES, "checkpoints": {
-            "BACKEND": "storages.backends.s3.S3Storage",
-            "OPTIONS": {"bucket_name": BUCKET, "file_overwrite": False, "region_name": "us-east-1"}}}
-        blobs.clear_caches()
-        yield client
-        blobs.clear_caches()
 
 
 def _object(client, key: str) -> bytes:

@@ -1,8 +1,6 @@
 """Checkpoints, updates and outer states on S3-compatible storage (django-storages), against moto's S3."""
 
-import boto3
 import pytest
-from moto import mock_aws
 from rest_framework.test import APIClient, APIRequestFactory
 
 from diloco.checkpoint import load_weights
@@ -11,26 +9,13 @@ from training import blobs, services
 from training.models import Round, checkpoint_storage_name
 from training.serializers import task_payload
 
+from .conftest import S3_BUCKET
 from .factories import approved_proposal, train_update
 
 pytestmark = pytest.mark.django_db
-BUCKET = "agora-checkpoints-test"
+BUCKET = S3_BUCKET  # the s3 fixture's (conftest)
 
 
-@pytest.fixture
-def s3(settings, monkeypatch):
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        settings.STORAGES = {**settings.STORAGES, "checkpoints": {
-            "BACKEND": "storages.backends.s3.S3Storage",
-            "OPTIONS": {"bucket_name": BUCKET, "file_overwrite": False, "region_name": "us-east-1"}}}
-        blobs.clear_caches()
-        yield client
-        blobs.clear_caches()
 
 
 def _keys(client) -> list[str]:
