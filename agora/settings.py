@@ -341,6 +341,13 @@ AGORA_JSON_MAX_DEPTH = env.int("AGORA_JSON_MAX_DEPTH", default=32)
 AGORA_MAX_BODY_BYTES = env.int("AGORA_MAX_BODY_BYTES", default=1024 * 1024)
 # Governance defaults, frozen onto each proposal when it opens.
 AGORA_VOTING_PERIOD = timedelta(hours=env.float("AGORA_VOTING_PERIOD_HOURS", default=72))
+# The window an author may choose for their proposal (the default above is used when they choose none).
+AGORA_VOTING_MIN = timedelta(hours=env.float("AGORA_VOTING_MIN_HOURS", default=1))
+AGORA_VOTING_MAX = timedelta(hours=env.float("AGORA_VOTING_MAX_HOURS", default=24 * 14))
+if not timedelta(0) < AGORA_VOTING_MIN <= AGORA_VOTING_MAX:
+    raise ImproperlyConfigured("AGORA_VOTING_MIN_HOURS must be above 0 and at most AGORA_VOTING_MAX_HOURS")
+# A vote closes as soon as the weight not yet cast can no longer change its outcome.
+AGORA_EARLY_CLOSE = env.bool("AGORA_EARLY_CLOSE", default=True)
 # Quorum (total weight cast, yes+no+abstain) = max(AGORA_QUORUM_MIN, ceil(fraction x eligible voters)), both
 # counted when the vote opens.
 AGORA_QUORUM_FRACTION = env.float("AGORA_QUORUM_FRACTION", default=0.1)
@@ -382,6 +389,8 @@ AGORA_TRAINING_DEVICE = env("AGORA_TRAINING_DEVICE", default="cpu")
 # dataset (file or https download) may be at most this many bytes.
 AGORA_DATA_ROOT = Path(env("AGORA_DATA_ROOT", default=str(VAR_DIR / "data")))
 AGORA_MAX_DATASET_BYTES = env.int("AGORA_MAX_DATASET_BYTES", default=256 * 1024 * 1024)
+# The largest model (parameters) a training spec or an imported model may have.
+AGORA_MAX_MODEL_PARAMS = env.int("AGORA_MAX_MODEL_PARAMS", default=2_000_000_000)
 # ... and in what precision: auto (bf16 where the device runs it natively, else fp32), fp32, or bf16.
 AGORA_EVAL_PRECISION = env("AGORA_EVAL_PRECISION", default="auto")
 # Contribution checks before each aggregate (diloco.contributions): replays (same sha256, or a count sketch

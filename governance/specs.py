@@ -102,19 +102,83 @@ class ModelConfigSpec(StrictSerializer):
         return attrs
 
 
+ARCHES = ("byte-gpt", "llama", "gpt2")
+# Where each architecture keeps its context length (the longest sequence it attends over).
+CONTEXT_KEYS = {"byte-gpt": "block_size", "llama": "max_position_embeddings", "gpt2": "n_positions"}
+DEFAULT_LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "byte-gpt": ["attn.qkv"]}
+
+# Governance may not import ``diloco`` (see DESIGN.md's arrows); training registers the model zoo's rules
+# here in its ``AppConfig.ready``: ``validate(arch, config) -> normalised config`` (ValueError naming the
+# key) and ``param_count(arch, config) -> int``.
+_model_rules: dict = {}
+
+
+def register_model_rules(*, validate, param_count) -> None:
+    _model_rules["validate"], _model_rules["param_count"] = validate, param_count
+
+
+class ModelInitField(serializers.ChoiceField):
+    """scratch, latest (the model's latest version when the run starts; "current" is its old name, still
+    accepted as written), or a version number of the model."""
+
+    def __init__(self, **kwargs):
+        super().__init__(choices=["latest", "scratch", "current"], **kwargs)
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool):
+            self.fail("invalid_choice", input=data)
+        if isinstance(data, int) or (isinstance(data, str) and data.strip().isdigit()):
+            number = int(data)
+            if not 1 <= number <= 10**9:
+                raise serializers.ValidationError("A version number is a positive integer.")
+            return number
+        if isinstance(data, str) and data.strip().lower().startswith("v") and data.strip()[1:].isdigit():
+            return int(data.strip()[1:])
+        if not isinstance(data, str):
+            self.fail("invalid_choice", input=data)
+        return super().to_internal_value(data.strip().lower())
+
+    def to_representation(self, value):
+        return value
+
+
+class LoraSpec(StrictSerializer):
+    rank = StrictIntegerField(min_value=1, max_value=256, default=8, help_text="Adapter rank r (1–256).")
+    alpha = FiniteFloatField(min_value=0.01, max_value=4096.0, default=16.0, help_text="Scale α (update × α/r).")
+    dropout = FiniteFloatField(min_value=0.0, max_value=0.5, default=0.0, help_text="Adapter dropout (0–0.5).")
+    target_modules = serializers.ListField(
+        child=serializers.RegexField(r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$", max_length=64), required=False,
+        max_length=16, help_text="Module names the adapters wrap (default per arch: llama q_proj, v_proj; "
+        "gpt2 c_attn).",
+    )
+
+
+MODEL_CONFIG_HELP = ("The architecture's config. byte-gpt: n_layer, n_embd, n_head, block_size. llama: hidden_size, "
+                     "intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, "
+                     "max_position_embeddings, vocab_size, … gpt2: n_embd, n_layer, n_head, n_positions, vocab_size.")
+
+
 class ModelSpec(StrictSerializer):
     name = serializers.CharField(
         default="byte-gpt-small",
         max_length=64,
         help_text="Slug of the community model to train: letters, digits and dashes.",
     )
-    arch = serializers.ChoiceField(choices=["byte-gpt"], default="byte-gpt", help_text="Architecture.")
-    config = ModelConfigSpec(required=False)
-    init = serializers.ChoiceField(
-        choices=["scratch", "current"],
-        default="current",
-        help_text="Start from fresh weights (scratch) or the model's current checkpoint (current).",
+    arch = serializers.ChoiceField(choices=list(ARCHES), default="byte-gpt", help_text="Architecture.")
+    config = serializers.DictField(default=dict, help_text=MODEL_CONFIG_HELP)
+    init = ModelInitField(
+        default="latest",
+        help_text="Start from fresh weights (scratch), the model's latest version when the run starts (latest), "
+                  "or one of its versions by number.",
     )
+    lora = LoraSpec(required=False, allow_null=True, default=None,
+                    help_text="Fine-tune low-rank adapters instead of every weight (needs an existing version).")
+
+    def to_internal_value(self, data):
+        # A missing lora means full fine-tuning, not a LoRA with defaults (StrictSerializer fills in {}).
+        if isinstance(data, dict) and "lora" not in data:
+            data = {**data, "lora": None}
+        return super().to_internal_value(data)
 
     def validate_name(self, value: str) -> str:
         value = value.strip().lower()
@@ -123,6 +187,58 @@ class ModelSpec(StrictSerializer):
                 "Use letters, digits and dashes only (no leading or trailing dash), at most 64 characters."
             )
         return value
+
+    def validate(self, attrs):
+        arch = attrs["arch"]
+        attrs["config"] = _model_config(arch, attrs["config"])
+        limit = settings.AGORA_MAX_MODEL_PARAMS
+        counter = _model_rules.get("param_count")
+        if counter is not None:
+            count = counter(arch, attrs["config"])
+            if count > limit:
+                raise serializers.ValidationError({"config": [
+                    f"This {arch} config has {count:,} parameters; this server trains at most {limit:,} "
+                    f"(AGORA_MAX_MODEL_PARAMS)."]})
+        lora = attrs.get("lora")
+        if lora is not None:
+            if attrs["init"] == "scratch":
+                raise serializers.ValidationError({"lora": [
+                    "LoRA fine-tunes an existing version: set init to latest or a version number, not scratch."]})
+            lora = dict(lora)
+            lora.setdefault("target_modules", DEFAULT_LORA_TARGETS[arch])
+            if not lora["target_modules"]:
+                raise serializers.ValidationError({"lora": {"target_modules": ["Name at least one module."]}})
+            lora["target_modules"] = list(dict.fromkeys(lora["target_modules"]))
+            attrs["lora"] = lora
+        return attrs
+
+
+def _model_config(arch: str, config: dict) -> dict:
+    """The normalised config for ``arch``, or a ValidationError under ``config`` naming the key."""
+    if arch == "byte-gpt":
+        serializer = ModelConfigSpec(data=config)
+        if not serializer.is_valid():
+            raise serializers.ValidationError({"config": serializer.errors})
+        return dict(serializer.validated_data)
+    validate = _model_rules.get("validate")
+    if validate is None:
+        raise serializers.ValidationError({"arch": [f"This server cannot build {arch} models."]})
+    try:
+        return _plain(validate(arch, config))
+    except LookupError as exc:
+        raise serializers.ValidationError({"arch": [str(exc)]}) from None
+    except (ValueError, TypeError) as exc:
+        message = str(exc)
+        words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", message)
+        key = next((w for w in words if w in config), None) or next(
+            (w for w in words if w == CONTEXT_KEYS.get(arch) or ("_" in w and w.islower())), None)
+        raise serializers.ValidationError({"config": {key: [message]} if key else [message]}) from None
+
+
+def model_context(arch: str, config: dict) -> int | None:
+    """The longest sequence the model attends over."""
+    value = config.get(CONTEXT_KEYS.get(arch, ""))
+    return int(value) if isinstance(value, int) else None
 
 
 class DatasetSpec(StrictSerializer):
@@ -353,10 +469,12 @@ class TrainingSpec(StrictSerializer):
     hardware = HardwareSpec(required=False)
 
     def validate(self, attrs):
-        block_size = attrs["model"]["config"]["block_size"]
-        if attrs["diloco"]["seq_len"] > block_size:
+        model = attrs["model"]
+        context = model_context(model["arch"], model["config"])
+        if context is not None and attrs["diloco"]["seq_len"] > context:
+            key = CONTEXT_KEYS[model["arch"]]
             raise serializers.ValidationError(
-                {"diloco": {"seq_len": [f"Must not exceed model.config.block_size ({block_size})."]}}
+                {"diloco": {"seq_len": [f"Must not exceed model.config.{key} ({context})."]}}
             )
         return attrs
 

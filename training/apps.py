@@ -15,6 +15,11 @@ class TrainingConfig(AppConfig):
 
         round_result_stored.connect(on_round_result_stored, dispatch_uid="training-round-check")
 
+        from governance.specs import register_model_rules
+        from training.model_rules import count_params, validate_config
+
+        register_model_rules(validate=validate_config, param_count=count_params)
+
         from marketplace import tasks_liveness
 
         tasks_liveness.register(_task_stop_reason)

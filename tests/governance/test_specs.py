@@ -51,7 +51,7 @@ HTTPS = {"source": "https://example.org/corpus.txt"}
         ({"diloco": {"inner_Lr": 0.1}}, "spec.diloco.inner_Lr"),  # typo: unknown field
         ({"model": {"config": {"n_embd": 66, "n_head": 4}}}, "spec.model.config.n_embd"),
         ({"model": {"name": "no spaces please"}}, "spec.model.name"),
-        ({"model": {"arch": "llama"}}, "spec.model.arch"),
+        ({"model": {"arch": "mamba"}}, "spec.model.arch"),
         ({"model": {"init": "random"}}, "spec.model.init"),
         ({"dataset": HTTPS}, "spec.dataset.sha256"),
         ({"dataset": {**HTTPS, "sha256": "abc"}}, "spec.dataset.sha256"),
@@ -99,3 +99,44 @@ def test_several_bad_fields_are_all_reported(member_client):
     assert response.status_code == 400
     fields = response.json()["fields"]
     assert {"title", "spec.diloco.inner_lr", "spec.diloco.batch_size", "spec.hardware.allow_cpu"} <= set(fields)
+
+
+@pytest.mark.parametrize(("given", "frozen"), [("latest", "latest"), ("current", "current"), ("scratch", "scratch"),
+                                               (3, 3), ("3", 3), ("v2", 2)])
+def test_init_is_scratch_latest_or_a_version_number(given, frozen):
+    assert spec_normalise(kind="training", spec={"model": {"init": given}})["model"]["init"] == frozen
+
+
+def test_init_defaults_to_the_latest_version_and_full_fine_tuning():
+    model = spec_normalise(kind="training", spec={})["model"]
+    assert model["init"] == "latest" and model["lora"] is None and model["arch"] == "byte-gpt"
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "v", 2.5, "newest"])
+def test_a_bad_init_is_named(bad):
+    with pytest.raises(Exception) as info:
+        spec_normalise(kind="training", spec={"model": {"init": bad}})
+    assert "init" in info.value.detail["spec"]["model"]
+
+
+def test_lora_gets_the_default_target_modules_and_needs_an_existing_version():
+    spec = spec_normalise(kind="training", spec={"model": {"lora": {"rank": 4}}})
+    assert spec["model"]["lora"] == {"rank": 4, "alpha": 16.0, "dropout": 0.0, "target_modules": ["attn.qkv"]}
+    with pytest.raises(Exception) as info:
+        spec_normalise(kind="training", spec={"model": {"init": "scratch", "lora": {"rank": 4}}})
+    assert "lora" in info.value.detail["spec"]["model"]
+    with pytest.raises(Exception) as info:
+        spec_normalise(kind="training", spec={"model": {"lora": {"rank": 0}}})
+    assert "rank" in info.value.detail["spec"]["model"]["lora"]
+
+
+def test_the_parameter_cap_refuses_a_model_too_large_with_its_count(member_client, settings):
+    settings.AGORA_MAX_MODEL_PARAMS = 100_000
+    response = member_client.post(URL, {"kind": "training", "title": "Too big", "spec": {
+        "model": {"config": {"n_layer": 4, "n_embd": 128, "n_head": 4, "block_size": 64}}}}, format="json")
+    assert response.status_code == 400
+    message = response.json()["fields"]["spec.model.config"][0]
+    assert "100,000" in message and "AGORA_MAX_MODEL_PARAMS" in message
+    assert not Proposal.objects.exists()
+    settings.AGORA_MAX_MODEL_PARAMS = 10_000_000
+    assert spec_normalise(kind="training", spec={"model": {"config": {"n_layer": 4, "n_embd": 128, "n_head": 4}}})
