@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import ipaddress
+import json
+import math
 import os
 import random
 import socket
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import Tensor
 
 BUILTIN_SOURCES = ("builtin:python-docs",)
@@ -329,45 +333,103 @@ def _read_cached(dest: Path, sha256: str, policy: SourcePolicy) -> bytes | None:
     return raw if hashlib.sha256(raw).hexdigest() == sha256 else None
 
 
-def load_documents(
-    source: str,
-    sha256: str | None = None,
-    cache_dir: str | None = None,
-    *,
-    policy: SourcePolicy | None = None,
-) -> list[str]:
-    """Load a corpus as a list of documents, within ``policy`` (default: no file sources, 256 MiB).
+DATASET_FORMATS = ("text", "jsonl", "parquet")
+# A parquet file names its uncompressed size; a file that would inflate past this many times the byte
+# limit is refused before it is decompressed.
+PARQUET_INFLATION_LIMIT = 8
 
-    - ``builtin:python-docs``: the values of ``pydoc_data.topics.topics`` in sorted-key order.
-    - ``file:/abs/path``: a UTF-8 text file under the policy's data root, split into documents on blank
-      lines (``"\\n\\n"``).
-    - ``https://...``: downloaded once from a public address into ``cache_dir`` (named by its sha256,
-      which is required and checked), then split like a file.
 
-    When ``sha256`` is given it is checked against the raw bytes (for the built-in corpus: the UTF-8
-    bytes of the documents joined with blank lines).
+def parse_documents(raw: bytes, *, format: str = "text", field: str | None = None, source: str = "dataset",
+                    max_bytes: int = DEFAULT_MAX_DATASET_BYTES) -> list[str]:
+    """The documents in a dataset file's bytes.
+
+    - ``text``: UTF-8 (bad bytes replaced), split on blank lines.
+    - ``jsonl``: one JSON object per line; its string ``field`` is a document. Blank lines are skipped; a
+      line that is not an object, lacks the field or holds a non-string there is an error naming the line.
+    - ``parquet``: the string ``column`` (``field``) of every row; nulls and empty strings are skipped.
+
+    Empty and whitespace-only documents are dropped in every format.
     """
+    if format == "text":
+        return _split_text(raw.decode("utf-8", errors="replace"))
+    if format == "jsonl":
+        return _parse_jsonl(raw, field, source)
+    if format == "parquet":
+        return _parse_parquet(raw, field, source, max_bytes)
+    raise DatasetError(f"dataset source {source!r}: unknown format {format!r} (known: {', '.join(DATASET_FORMATS)})")
+
+
+def _parse_jsonl(raw: bytes, field: str | None, source: str) -> list[str]:
+    from diloco import safejson
+
+    if not field:
+        raise DatasetError(f"dataset source {source!r}: a jsonl dataset needs the name of its text field")
+    docs = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = safejson.loads(line, max_depth=16, what=f"line {number}")
+        except safejson.JsonRefused as exc:
+            raise DatasetError(f"dataset source {source!r} line {number}: {exc.reason}") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"dataset source {source!r} line {number}: not valid JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise DatasetError(f"dataset source {source!r} line {number}: expected a JSON object, "
+                               f"got {type(value).__name__}")
+        if field not in value:
+            raise DatasetError(f"dataset source {source!r} line {number}: no field {field!r}")
+        text = value[field]
+        if not isinstance(text, str):
+            raise DatasetError(f"dataset source {source!r} line {number}: field {field!r} is "
+                               f"{type(text).__name__}, not a string")
+        if text.strip():
+            docs.append(text)
+    return docs
+
+
+def _parse_parquet(raw: bytes, column: str | None, source: str, max_bytes: int) -> list[str]:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not column:
+        raise DatasetError(f"dataset source {source!r}: a parquet dataset needs the name of its text column")
+    try:
+        pf = pq.ParquetFile(io.BytesIO(raw))
+        schema = pf.schema_arrow
+        meta = pf.metadata
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DatasetError(f"dataset source {source!r}: not a readable parquet file ({exc})") from None
+    if column not in schema.names:
+        raise DatasetError(f"dataset source {source!r}: no column {column!r} (columns: "
+                           f"{', '.join(schema.names[:20]) or 'none'})")
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DatasetError(f"dataset source {source!r}: column {column!r} holds {kind}, not strings")
+    inflated = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if inflated > max_bytes * PARQUET_INFLATION_LIMIT:
+        raise DatasetError(f"dataset source {source!r} refused: it decompresses to {inflated} bytes, over "
+                           f"{PARQUET_INFLATION_LIMIT} times the limit of {max_bytes}")
+    try:
+        values = pf.read(columns=[column]).column(column).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DatasetError(f"dataset source {source!r}: column {column!r} cannot be read ({exc})") from None
+    return [v for v in values if isinstance(v, str) and v.strip()]
+
+
+def load_raw(source: str, sha256: str | None = None, cache_dir: str | None = None, *,
+             policy: SourcePolicy | None = None) -> bytes:
+    """The raw bytes of a ``file:`` or ``https://`` source, within ``policy`` (see :func:`load_documents`)."""
     policy = policy or SourcePolicy()
     if not isinstance(source, str):
         raise DatasetError(f"dataset source must be a string, not {type(source).__name__}")
-    if sha256 is not None:
-        if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha256):
-            raise DatasetError("sha256 must be 64 hexadecimal characters")
-        sha256 = sha256.lower()
-    if source == "builtin:python-docs":
-        from pydoc_data import topics
-
-        docs = [topics.topics[key] for key in sorted(topics.topics)]
-        docs = [d for d in docs if d.strip()]
-        if sha256 is not None:
-            _check_sha256(DOCUMENT_SEPARATOR.join(docs).encode("utf-8"), sha256, source)
-        return docs
-    if source.startswith("builtin:"):
-        raise DatasetError(f"unknown built-in dataset {source!r} (known: {', '.join(BUILTIN_SOURCES)})")
+    sha256 = _normalise_sha256(sha256)
     if source.startswith("file:"):
         raw = _read_file(source, policy)
         _check_sha256(raw, sha256, source)
-        return _split_text(raw.decode("utf-8", errors="replace"))
+        return raw
     if source[:8].lower() == "https://":
         if sha256 is None:
             raise DatasetError(f"dataset source {source!r}: an https dataset must be pinned by its sha256")
@@ -378,8 +440,72 @@ def load_documents(
         raw = _read_cached(dest, sha256, policy)
         if raw is None:
             raw = _download(source, dest, sha256, policy)
-        return _split_text(raw.decode("utf-8", errors="replace"))
+        return raw
     raise DatasetError(f"unsupported dataset source {source!r} (use builtin:python-docs, file:/abs/path or https://)")
+
+
+def _normalise_sha256(sha256: str | None) -> str | None:
+    if sha256 is None:
+        return None
+    if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha256):
+        raise DatasetError("sha256 must be 64 hexadecimal characters")
+    return sha256.lower()
+
+
+def builtin_documents(source: str) -> list[str]:
+    if source == "builtin:python-docs":
+        from pydoc_data import topics
+
+        docs = [topics.topics[key] for key in sorted(topics.topics)]
+        return [d for d in docs if d.strip()]
+    raise DatasetError(f"unknown built-in dataset {source!r} (known: {', '.join(BUILTIN_SOURCES)})")
+
+
+def load_documents(
+    source: str,
+    sha256: str | None = None,
+    cache_dir: str | None = None,
+    *,
+    policy: SourcePolicy | None = None,
+    format: str = "text",
+    field: str | None = None,
+) -> list[str]:
+    """Load a corpus as a list of documents, within ``policy`` (default: no file sources, 256 MiB).
+
+    - ``builtin:python-docs``: the values of ``pydoc_data.topics.topics`` in sorted-key order (text only).
+    - ``file:/abs/path``: a file under the policy's data root.
+    - ``https://...``: downloaded once from a public address into ``cache_dir`` (named by its sha256,
+      which is required and checked).
+
+    Files and downloads are parsed as ``format`` says (:func:`parse_documents`: ``text`` split on blank
+    lines, ``jsonl`` with a string ``field``, ``parquet`` with a string column named by ``field``).
+    When ``sha256`` is given it is checked against the raw bytes (for the built-in corpus: the UTF-8
+    bytes of the documents joined with blank lines).
+    """
+    return load_dataset(source, sha256, cache_dir, policy=policy, format=format, field=field)[0]
+
+
+def load_dataset(source: str, sha256: str | None = None, cache_dir: str | None = None, *,
+                 policy: SourcePolicy | None = None, format: str = "text",
+                 field: str | None = None) -> tuple[list[str], str]:
+    """:func:`load_documents`, and the sha256 of the raw bytes the documents came from (what the ledger
+    records; for the built-in corpus, of its documents joined with blank lines)."""
+    policy = policy or SourcePolicy()
+    if not isinstance(source, str):
+        raise DatasetError(f"dataset source must be a string, not {type(source).__name__}")
+    sha256 = _normalise_sha256(sha256)
+    if format not in DATASET_FORMATS:
+        raise DatasetError(f"dataset source {source!r}: unknown format {format!r} (known: {', '.join(DATASET_FORMATS)})")
+    if source.startswith("builtin:"):
+        if format != "text":
+            raise DatasetError(f"dataset source {source!r} is text; it cannot be read as {format}")
+        docs = builtin_documents(source)
+        joined = DOCUMENT_SEPARATOR.join(docs).encode("utf-8")
+        _check_sha256(joined, sha256, source)
+        return docs, hashlib.sha256(joined).hexdigest()
+    raw = load_raw(source, sha256, cache_dir, policy=policy)
+    docs = parse_documents(raw, format=format, field=field, source=source, max_bytes=policy.max_bytes)
+    return docs, hashlib.sha256(raw).hexdigest()
 
 
 def split_documents(docs: list[str], heldout_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -446,3 +572,214 @@ def sample_batch(
     starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator)
     windows = tokens[starts[:, None] + torch.arange(seq_len + 1)]
     return windows[:, :-1], windows[:, 1:]
+
+
+def bits_per_byte(loss: float, *, tokens: int, nbytes: int) -> float | None:
+    """Bits per UTF-8 byte of a mean cross-entropy ``loss`` (nats per token) over text of ``nbytes`` bytes
+    that encodes to ``tokens`` tokens: what compares models whose tokenizers differ."""
+    if not nbytes or not tokens or loss is None or not math.isfinite(loss):
+        return None
+    return float(loss) * tokens / nbytes / math.log(2)
+
+
+# --- pre-tokenized shards -------------------------------------------------------------------------
+#
+# A shard is a safetensors file with three 1-D tensors and one JSON metadata entry (one key, so the bytes
+# and hence the content address are the same for the same tokens):
+#
+# - ``tokens``: the documents' ids with the tokenizer's separator between documents, uint16 when every
+#   id fits (vocabulary ≤ 65 536), else int32;
+# - ``doc_starts``, ``doc_lengths`` (int64): where each document's ids are in ``tokens``;
+# - metadata ``agora``: ``format`` (``agora-token-shard/1``), ``vocab_size``, ``tokenizer`` (``byte`` or the
+#   sha256 of ``tokenizer.json``), ``documents``, ``bytes`` (UTF-8 bytes of the documents, for bits per byte)
+#   and whatever else the writer adds (``split``, ``shard_index``, ...).
+
+SHARD_FORMAT = "agora-token-shard/1"
+SHARD_META_KEY = "agora"
+MAX_SHARD_BYTES = 4 * 1024**3
+_SHARD_TENSORS = {"tokens": ("U16", "I32"), "doc_starts": ("I64",), "doc_lengths": ("I64",)}
+_SHARD_HEADER_MAX = 64 * 1024
+
+
+class ShardError(ValueError):
+    """Shard bytes are not a valid token shard (or not the one expected)."""
+
+
+@dataclass(frozen=True)
+class TokenShard:
+    tokens: Tensor  # 1-D int64
+    doc_starts: Tensor  # 1-D int64
+    doc_lengths: Tensor  # 1-D int64
+    vocab_size: int
+    tokenizer: str  # "byte" or the tokenizer's sha256
+    nbytes: int
+    meta: dict
+
+    @property
+    def documents(self) -> int:
+        return int(self.doc_starts.numel())
+
+    def document(self, index: int) -> Tensor:
+        start = int(self.doc_starts[index])
+        return self.tokens[start:start + int(self.doc_lengths[index])]
+
+
+def token_dtype(vocab_size: int) -> torch.dtype:
+    return torch.uint16 if vocab_size <= 65_536 else torch.int32
+
+
+def write_token_shard(ids, *, doc_starts, doc_lengths, vocab_size: int, tokenizer: str, nbytes: int,
+                      meta: dict | None = None) -> bytes:
+    """Safetensors bytes of a token shard (see above); ``ids`` is any 1-D integer sequence or tensor."""
+    tokens = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+    starts = torch.as_tensor(doc_starts, dtype=torch.int64).reshape(-1)
+    lengths = torch.as_tensor(doc_lengths, dtype=torch.int64).reshape(-1)
+    _check_layout(tokens, starts, lengths, vocab_size)
+    info = {**(meta or {}), "format": SHARD_FORMAT, "vocab_size": int(vocab_size), "tokenizer": str(tokenizer),
+            "documents": int(starts.numel()), "bytes": int(nbytes), "tokens": int(tokens.numel())}
+    text = json.dumps(info, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    tensors = {"tokens": tokens.to(token_dtype(vocab_size)), "doc_starts": starts, "doc_lengths": lengths}
+    return st_save(tensors, metadata={SHARD_META_KEY: text})
+
+
+def _check_layout(tokens: Tensor, starts: Tensor, lengths: Tensor, vocab_size: int) -> None:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= 1 << 31:
+        raise ShardError(f"vocab_size must be a positive integer, not {vocab_size!r}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        bad = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
+        raise ShardError(f"token id {bad} is outside the vocabulary of {vocab_size}")
+    if starts.numel() != lengths.numel():
+        raise ShardError(f"{starts.numel()} document starts but {lengths.numel()} lengths")
+    if starts.numel():
+        ends = starts + lengths
+        if int(lengths.min()) < 0 or int(starts.min()) < 0 or int(ends.max()) > tokens.numel():
+            raise ShardError("a document lies outside the shard's tokens")
+        if starts.numel() > 1 and bool((starts[1:] < ends[:-1]).any()):
+            raise ShardError("documents overlap or are out of order")
+
+
+def _shard_header(data: bytes) -> dict:
+    from diloco import safejson
+
+    if len(data) < 8:
+        raise ShardError("not a safetensors file: too short")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len <= 0 or header_len > _SHARD_HEADER_MAX or 8 + header_len > len(data):
+        raise ShardError(f"not a token shard: header length {header_len}")
+    try:
+        header = safejson.loads(data[8:8 + header_len], max_depth=4, what="header")
+    except ValueError as exc:
+        raise ShardError(f"not a token shard: the header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ShardError("not a token shard: the header is not an object")
+    return header
+
+
+def read_token_shard(data: bytes, *, vocab_size: int | None = None, tokenizer: str | None = None,
+                     max_bytes: int = MAX_SHARD_BYTES) -> TokenShard:
+    """A token shard from its bytes, checked: tensor names, dtypes and shapes, ids within the vocabulary,
+    documents within the tokens, metadata consistent. ``vocab_size`` and ``tokenizer`` (when given) must
+    match the shard's. Raises :class:`ShardError` saying what is wrong."""
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise ShardError(f"shard has {len(data)} bytes, over the limit of {max_bytes}")
+    header = _shard_header(data)
+    meta_raw = header.pop("__metadata__", None)
+    if set(header) != set(_SHARD_TENSORS):
+        raise ShardError(f"a token shard holds tensors {sorted(_SHARD_TENSORS)}, not {sorted(header)}")
+    for name, allowed in _SHARD_TENSORS.items():
+        entry = header[name]
+        if not isinstance(entry, dict) or entry.get("dtype") not in allowed:
+            raise ShardError(f"tensor {name} must have dtype {' or '.join(allowed)}")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or len(shape) != 1:
+            raise ShardError(f"tensor {name} must be 1-D")
+    if not isinstance(meta_raw, dict) or not isinstance(meta_raw.get(SHARD_META_KEY), str):
+        raise ShardError("not a token shard: no agora metadata")
+    try:
+        meta = json.loads(meta_raw[SHARD_META_KEY])
+    except (ValueError, RecursionError):
+        raise ShardError("the shard's metadata is not JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
+        raise ShardError(f"not a token shard of format {SHARD_FORMAT}")
+    ints = {}
+    for key in ("vocab_size", "documents", "bytes", "tokens"):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ShardError(f"the shard's metadata {key} must be a non-negative integer")
+        ints[key] = value
+    shard_tokenizer = meta.get("tokenizer")
+    if not isinstance(shard_tokenizer, str):
+        raise ShardError("the shard's metadata names no tokenizer")
+    if vocab_size is not None and ints["vocab_size"] != vocab_size:
+        raise ShardError(f"the shard is for a vocabulary of {ints['vocab_size']}, not {vocab_size}")
+    if tokenizer is not None and shard_tokenizer != tokenizer:
+        raise ShardError(f"the shard was made with tokenizer {shard_tokenizer}, not {tokenizer}")
+    expected_dtype = "U16" if ints["vocab_size"] <= 65_536 else "I32"
+    if header["tokens"]["dtype"] != expected_dtype:
+        raise ShardError(f"tensor tokens must have dtype {expected_dtype} for a vocabulary of {ints['vocab_size']}")
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises its own error types for every malformed input
+        raise ShardError(f"not a readable safetensors file: {exc}") from None
+    tokens = tensors["tokens"].to(torch.int64)
+    starts, lengths = tensors["doc_starts"], tensors["doc_lengths"]
+    if tokens.numel() != ints["tokens"] or starts.numel() != ints["documents"]:
+        raise ShardError("the shard's metadata does not match its tensors (token or document count)")
+    _check_layout(tokens, starts, lengths, ints["vocab_size"])
+    return TokenShard(tokens=tokens, doc_starts=starts, doc_lengths=lengths, vocab_size=ints["vocab_size"],
+                      tokenizer=shard_tokenizer, nbytes=ints["bytes"], meta=meta)
+
+
+def tokenize_documents(docs: list[str], tokenizer) -> tuple[Tensor, Tensor, Tensor]:
+    """(tokens, doc_starts, doc_lengths) of ``docs`` joined by the tokenizer's separator. With the byte
+    tokenizer the tokens are exactly :func:`encode_documents`'s."""
+    from diloco.tokenization import encode_texts
+
+    sep = list(tokenizer.separator)
+    stream: list[int] = []
+    starts, lengths = [], []
+    for i, ids in enumerate(encode_texts(tokenizer, docs)):
+        if i:
+            stream.extend(sep)
+        starts.append(len(stream))
+        lengths.append(len(ids))
+        stream.extend(ids)
+    return (torch.tensor(stream, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64),
+            torch.tensor(lengths, dtype=torch.int64))
+
+
+def encode_token_shard(docs: list[str], tokenizer, *, meta: dict | None = None) -> bytes:
+    """The shard of ``docs`` under ``tokenizer`` (see :func:`write_token_shard`)."""
+    tokens, starts, lengths = tokenize_documents(docs, tokenizer)
+    return write_token_shard(tokens, doc_starts=starts, doc_lengths=lengths, vocab_size=tokenizer.vocab_size,
+                             tokenizer=tokenizer.sha256 or "byte", nbytes=sum(len(d.encode("utf-8")) for d in docs),
+                             meta=meta)
+
+
+def shard_filtered_tokens(shard: TokenShard, tokenizer, guardrails: list[dict]) -> tuple[Tensor, int]:
+    """The shard's tokens without the documents the data filters drop now (a guardrail enacted after the
+    shard was written still applies): each document is decoded, filtered, and the kept ones are joined by
+    the separator again. Returns (tokens, documents dropped); raises ``GuardrailError`` like the filter."""
+    from diloco.guardrails import filter_documents
+
+    if not guardrails or not shard.documents:
+        return shard.tokens, 0
+    texts = [tokenizer.decode(shard.document(i).tolist()) for i in range(shard.documents)]
+    kept_texts, dropped = filter_documents(texts, guardrails)
+    if not dropped:
+        return shard.tokens, 0
+    kept = set()
+    remaining = iter(kept_texts)
+    want = next(remaining, None)
+    for i, text in enumerate(texts):  # filter_documents keeps order: walk both lists together
+        if want is not None and text == want:
+            kept.add(i)
+            want = next(remaining, None)
+    sep = torch.tensor(list(tokenizer.separator), dtype=torch.int64)
+    pieces: list[Tensor] = []
+    for i in sorted(kept):
+        if pieces:
+            pieces.append(sep)
+        pieces.append(shard.document(i))
+    return (torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)), dropped
