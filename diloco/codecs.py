@@ -8,6 +8,18 @@ so identical updates encode to identical bytes).
   ``INT8_CHUNKS``: powers of two from 64 to 65536); a chunk is stored as int8 ``round(127 · x / absmax)``
   (so within ±127) with its float32 ``absmax`` in ``"<name>::scale"``. The error per element is at most
   absmax/254 of its chunk; ~4× fewer bytes than fp32.
+- ``topk2`` / ``topk4`` (sparse, SparseLoCo-style): each tensor is flattened and cut into chunks of ``chunk``
+  elements (4096 by default, one of ``SPARSE_CHUNKS``: powers of two from 64 to 32768); in every chunk only
+  the ``topk`` largest-magnitude values are kept (``topk = round(density · chunk)``, density 2% by default;
+  a chunk shorter than ``topk`` keeps all of its values). A kept value is stored in 2 (or 4) bits as a sign
+  and a magnitude level m in 1..L (L = 2 or 8), decoding to ``± m · scale`` with its chunk's float32
+  ``scale = absmax / L``; every value not kept decodes to 0. The whole model travels as three tensors,
+  model tensors in sorted name order, chunk after chunk: ``"::codes"`` (uint8, 4 or 2 codes per byte,
+  first code in the low bits, padding bits zero), ``"::idx"`` (int16 offsets of the kept values inside
+  their chunk, strictly increasing within a chunk) and ``"::scale"`` (float32, one per chunk); metadata
+  adds ``"topk"``. At 2% density a topk2 update is ~0.37 bits per parameter, ~90× fewer bytes than fp32.
+  Workers keep what was not sent in an error-feedback buffer (``diloco.sparse.ErrorFeedback``) and
+  send it in later rounds.
 
 Decoding treats the bytes as hostile: the header is bounded in size and nesting (``diloco.safejson``), the
 metadata holds only known keys with values from fixed sets, everything is checked against the model's
@@ -27,7 +39,10 @@ from torch import Tensor
 
 from diloco import safejson
 
-CODECS = ("fp32", "fp16", "int8")
+SPARSE_BITS = {"topk2": 2, "topk4": 4}
+CODECS = ("fp32", "fp16", "int8", *SPARSE_BITS)
+DENSITY = 0.02  # default share of each chunk a sparse codec keeps (SparseLoCo: 1–3%)
+MIN_DENSITY, MAX_DENSITY = 0.001, 0.25
 FORMAT = "agora-update-v1"
 META_KEY = "agora_update"
 INT8_CHUNK = 4096
@@ -35,11 +50,14 @@ INT8_CHUNKS = tuple(2**k for k in range(6, 17))  # 64 ... 65536: the chunk sizes
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 _HEADER_MAX_DEPTH = 4  # {name: {"shape": [...]}} is 3 levels
 _META_MAX_CHARS = 1024
-_META_KEYS = {"format", "codec", "chunk"}
+SPARSE_CHUNKS = tuple(2**k for k in range(6, 16))  # 64 ... 32768: chunk offsets fit int16
+_META_KEYS = {"format", "codec", "chunk", "topk"}
 # An update's header lists each tensor once (name, dtype, shape, offsets): allow this much per tensor.
 _HEADER_BASE = 64 * 1024
 _HEADER_PER_TENSOR = 1024
 SCALE_SUFFIX = "::scale"
+# The three tensors of a sparse update (see the module doc): names no model tensor has (they contain "::").
+SPARSE_CODES, SPARSE_IDX, SPARSE_SCALE = "::codes", "::idx", "::scale"
 _FP16_MAX = 65504.0
 
 
@@ -80,13 +98,151 @@ def _dequantize_int8(q: Tensor, absmax: Tensor, chunk: int) -> Tensor:
     return out.reshape(-1)[:n].reshape(q.shape).contiguous()
 
 
-def _encoded_tensors(delta: dict[str, Tensor], codec: str, chunk: int) -> dict[str, Tensor]:
+def topk_per_chunk(chunk: int, density: float) -> int:
+    """Values a sparse codec keeps per chunk of ``chunk`` elements at ``density``."""
+    return max(1, min(chunk, round(density * chunk)))
+
+
+def _chunk_counts(n: int, chunk: int, topk: int) -> tuple[int, int, int]:
+    """``(full chunks, elements in the last partial chunk, values kept in all)`` of an n-element tensor."""
+    full, rest = divmod(n, chunk)
+    return full, rest, full * min(topk, chunk) + min(topk, rest)
+
+
+def _pack(codes: Tensor, bits: int) -> Tensor:
+    per = 8 // bits
+    pad = -codes.numel() % per
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).view(-1, per)
+    out = torch.zeros(c.shape[0], dtype=torch.uint8)
+    for j in range(per):
+        out |= c[:, j] << (bits * j)
+    return out
+
+
+def _unpack(packed: Tensor, bits: int, count: int) -> tuple[Tensor, Tensor]:
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    codes = torch.stack([(packed >> (bits * j)) & mask for j in range(per)], dim=1).reshape(-1)
+    return codes[:count], codes[count:]
+
+
+def _quantize_rows(values: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Codes (sign bit on top, magnitude level − 1 below) and the per-row scale of kept values."""
+    levels = 1 << (bits - 1)
+    scale = values.abs().amax(dim=1) / levels
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    m = (values.abs() * inv[:, None]).round_().clamp_(1, levels).to(torch.uint8)
+    codes = (m - 1) | ((values < 0).to(torch.uint8) << (bits - 1))
+    return codes, scale
+
+
+def _sparse_encode(x: Tensor, chunk: int, topk: int, bits: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+    """``(codes, offsets, scales)`` of one float32 tensor: the top-k per chunk (see the module doc)."""
+    flat = x.reshape(-1)
+    full, rest, _ = _chunk_counts(flat.numel(), chunk, topk)
+    parts = []
+    if full:
+        parts.append(flat[: full * chunk].view(full, chunk))
+    if rest:
+        parts.append(flat[full * chunk:].view(1, rest))
+    if not parts:
+        return (torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int16),
+                torch.zeros(0, dtype=torch.float32))
+    codes, offsets, scales = [], [], []
+    for block in parts:
+        kept = min(topk, block.shape[1])
+        idx = block.abs().topk(kept, dim=1, sorted=False).indices.sort(dim=1).values
+        c, sc = _quantize_rows(block.gather(1, idx), bits)
+        codes.append(c.reshape(-1))
+        offsets.append(idx.reshape(-1).to(torch.int16))
+        scales.append(sc)
+    return torch.cat(codes), torch.cat(offsets), torch.cat(scales).to(torch.float32)
+
+
+def _sparse_layout(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], chunk: int, topk: int):
+    """Per tensor in sorted name order: ``(name, shape, full chunks, rest, kept values)``, and the totals
+    of kept values and chunks."""
+    rows, kept_total, chunks_total = [], 0, 0
+    for name in sorted(reference):
+        shape = tuple(reference[name][0])
+        full, rest, kept = _chunk_counts(math.prod(shape), chunk, topk)
+        rows.append((name, shape, full, rest, kept))
+        kept_total += kept
+        chunks_total += full + (1 if rest else 0)
+    return rows, kept_total, chunks_total
+
+
+def _sparse_decode(name: str, codes: Tensor, offsets: Tensor, scales: Tensor, shape: tuple[int, ...],
+                   bits: int, chunk: int, topk: int) -> Tensor:
+    """The dense float32 tensor of one model tensor's slice of the stream, after checking it is canonical
+    and in range (the slices have the lengths the layout requires)."""
+    n = math.prod(shape)
+    full, rest, _ = _chunk_counts(n, chunk, topk)
+    kept_full = min(topk, chunk)
+    out = torch.zeros(n, dtype=torch.float32)
+    levels = 1 << (bits - 1)
+    blocks = []
+    if full:
+        blocks.append((0, full, chunk, kept_full, 0))
+    if rest:
+        blocks.append((full * kept_full, 1, rest, min(topk, rest), full))
+    for start, rows, length, kept, first_chunk in blocks:
+        off = offsets[start : start + rows * kept].view(rows, kept).to(torch.int64)
+        if ((off < 0) | (off >= length)).any():
+            raise CodecError(f"tensor {name} has an index outside its chunk of {length}")
+        if kept > 1 and not (off[:, 1:] > off[:, :-1]).all():
+            raise CodecError(f"tensor {name} has indices that are not unique and increasing within a chunk")
+        c = codes[start : start + rows * kept].view(rows, kept)
+        magnitude = ((c & (levels - 1)) + 1).to(torch.float32)
+        sign = torch.where((c >> (bits - 1)) > 0, -1.0, 1.0)
+        values = sign * magnitude * scales[first_chunk : first_chunk + rows, None]
+        base = (torch.arange(rows, dtype=torch.int64) * chunk + first_chunk * chunk)[:, None]
+        out[(base + off).reshape(-1)] = values.reshape(-1)
+    if not torch.isfinite(out).all():
+        raise CodecError(f"tensor {name} has non-finite values after decoding (scale too large)")
+    return out.view(shape)
+
+
+def _decode_sparse_update(tensors: dict[str, Tensor], reference, codec: str, chunk: int,
+                          topk: int) -> dict[str, Tensor]:
+    bits = SPARSE_BITS[codec]
+    layout, total, n_chunks = _sparse_layout(reference, chunk, topk)
+    expected = {SPARSE_CODES: (torch.uint8, (math.ceil(total * bits / 8),)), SPARSE_IDX: (torch.int16, (total,)),
+                SPARSE_SCALE: (torch.float32, (n_chunks,))}
+    for key, (dtype, want) in expected.items():
+        t = tensors[key]
+        if t.dtype != dtype or tuple(t.shape) != want:
+            raise CodecError(f"tensor {key} must be {dtype} of shape {want} for this model at chunk {chunk}, "
+                             f"topk {topk}; got {t.dtype} {tuple(t.shape)}")
+    scales = tensors[SPARSE_SCALE]
+    if not torch.isfinite(scales).all():
+        raise CodecError(f"tensor {SPARSE_SCALE} has non-finite values")
+    if (scales < 0).any():
+        raise CodecError(f"tensor {SPARSE_SCALE} has a negative scale")
+    codes, padding = _unpack(tensors[SPARSE_CODES], bits, total)
+    if padding.any():
+        raise CodecError(f"tensor {SPARSE_CODES} has non-zero padding bits")
+    out: dict[str, Tensor] = {}
+    at, chunk_at = 0, 0
+    for name, shape, full, rest, kept in layout:
+        if not reference[name][1].is_floating_point:
+            raise CodecError(f"model tensor {name} is {reference[name][1]}, updates are only defined for floating point")
+        n_chunks_here = full + (1 if rest else 0)
+        out[name] = _sparse_decode(name, codes[at : at + kept], tensors[SPARSE_IDX][at : at + kept],
+                                   scales[chunk_at : chunk_at + n_chunks_here], shape, bits, chunk, topk)
+        at += kept
+        chunk_at += n_chunks_here
+    return {name: out[name] for name in reference}
+
+
+def _encoded_tensors(delta: dict[str, Tensor], codec: str, chunk: int, topk: int = 0) -> dict[str, Tensor]:
     _check_codec(codec)
     out: dict[str, Tensor] = {}
-    for name, value in delta.items():
-        if SCALE_SUFFIX in name:
-            raise CodecError(f"tensor name {name!r} contains the reserved {SCALE_SUFFIX!r}")
-        x = value.detach().to("cpu", torch.float32)
+    sparse: list[tuple[Tensor, Tensor, Tensor]] = []
+    for name in sorted(delta) if codec in SPARSE_BITS else delta:
+        if "::" in name:
+            raise CodecError(f"tensor name {name!r} contains '::', which is reserved (e.g. {SCALE_SUFFIX!r})")
+        x = delta[name].detach().to("cpu", torch.float32)
         if not torch.isfinite(x).all():
             raise CodecError(f"tensor {name} has non-finite values")
         if codec == "fp32":
@@ -95,37 +251,73 @@ def _encoded_tensors(delta: dict[str, Tensor], codec: str, chunk: int) -> dict[s
             if x.numel() and x.abs().max().item() > _FP16_MAX:
                 raise CodecError(f"tensor {name} has values beyond the fp16 range; use fp32 or int8")
             out[name] = x.to(torch.float16).contiguous()
-        else:
+        elif codec == "int8":
             q, absmax = _quantize_int8(x, chunk)
             out[name] = q.contiguous()
             out[name + SCALE_SUFFIX] = absmax.contiguous()
+        else:
+            sparse.append(_sparse_encode(x, chunk, topk, SPARSE_BITS[codec]))
+    if codec in SPARSE_BITS:
+        # One stream for the whole model, tensors in sorted name order: three tensors in the header instead
+        # of three per model tensor (the header would otherwise outweigh a small model's payload).
+        codes = torch.cat([c for c, _, _ in sparse]) if sparse else torch.zeros(0, dtype=torch.uint8)
+        out[SPARSE_CODES] = _pack(codes, SPARSE_BITS[codec]).contiguous()
+        out[SPARSE_IDX] = (torch.cat([o for _, o, _ in sparse]) if sparse
+                           else torch.zeros(0, dtype=torch.int16)).contiguous()
+        out[SPARSE_SCALE] = (torch.cat([sc for _, _, sc in sparse]) if sparse
+                             else torch.zeros(0, dtype=torch.float32)).contiguous()
     return out
 
 
-def _check_chunk(chunk) -> int:
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk not in INT8_CHUNKS:
-        raise CodecError(f"int8 chunk {str(chunk)[:20]!r} is not an allowed size (a power of two from "
-                         f"{INT8_CHUNKS[0]} to {INT8_CHUNKS[-1]})")
+def _check_chunk(chunk, codec: str = "int8") -> int:
+    allowed = SPARSE_CHUNKS if codec in SPARSE_BITS else INT8_CHUNKS
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk not in allowed:
+        kind = "sparse" if codec in SPARSE_BITS else "int8"
+        raise CodecError(f"{kind} chunk {str(chunk)[:20]!r} is not an allowed size (a power of two from "
+                         f"{allowed[0]} to {allowed[-1]})")
     return chunk
 
 
-def encode_update(delta: dict[str, Tensor], codec: str, *, chunk: int = INT8_CHUNK) -> bytes:
-    """Encode a pseudo-gradient as safetensors bytes with ``{"format", "codec", "chunk"}`` metadata."""
-    _check_chunk(chunk)
-    tensors = _encoded_tensors(delta, codec, chunk)
+def check_density(density) -> float:
+    """``density`` as a float, or :class:`CodecError` when it is not a share a sparse codec accepts."""
+    if isinstance(density, bool) or not isinstance(density, int | float) or not (
+            MIN_DENSITY <= density <= MAX_DENSITY):
+        raise CodecError(f"density {str(density)[:20]!r} must be a number from {MIN_DENSITY} to {MAX_DENSITY}")
+    return float(density)
+
+
+def _check_topk(topk, chunk: int) -> int:
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= max(1, round(MAX_DENSITY * chunk)):
+        raise CodecError(f"sparse topk {str(topk)[:20]!r} must be an integer from 1 to "
+                         f"{max(1, round(MAX_DENSITY * chunk))} for chunk {chunk}")
+    return topk
+
+
+def encode_update(delta: dict[str, Tensor], codec: str, *, chunk: int = INT8_CHUNK,
+                  density: float = DENSITY) -> bytes:
+    """Encode a pseudo-gradient as safetensors bytes with ``{"format", "codec", "chunk", "topk"}`` metadata
+    (``chunk`` for int8 and the sparse codecs, ``topk`` for the sparse codecs only; ``density`` is used by
+    the sparse codecs only)."""
+    _check_codec(codec)
+    _check_chunk(chunk, codec)
+    topk = topk_per_chunk(chunk, check_density(density)) if codec in SPARSE_BITS else 0
+    tensors = _encoded_tensors(delta, codec, chunk, topk)
     meta = {"format": FORMAT, "codec": codec}
-    if codec == "int8":
+    if codec == "int8" or codec in SPARSE_BITS:
         meta["chunk"] = chunk
+    if codec in SPARSE_BITS:
+        meta["topk"] = topk
     # One metadata key holding sorted JSON: safetensors writes its metadata map in arbitrary order, and
     # identical updates should be identical bytes.
     return st_save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
 
 
 def payload_nbytes(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], codec: str,
-                   *, chunk: int = INT8_CHUNK) -> int:
+                   *, chunk: int = INT8_CHUNK, density: float = DENSITY) -> int:
     """Bytes of tensor data an encoded update carries (without the small safetensors header)."""
     _check_codec(codec)
-    _check_chunk(chunk)
+    _check_chunk(chunk, codec)
+    topk = topk_per_chunk(chunk, check_density(density)) if codec in SPARSE_BITS else 0
     total = 0
     for shape, _dtype in reference.values():
         n = math.prod(shape)
@@ -133,8 +325,11 @@ def payload_nbytes(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], co
             total += 4 * n
         elif codec == "fp16":
             total += 2 * n
-        else:
+        elif codec == "int8":
             total += n + 4 * max(1, math.ceil(n / chunk))
+    if codec in SPARSE_BITS:
+        _, kept, n_chunks = _sparse_layout(reference, chunk, topk)
+        total = math.ceil(kept * SPARSE_BITS[codec] / 8) + 2 * kept + 4 * n_chunks
     return total
 
 
@@ -199,8 +394,12 @@ def decode_update(
     codec = meta.get("codec")
     if codec not in CODECS:
         raise CodecError(f"unknown codec {str(codec)[:20]!r} in update metadata (known: {', '.join(CODECS)})")
-    chunk = _check_chunk(meta.get("chunk")) if codec == "int8" else INT8_CHUNK
-    expected_names = set(reference)
+    sparse = codec in SPARSE_BITS
+    chunk = _check_chunk(meta.get("chunk"), codec) if codec == "int8" or sparse else INT8_CHUNK
+    topk = _check_topk(meta.get("topk"), chunk) if sparse else 0
+    if not sparse and "topk" in meta:
+        raise CodecError(f"update metadata has 'topk', which codec {codec} does not use")
+    expected_names = {SPARSE_CODES, SPARSE_IDX, SPARSE_SCALE} if sparse else set(reference)
     if codec == "int8":
         expected_names |= {n + SCALE_SUFFIX for n in reference}
     declared = set(header) - {"__metadata__"}
@@ -214,7 +413,9 @@ def decode_update(
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types for every malformed input
         raise CodecError(f"update is not a safetensors file: {exc}") from exc
-    stored_dtype = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[codec]
+    if sparse:
+        return _decode_sparse_update(tensors, reference, codec, chunk, topk)
+    stored_dtype = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}.get(codec)
     out: dict[str, Tensor] = {}
     for name, (shape, ref_dtype) in reference.items():
         if not ref_dtype.is_floating_point:

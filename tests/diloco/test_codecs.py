@@ -273,3 +273,177 @@ def test_undeclared_and_missing_tensors_are_named_from_the_header(delta, ref):
     data = encode_update({**{k: v for k, v in delta.items() if k != name}, "evil": torch.zeros(1)}, "fp32")
     with pytest.raises(CodecError, match=f"missing tensor.*{name}"):
         decode_update(data, ref)
+
+
+# --- sparse codecs: top-k per chunk, 2 or 4 bits -----------------------------------------------------------
+
+SPARSE = ("topk2", "topk4")
+
+
+def _sparse_file(tensors: dict, codec="topk2", chunk=64, topk=4) -> bytes:
+    return st_save(tensors, metadata=_meta(format="agora-update-v1", codec=codec, chunk=chunk, topk=topk))
+
+
+def _sparse_parts(delta, codec="topk2", chunk=64, topk=4) -> dict:
+    from diloco.codecs import _encoded_tensors
+
+    return _encoded_tensors(delta, codec, chunk, topk)
+
+
+@pytest.mark.parametrize("codec,levels", [("topk2", 2), ("topk4", 8)])
+def test_sparse_keeps_the_largest_values_per_chunk_with_their_signs(delta, ref, codec, levels):
+    chunk, density = 256, 0.03
+    topk = round(density * chunk)
+    out = decode_update(encode_update(delta, codec, chunk=chunk, density=density), ref)
+    for k, x in delta.items():
+        flat, got = x.reshape(-1), out[k].reshape(-1)
+        for s in range(0, flat.numel(), chunk):
+            block, dec = flat[s : s + chunk], got[s : s + chunk]
+            kept = dec != 0
+            assert int(kept.sum()) == min(topk, block.numel())
+            # the kept positions are the largest magnitudes of the chunk
+            if (~kept).any():
+                assert block[kept].abs().min() >= block[~kept].abs().max()
+            assert torch.equal(torch.sign(dec[kept]), torch.sign(block[kept]))
+            scale = block[kept].abs().max() / levels
+            assert (dec[kept] - block[kept]).abs().max() <= scale * (1 + 1e-6)
+
+
+def test_sparse_update_is_small_deterministic_and_sized_by_payload_nbytes(delta, ref):
+    fp32 = len(encode_update(delta, "fp32"))
+    for codec in SPARSE:
+        data = encode_update(delta, codec)
+        assert data == encode_update(delta, codec)
+        assert payload_nbytes(ref, codec) <= len(data) < payload_nbytes(ref, codec) + 1024
+        assert payload_nbytes(ref, codec, density=0.01) < payload_nbytes(ref, codec, density=0.03)
+    assert len(encode_update(delta, "topk2")) < fp32 / 8  # the tiny model's small tensors are kept whole
+
+
+def test_sparse_density_is_the_share_kept_in_every_full_chunk():
+    x = {"w": torch.randn(8 * 4096, generator=torch.Generator().manual_seed(3))}
+    for density in (0.01, 0.02, 0.03):
+        out = decode_update(encode_update(x, "topk2", density=density), reference_of(x))["w"]
+        assert (out.view(8, 4096) != 0).sum(dim=1).tolist() == [round(density * 4096)] * 8
+
+
+def test_sparse_zero_tensor_and_short_tail_chunk():
+    x = {"z": torch.zeros(100), "tail": torch.arange(1.0, 70.0), "s": torch.tensor(-2.0)}
+    out = decode_update(encode_update(x, "topk4", chunk=64, density=0.25), reference_of(x))
+    assert torch.equal(out["z"], torch.zeros(100))
+    assert out["s"].item() == -2.0
+    # 69 elements: a full chunk of 64 keeps 16, the tail of 5 keeps all 5
+    assert int((out["tail"] != 0).sum()) == 16 + 5
+    assert (out["tail"][64:] > 0).all() and (out["tail"][48:64] > 0).all() and not out["tail"][:48].any()
+
+
+@pytest.mark.parametrize("density", [0, 0.0005, 0.3, 1, -0.02, float("nan"), "0.02", True, None])
+def test_sparse_density_outside_the_allowed_range_is_refused(delta, density):
+    with pytest.raises(CodecError, match="density"):
+        encode_update(delta, "topk2", density=density)
+
+
+@pytest.mark.parametrize("chunk", [32, 100, 65536])
+def test_sparse_chunk_outside_the_allowed_sizes_is_refused(delta, ref, chunk):
+    with pytest.raises(CodecError, match="sparse chunk .* not an allowed size"):
+        encode_update(delta, "topk2", chunk=chunk)
+    data = _rewrite_metadata(encode_update(delta, "topk2"), chunk=chunk)
+    with pytest.raises(CodecError, match="sparse chunk .* not an allowed size"):
+        decode_update(data, ref)
+
+
+@pytest.mark.parametrize("topk", [0, -1, 17, 10**9, 2.0, "4", None, True])
+def test_sparse_topk_outside_the_chunk_is_refused(delta, ref, topk):
+    data = _rewrite_metadata(encode_update(delta, "topk2", chunk=64, density=0.0625), topk=topk)
+    with pytest.raises(CodecError, match="topk"):
+        decode_update(data, ref)
+
+
+def test_sparse_topk_that_disagrees_with_the_payload_is_refused(delta, ref):
+    data = _rewrite_metadata(encode_update(delta, "topk2", chunk=64, density=0.0625), topk=3)
+    with pytest.raises(CodecError, match="must be .* of shape"):
+        decode_update(data, ref)
+
+
+def _one(values=(0.5, -1.0, 2.0, 0.25), n=64):
+    x = torch.zeros(n)
+    x[torch.tensor([3, 10, 20, 40])] = torch.tensor(values)
+    return {"w": x}
+
+
+@pytest.mark.parametrize("offsets,message", [
+    ([3, 10, 20, 64], "outside its chunk"),
+    ([-1, 10, 20, 40], "outside its chunk"),
+    ([3, 10, 10, 40], "not unique"),
+    ([10, 3, 20, 40], "not unique and increasing"),
+])
+def test_sparse_hostile_indices_are_refused(offsets, message):
+    x = _one()
+    parts = _sparse_parts(x)
+    parts["::idx"] = torch.tensor(offsets, dtype=torch.int16)
+    with pytest.raises(CodecError, match=message):
+        decode_update(_sparse_file(parts), reference_of(x))
+
+
+def test_sparse_round_trip_of_a_hand_built_update():
+    x = _one()
+    out = decode_update(_sparse_file(_sparse_parts(x)), reference_of(x))["w"]
+    # scale = 2 / 2 = 1: 0.5 → +1 (level 1 at least), -1 → -1, 2 → +2, 0.25 → +1
+    assert out[torch.tensor([3, 10, 20, 40])].tolist() == [1.0, -1.0, 2.0, 1.0]
+    assert int((out != 0).sum()) == 4
+
+
+@pytest.mark.parametrize("scale,message", [(float("inf"), "non-finite"), (float("nan"), "non-finite"),
+                                           (-1.0, "negative"), (3.0e38, "non-finite values after decoding")])
+def test_sparse_hostile_scales_are_refused(scale, message):
+    x = _one()
+    parts = _sparse_parts(x)
+    parts["::scale"] = torch.tensor([scale])
+    with pytest.raises(CodecError, match=message):
+        decode_update(_sparse_file(parts), reference_of(x))
+
+
+def test_sparse_nonzero_padding_bits_and_wrong_dtypes_are_refused():
+    x = {"w": torch.arange(1.0, 65.0)}  # 64 values, topk 3: 6 bits of codes in one byte, 2 padding bits
+    parts = _sparse_parts(x, topk=3)
+    ref = reference_of(x)
+    bad = dict(parts, **{"::codes": parts["::codes"] | 0b11000000})
+    with pytest.raises(CodecError, match="padding bits"):
+        decode_update(_sparse_file(bad, topk=3), ref)
+    bad = dict(parts, **{"::idx": parts["::idx"].to(torch.int32)})
+    with pytest.raises(CodecError, match="::idx must be torch.int16"):
+        decode_update(_sparse_file(bad, topk=3), ref)
+    bad = dict(parts, **{"::scale": parts["::scale"].double()})
+    with pytest.raises(CodecError, match="::scale must be torch.float32"):
+        decode_update(_sparse_file(bad, topk=3), ref)
+
+
+def test_sparse_update_with_per_tensor_entries_is_refused(delta, ref):
+    parts = _sparse_parts(delta, chunk=4096, topk=82)
+    with pytest.raises(CodecError, match="unexpected tensor"):
+        decode_update(_sparse_file({**parts, "wte.weight": torch.zeros(3)}, chunk=4096, topk=82), ref)
+    del parts["::idx"]
+    with pytest.raises(CodecError, match="missing tensor.*::idx"):
+        decode_update(_sparse_file(parts, chunk=4096, topk=82), ref)
+    with pytest.raises(CodecError, match="reserved"):
+        encode_update({"a::idx": torch.zeros(3)}, "topk2")
+
+
+def test_topk_key_is_refused_for_dense_codecs(delta, ref):
+    with pytest.raises(CodecError, match="'topk'"):
+        decode_update(_rewrite_metadata(encode_update(delta, "int8"), topk=4), ref)
+
+
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(codes=st.binary(min_size=2, max_size=2), offsets=st.lists(st.integers(-40000, 40000), min_size=8, max_size=8),
+       scales=st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=2, max_size=2))
+def test_sparse_decoding_any_payload_is_finite_and_at_most_topk_per_chunk_or_refused(codes, offsets, scales):
+    ref = {"w": ((128,), torch.float32)}
+    parts = {"::codes": torch.tensor(list(codes), dtype=torch.uint8),
+             "::idx": torch.tensor(offsets, dtype=torch.int32).clamp(-32768, 32767).to(torch.int16),
+             "::scale": torch.tensor(scales, dtype=torch.float32)}
+    try:
+        out = decode_update(_sparse_file(parts, chunk=64, topk=4), ref)["w"]
+    except CodecError:
+        return
+    assert torch.isfinite(out).all()
+    assert ((out.view(2, 64) != 0).sum(dim=1) <= 4).all()
