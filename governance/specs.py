@@ -28,6 +28,11 @@ from ledger.chain import canonical_json
 
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+FIELD_NAME_RE = r"^[^\x00-\x1f]{1,128}$"
+# The same values as ``diloco.data.DATASET_FORMATS`` and ``diloco.tokenization``'s BPE bounds (governance
+# may not import diloco).
+DATASET_FORMATS = ("text", "jsonl", "parquet")
+MIN_BPE_VOCAB, MAX_BPE_VOCAB = 260, 65_536
 MAX_PATTERNS = 50
 MAX_PATTERN_LENGTH = 200
 # Guardrail patterns run on RE2 with these options wherever they run (``diloco.guardrails`` is the
@@ -254,6 +259,19 @@ class DatasetSpec(StrictSerializer):
     heldout_fraction = FiniteFloatField(
         min_value=0.01, max_value=0.5, default=0.1, help_text="Share of documents kept for evaluation (0.01–0.5)."
     )
+    format = serializers.ChoiceField(
+        choices=list(DATASET_FORMATS), default="text",
+        help_text="text (documents separated by blank lines), jsonl (one JSON object per line; the text is in "
+                  "`field`) or parquet (the text is in `column`).",
+    )
+    field = serializers.RegexField(
+        FIELD_NAME_RE, max_length=128, default=None, allow_null=True,
+        help_text="jsonl only: the string field of each line that holds a document.",
+    )
+    column = serializers.RegexField(
+        FIELD_NAME_RE, max_length=128, default=None, allow_null=True,
+        help_text="parquet only: the string column that holds the documents.",
+    )
 
     def validate_source(self, value: str) -> str:
         value = value.strip()
@@ -282,6 +300,16 @@ class DatasetSpec(StrictSerializer):
     def validate(self, attrs):
         if attrs["source"].startswith("https://") and not attrs.get("sha256"):
             raise serializers.ValidationError({"sha256": ["Required for https sources, so the data is pinned."]})
+        fmt, errors = attrs["format"], {}
+        if fmt != "text" and attrs["source"].startswith("builtin:"):
+            errors["format"] = [f"{attrs['source']} is text; a {fmt} dataset comes from a file or an https URL."]
+        for name, needed_by in (("field", "jsonl"), ("column", "parquet")):
+            if fmt == needed_by and not attrs.get(name):
+                errors[name] = [f"Required when format is {needed_by}: name the {name} that holds the text."]
+            elif fmt != needed_by and attrs.get(name):
+                errors[name] = [f"Only used when format is {needed_by}."]
+        if errors:
+            raise serializers.ValidationError(errors)
         return attrs
 
 
@@ -462,9 +490,47 @@ class HardwareSpec(StrictSerializer):
     allow_cpu = serializers.BooleanField(default=True, help_text="Let CPU-only workers take part (small runs).")
 
 
+class TokenizerSpec(StrictSerializer):
+    kind = serializers.ChoiceField(
+        choices=["byte", "bpe", "model"], default="byte",
+        help_text="byte (UTF-8 bytes, 256 ids), bpe (a byte-level BPE trained on the run's training split) or "
+                  "model (the tokenizer imported with the model).",
+    )
+    vocab_size = StrictIntegerField(
+        min_value=MIN_BPE_VOCAB, max_value=MAX_BPE_VOCAB, default=None, allow_null=True,
+        help_text=f"bpe only: vocabulary size to train ({MIN_BPE_VOCAB}–{MAX_BPE_VOCAB}).",
+    )
+
+    def validate(self, attrs):
+        if attrs["kind"] == "bpe" and attrs.get("vocab_size") is None:
+            raise serializers.ValidationError({"vocab_size": ["Required when kind is bpe."]})
+        if attrs["kind"] != "bpe" and attrs.get("vocab_size") is not None:
+            size = "256 ids" if attrs["kind"] == "byte" else "the imported tokenizer's vocabulary"
+            raise serializers.ValidationError({"vocab_size": [
+                f"Only used when kind is bpe (the {attrs['kind']} tokenizer has {size})."]})
+        return attrs
+
+
+def _tokenizer_errors(arch: str, config: dict, tokenizer: dict) -> dict:
+    """A tokenizer the model cannot read: byte-gpt reads bytes only; a model's vocabulary must hold every id."""
+    kind = tokenizer["kind"]
+    if arch == "byte-gpt":
+        if kind != "byte":
+            return {"kind": [f"byte-gpt reads bytes (256 ids); a {kind} tokenizer needs a llama or gpt2 model."]}
+        return {}
+    vocab = config.get("vocab_size")
+    if not isinstance(vocab, int):
+        return {}
+    need = 256 if kind == "byte" else tokenizer.get("vocab_size")
+    if need is not None and vocab < need:
+        return {"vocab_size": [f"The model's config has vocab_size {vocab}, fewer than the tokenizer's {need} ids."]}
+    return {}
+
+
 class TrainingSpec(StrictSerializer):
     model = ModelSpec(required=False)
     dataset = DatasetSpec(required=False)
+    tokenizer = TokenizerSpec(required=False)
     diloco = DilocoSpec(required=False)
     hardware = HardwareSpec(required=False)
 
@@ -476,6 +542,9 @@ class TrainingSpec(StrictSerializer):
             raise serializers.ValidationError(
                 {"diloco": {"seq_len": [f"Must not exceed model.config.{key} ({context})."]}}
             )
+        errors = _tokenizer_errors(model["arch"], model["config"], attrs["tokenizer"])
+        if errors:
+            raise serializers.ValidationError({"tokenizer": errors})
         return attrs
 
 
