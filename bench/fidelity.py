@@ -70,7 +70,7 @@ def run_dp(p: dict) -> dict:
     """One AdamW step per iteration on the k workers' micro-batches together (= averaged gradients)."""
     from diloco.data import sample_batch
     from diloco.inner import InnerConfig, make_optimizer
-    from diloco.models import build_model
+    from diloco.models import build_model, lm_loss
 
     shards, held = _setup(p["model"])
     model = build_model("byte-gpt", p["model"], seed=0)
@@ -88,7 +88,7 @@ def run_dp(p: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         for w in range(K):
             x, y = sample_batch(shards[w], p["batch"], p["seq_len"], gens[w])
-            _, loss = model(x, y)
+            loss = lm_loss(model, x, y)
             (loss / K).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         for g in opt.param_groups:
@@ -168,7 +168,7 @@ def _at(res: dict, step: int) -> dict:
 def _step_seconds(model_cfg: dict, batch: int, seq_len: int, repeat: int) -> float:
     """Median seconds of one training step (forward/backward of one micro-batch + AdamW), one thread."""
     from diloco.inner import InnerConfig, make_optimizer
-    from diloco.models import build_model
+    from diloco.models import build_model, lm_loss
 
     torch.set_num_threads(1)
     model = build_model("byte-gpt", model_cfg, seed=0)
@@ -177,7 +177,7 @@ def _step_seconds(model_cfg: dict, batch: int, seq_len: int, repeat: int) -> flo
 
     def step():
         opt.zero_grad(set_to_none=True)
-        _, loss = model(x, x)
+        loss = lm_loss(model, x, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -42,13 +42,13 @@ def _descent_direction(state: dict, *, norm: float) -> dict:
     import torch
 
     from diloco.data import encode_documents, load_documents, sample_batch
-    from diloco.models import build_model
+    from diloco.models import build_model, lm_loss
 
     model = build_model("byte-gpt", CONFIG)
     model.load_state_dict(state)
     tokens = encode_documents(load_documents("builtin:python-docs")[:200])
     x, y = sample_batch(tokens, 8, 64, torch.Generator().manual_seed(0))
-    _, loss = model(x, y)
+    loss = lm_loss(model, x, y)
     loss.backward()
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
     total = sum(float(g.norm()) ** 2 for g in grads.values()) ** 0.5

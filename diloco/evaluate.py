@@ -7,6 +7,8 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from diloco.models import lm_loss
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -49,7 +51,7 @@ def evaluate_loss(
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
 ) -> float:
-    """Mean next-byte cross-entropy over ``batches × batch_size`` windows spread evenly over ``tokens``.
+    """Mean next-token cross-entropy (nats) over ``batches × batch_size`` windows spread evenly over ``tokens``.
 
     The windows are evenly spaced (offset by a ``seed``-derived shift), so the same model, tokens and
     arguments always give the same value, and the estimate covers the whole held-out text. With
@@ -75,7 +77,7 @@ def evaluate_loss(
         with precision:
             for b in range(batches):
                 w = windows[b * batch_size : (b + 1) * batch_size].to(device)
-                _, loss = model(w[:, :-1], w[:, 1:])
+                loss = lm_loss(model, w[:, :-1], w[:, 1:])
                 total += float(loss.float().item())
     finally:
         model.train(was_training)

@@ -1,7 +1,13 @@
-"""The inner loop of DiLoCo: H steps of AdamW on a worker's shard, returning θ_start − θ_end."""
+"""The inner loop of DiLoCo: H steps of AdamW on a worker's shard, returning θ_start − θ_end.
+
+Any model of the zoo trains here (``logits = model(idx)``); a LoRA model trains only its adapters, and the
+pseudo-gradient covers only them (:func:`diloco.lora.trainable_state`). On CUDA the forward pass runs under
+bf16 autocast (the weights and AdamW stay fp32) and AdamW is the fused kernel; the CPU path is plain fp32.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -10,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from diloco.data import sample_batch
+from diloco.lora import trainable_state
+from diloco.models import lm_loss
 
 _STATE_FIELDS = ("exp_avg", "exp_avg_sq", "step")
 
@@ -42,24 +50,39 @@ class InnerResult:
     tokens: int
     seconds: float
     optimizer_state: dict[str, Tensor]
+    tokens_per_s: float = 0.0
 
 
-def make_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm gains)."""
+def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
+    """bf16 on a CUDA device that supports it (tensor cores, half the activation memory), else None (fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def fused_adamw_available(device: str | torch.device) -> bool:
+    """Whether AdamW's fused kernel runs on ``device`` (CUDA; the CPU keeps the reference implementation,
+    which is deterministic and what the tests pin)."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def make_optimizer(model: nn.Module, cfg: InnerConfig, *, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over the parameters that require gradients, with weight decay on matrices and embeddings only
+    (not on biases and norm gains). ``fused`` selects the fused CUDA kernel."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), **({"fused": True} if fused else {}))
 
 
 def export_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
     """AdamW state as a flat ``{"<param>.exp_avg"|".exp_avg_sq"|".step": tensor}`` dict on CPU."""
     out: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
-        state = optimizer.state.get(p)
+        state = optimizer.state.get(p) if p.requires_grad else None
         if not state:
             continue
         for field in _STATE_FIELDS:
@@ -69,7 +92,7 @@ def export_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
 
 def import_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, flat: dict[str, Tensor]) -> None:
     """Load a dict made by :func:`export_optimizer_state`; raises ValueError on unknown names or shapes."""
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     expected = {f"{n}.{f}" for n in params for f in _STATE_FIELDS}
     unknown = sorted(set(flat) - expected)
     if unknown:
@@ -92,7 +115,7 @@ def import_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, f
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()}
+    return {k: v.to("cpu", torch.float32, copy=True) for k, v in trainable_state(model).items()}
 
 
 def inner_train(
@@ -109,13 +132,17 @@ def inner_train(
 
     Warmup is linear over AdamW's own step count, so a worker that passes its previous
     ``optimizer_state`` back does not warm up again. ``loss_start`` and ``loss_end`` are the losses on
-    the same (first) batch before and after training. ``model`` ends at θ_end.
+    the same (first) batch before and after training. ``model`` ends at θ_end. ``tokens`` is any 1-D
+    tensor of token ids (bytes 0..255 or a tokenizer's ids below the model's vocabulary).
     """
     started = time.perf_counter()
+    device = torch.device(device)
     model.to(device)
     model.train()
     theta_start = _snapshot(model)
-    optimizer = make_optimizer(model, cfg)
+    half = autocast_dtype(device)
+    precision = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
+    optimizer = make_optimizer(model, cfg, fused=fused_adamw_available(device))
     if optimizer_state:
         import_optimizer_state(model, optimizer, optimizer_state)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -129,7 +156,8 @@ def inner_train(
             x, y = x.to(device), y.to(device)
             if first_batch is None:
                 first_batch = (x, y)
-            _, loss = model(x, y)
+            with precision:
+                loss = lm_loss(model, x, y)
             if step == 1:
                 loss_start = float(loss.item())
             optimizer.zero_grad(set_to_none=True)
@@ -144,17 +172,20 @@ def inner_train(
             if progress is not None:
                 progress(step, float(loss.item()))
         model.eval()
-        with torch.no_grad():
-            _, end_loss = model(*first_batch)
+        with torch.no_grad(), precision:
+            end_loss = lm_loss(model, *first_batch)
         model.train()
     theta_end = _snapshot(model)
     delta = {k: theta_start[k] - theta_end[k] for k in theta_start}
+    seconds = time.perf_counter() - started
+    trained = cfg.steps * cfg.batch_size * cfg.seq_len
     return InnerResult(
         pseudo_gradient=delta,
         loss_start=loss_start,
         loss_end=float(end_loss.item()),
         steps=cfg.steps,
-        tokens=cfg.steps * cfg.batch_size * cfg.seq_len,
-        seconds=time.perf_counter() - started,
+        tokens=trained,
+        seconds=seconds,
         optimizer_state=export_optimizer_state(model, optimizer),
+        tokens_per_s=trained / max(seconds, 1e-9),
     )

@@ -161,7 +161,7 @@ def _per_window_losses(arch, config, state, windows, *, device, autocast_dtype, 
     with precision:
         for s in range(0, windows.shape[0], batch_size):
             w = windows[s : s + batch_size].to(device)
-            logits, _ = model(w[:, :-1])
+            logits = model(w[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), w[:, 1:], reduction="none")
             out.append(loss.mean(dim=1).cpu())
     return torch.cat(out)
