@@ -8,13 +8,13 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import Http404
+from django.http import FileResponse, Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from ledger.selectors import entries_for_subjects
-from marketplace import selectors, services
+from marketplace import agent_package, selectors, services
 from marketplace.errors import MarketplaceError
 from marketplace.forms import AddWorkerForm, SuspendForm
 
@@ -61,15 +61,49 @@ def add_worker(request):
     if request.method == "POST" and form.is_valid():
         created = services.enrollment_token_create(owner=request.user, name=form.cleaned_data["name"])
         messages.success(request, "Enrollment token created. Copy it now: it is shown only once.")
+    server_url = _server_url(request)
+    wheel = _agent_wheel()
     return render(request, "marketplace/add_worker.html", {
         "form": form if created is None else AddWorkerForm(),
+        "wheel": wheel,
+        "wheel_url": f"{server_url}/agent/{wheel.filename}" if wheel else None,
         "token": created.token if created else None,
         "token_record": created.record if created else None,
         "worker_name": (created.record.name if created else "") or "my-worker",
-        "server_url": _server_url(request),
+        "server_url": server_url,
         "ttl_hours": round(settings.AGORA_ENROLLMENT_TOKEN_TTL.total_seconds() / 3600, 1),
         "pending_tokens": selectors.enrollment_tokens_pending(user=request.user),
     })
+
+
+def _agent_wheel():
+    """The served agent wheel, built on first use; ``None`` (and the page says so) if it cannot be built."""
+    try:
+        return agent_package.current_wheel()
+    except (agent_package.AgentPackageError, OSError):
+        return None
+
+
+def agent_file(request, filename: str):
+    """The agent's wheel (immutable for its name's version) and its Dockerfile, with no log-in needed."""
+    if filename == "Dockerfile":
+        wheel = _agent_wheel()
+        if wheel is None:
+            raise Http404("the agent package is not available on this server")
+        text = (agent_package.project_dir() / "Dockerfile").read_text(encoding="utf-8")
+        text = text.replace("ARG AGENT_WHEEL_URL\n",
+                            f"ARG AGENT_WHEEL_URL={_server_url(request)}/agent/{wheel.filename}\n", 1)
+        return HttpResponse(text, content_type="text/plain; charset=utf-8")
+    if not agent_package.WHEEL_NAME_RE.match(filename):
+        raise Http404("no such file")
+    wheel = _agent_wheel()
+    if wheel is None or wheel.filename != filename:
+        raise Http404("no such file: this server offers " + (wheel.filename if wheel else "no agent package"))
+    response = FileResponse(wheel.path.open("rb"), content_type="application/zip", as_attachment=True,
+                            filename=filename)
+    response["X-Content-SHA256"] = wheel.sha256
+    response["Cache-Control"] = "public, max-age=300"
+    return response
 
 
 def worker_detail(request, worker_id: int):

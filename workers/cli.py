@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 from workers import __version__
@@ -91,7 +91,7 @@ def cmd_enroll(args) -> int:
         raise CommandError(f"the server's answer lacks worker_id/worker_token: {sorted(answer)}")
     config = cfgmod.WorkerConfig(server=server, worker_id=answer["worker_id"], worker_token=answer["worker_token"],
                                  name=name, agent_version=__version__,
-                                 enrolled_at=datetime.now(UTC).isoformat(timespec="seconds"), path=path)
+                                 enrolled_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), path=path)
     cfgmod.save_config(config)
     print(f"enrolled as worker {config.worker_id} ({name}) on {server}")
     print(f"config saved to {path} (readable only by you; it holds the worker token)")
@@ -142,7 +142,11 @@ def _run_locked(args, config: cfgmod.WorkerConfig, lock: cfgmod.AgentLock) -> in
         log.info("training on %s (%s)", device, torch.cuda.get_device_name(device))
     else:
         log.info("training on the CPU")
-    client = Client(config.server, config.worker_token)
+    if args.max_mbps is not None and not (0 < args.max_mbps <= 1e6):
+        raise CommandError("--max-mbps must be a number of megabits per second above 0")
+    client = Client(config.server, config.worker_token, max_mbps=args.max_mbps)
+    if args.max_mbps:
+        log.info("link capped at %g Mbit/s in each direction", args.max_mbps)
     if args.data_root and not os.path.isdir(args.data_root):
         raise CommandError(f"--data-root {args.data_root} is not a folder")
     if args.max_dataset_mb < 1:
@@ -269,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=int(os.environ.get("AGORA_WORKER_MAX_DATASET_MB") or 256),
                    help="largest dataset this agent reads or downloads, in MiB (env AGORA_WORKER_MAX_DATASET_MB; "
                         "default 256)")
+    p.add_argument("--max-mbps", type=float, metavar="X",
+                   default=os.environ.get("AGORA_WORKER_MAX_MBPS") or None,
+                   help="cap uploads and downloads at X megabits per second each (a token bucket; env "
+                        "AGORA_WORKER_MAX_MBPS; default: no cap)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", parents=[common], help="show this worker's record and live state")
