@@ -69,6 +69,50 @@ def checkpoint_storage_name(sha256: str) -> str:
     return f"{sha256[:2]}/{sha256}.safetensors"
 
 
+class ModelVersion(models.Model):
+    """A published state of a community model: an imported directory, or an accepted round's checkpoint.
+
+    Numbers count up per model and are never reused. Runs of one model branch: each starts from the
+    model's latest version at that moment (``parent`` of its first version), and every accepted round of
+    any run becomes the next number, so no run's result replaces another's. For a LoRA run the checkpoint
+    holds only adapter weights; ``lora_base`` is the full version they apply to, and readers merge the two
+    (``training.services.versions.version_state``).
+    """
+
+    model = models.ForeignKey(CommunityModel, on_delete=models.PROTECT, related_name="versions")
+    number = models.PositiveIntegerField()
+    checkpoint = models.ForeignKey(Checkpoint, on_delete=models.PROTECT, related_name="versions")
+    arch = models.CharField(max_length=32)
+    config = models.JSONField(default=dict)
+    vocab_size = models.PositiveIntegerField(null=True, blank=True)
+    tokenizer_sha256 = models.CharField(max_length=64, blank=True, help_text="Empty: byte-level (256 tokens).")
+    parent = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="children")
+    lora = models.JSONField(null=True, blank=True, help_text="The adapters' spec when the checkpoint holds adapters.")
+    lora_base = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    run = models.ForeignKey("training.TrainingRun", on_delete=models.SET_NULL, null=True, blank=True,
+                            related_name="versions")
+    round = models.ForeignKey("training.Round", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    eval_loss = models.FloatField(null=True, blank=True)
+    source = models.CharField(max_length=200, blank=True, help_text="Where an imported version came from.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["model", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "number"], name="training_version_unique_number"),
+            models.CheckConstraint(condition=models.Q(number__gte=1), name="training_version_number_positive"),
+            models.CheckConstraint(condition=models.Q(lora__isnull=True) | models.Q(lora_base__isnull=False),
+                                   name="training_version_lora_has_base"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model_id} v{self.number}"
+
+    @property
+    def label(self) -> str:
+        return f"v{self.number}"
+
+
 class TrainingRun(models.Model):
     class Status(models.TextChoices):
         PENDING = "pending", "Pending"
@@ -92,6 +136,9 @@ class TrainingRun(models.Model):
     final_checkpoint = models.ForeignKey(
         Checkpoint, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )
+    # The model version the run branched from (None: from scratch). Its first accepted round's version
+    # names this one as its parent; a LoRA run's adapters apply to it.
+    base_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
     # The outer optimizer's momentum, never served publicly; replaced after every accepted round.
     outer_state_name = models.CharField(max_length=300, blank=True)
     outer_state_sha256 = models.CharField(max_length=64, blank=True)

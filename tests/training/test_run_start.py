@@ -49,7 +49,7 @@ def test_tick_picks_up_every_approved_proposal():
 
 
 def test_init_current_starts_from_the_models_current_checkpoint():
-    model = services.community_model_ensure(slug="tiny-gpt", name="Tiny", arch="byte-gpt", config=TINY_CONFIG, seed=7)
+    model = services.community_model_ensure(slug="tiny-gpt", name="Tiny", arch="byte-gpt", config=TINY_CONFIG, seed=987_654)
     run = services.run_start(proposal_id=approved_proposal(model={"init": "current"}).pk)
     assert run.base_checkpoint_id == model.current_checkpoint_id
 

@@ -55,6 +55,7 @@ from training.services.rounds import (
     aggregation_lease_s,
 )
 from training.services.runs import _run_finish
+from training.services.versions import _version_publish
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +328,7 @@ def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
         checkpoint = _checkpoint_row(sha=out.checkpoint_sha, size=out.checkpoint_size, model=run.model, run=run,
                                      round=rnd, note=f"run {run.pk} round {rnd.index}", eval_loss=out.eval_after)
         rnd.status, rnd.accepted, rnd.checkpoint_out = Round.Status.DONE, True, checkpoint
+        _version_publish(run=run, rnd=rnd, checkpoint=checkpoint, eval_loss=out.eval_after, now=now)
         rnd.outer_state_name = out.outer_state_name
         run.outer_state_name, run.outer_state_sha256 = out.outer_state_name, out.outer_state_sha
         run.save(update_fields=["outer_state_name", "outer_state_sha256"])

@@ -8,12 +8,13 @@ import time
 
 import torch
 from django.db import transaction
+from django.db.models import Max
 
 from diloco.checkpoint import save_weights, sha256_hex
 from diloco.models import build_model, init_state
 from ledger.services import entry_append
 from training import blobs
-from training.models import Checkpoint, CommunityModel, checkpoint_storage_name
+from training.models import Checkpoint, CommunityModel, ModelVersion, checkpoint_storage_name
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def _model_meta(arch: str, config: dict, **extra) -> dict:
 def community_model_ensure(
     *, slug: str, name: str, arch: str, config: dict, seed: int = 0, description: str = ""
 ) -> CommunityModel:
-    """The community model ``slug``, created with fresh weights (``init_state(seed)``) if it does not exist.
+    """The community model ``slug``, created with fresh weights (``init_state(seed)``, its first version)
+    if it does not exist.
 
     Idempotent: an existing model is returned unchanged (and given initial weights if it has none).
     """
@@ -60,8 +62,12 @@ def community_model_ensure(
         checkpoint = _checkpoint_row(sha=sha, size=size, model=model, note=f"initial weights (seed {seed})")
         model.current_checkpoint = checkpoint
         model.save(update_fields=["current_checkpoint"])
+        number = (ModelVersion.objects.filter(model=model).aggregate(n=Max("number"))["n"] or 0) + 1
+        ModelVersion.objects.create(model=model, number=number, checkpoint=checkpoint, arch=arch, config=config,
+                                    source=f"initial weights (seed {seed})")
         entry_append(actor=None, action="model.created", subject=f"model:{slug}",
-                     payload={"slug": slug, "arch": arch, "config": config, "checkpoint": sha, "seed": seed})
+                     payload={"slug": slug, "arch": arch, "config": config, "checkpoint": sha, "seed": seed,
+                              "version": number})
     return model
 
 

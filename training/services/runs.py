@@ -17,9 +17,11 @@ from training.errors import (
     RunForbidden,
     TrainingError,
 )
-from training.models import Checkpoint, CommunityModel, Round, Task, TrainingRun
+from training.models import Checkpoint, CommunityModel, ModelVersion, Round, Task, TrainingRun
 from training.services.checkpoints import _checkpoint_blob, _checkpoint_row, _model_meta
+from training.services.datasets import dataset_build_if_needed, dataset_record
 from training.services.rounds import _round_close_tasks, _round_open, _tell_stopped
+from training.services.versions import version_base_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,14 @@ def run_start(*, proposal_id: int) -> TrainingRun | None:
     mspec = spec["model"]
     arch, config = mspec["arch"], mspec["config"]
     model = CommunityModel.objects.filter(slug=mspec["name"]).first()
+    base_version, problem = _run_base_version(model, mspec)
     base_sha, base_size = None, 0
-    if (mspec.get("init", "current") == "current" and model is not None and model.current_checkpoint_id
-            and model.arch == arch and model.config == config):
-        base_sha = model.current_checkpoint_id
+    if base_version is not None:
+        base_sha = version_base_checkpoint(base_version).sha256
     else:
         base_sha, base_size = _checkpoint_blob(init_state(arch, config, proposal.pk),
                                                _model_meta(arch, config, seed=proposal.pk))
+    built = dataset_build_if_needed(spec=spec, model=model)  # content-addressed blobs, before the transaction
     now = timezone.now()
     with transaction.atomic():
         proposal = Proposal.objects.select_for_update().get(pk=proposal_id)
@@ -65,20 +68,63 @@ def run_start(*, proposal_id: int) -> TrainingRun | None:
         base = Checkpoint.objects.filter(sha256=base_sha).first() or _checkpoint_row(
             sha=base_sha, size=base_size, model=model, note=f"initial weights for proposal #{proposal.pk}")
         hardware = spec.get("hardware") or {}
+        branches = list(TrainingRun.objects.filter(
+            model=model, status__in=[TrainingRun.Status.PENDING, TrainingRun.Status.RUNNING]
+        ).values_list("pk", flat=True))
         run = TrainingRun.objects.create(
             proposal=proposal, model=model, spec=spec, status=TrainingRun.Status.PENDING,
-            total_rounds=int(spec["diloco"]["rounds"]), base_checkpoint=base,
+            total_rounds=int(spec["diloco"]["rounds"]), base_checkpoint=base, base_version=base_version,
             min_vram_mb=int(hardware.get("min_vram_mb") or 0), allow_cpu=bool(hardware.get("allow_cpu")),
             created_at=now,
         )
         entry_append(actor=None, action="run.created", subject=run.ledger_subject,
                      payload={"run_id": run.pk, "proposal_id": proposal.pk, "content_hash": proposal.content_hash,
                               "model": model.slug, "base_checkpoint": base.sha256,
-                              "init": "current" if base.sha256 == model.current_checkpoint_id else "scratch",
+                              "init": f"v{base_version.number}" if base_version else "scratch",
+                              "base_version": base_version.number if base_version else None,
+                              "lora": bool(mspec.get("lora")), "alongside_runs": branches,
                               "rounds": run.total_rounds})
         proposal_enact(proposal=proposal, outcome={"run_id": run.pk})
+        if problem:
+            run.status, run.reason, run.finished_at = TrainingRun.Status.FAILED, problem, now
+            run.save(update_fields=["status", "reason", "finished_at"])
+            entry_append(actor=None, action="run.failed", subject=run.ledger_subject,
+                         payload={"run_id": run.pk, "reason": problem})
+            return run
+        if built is not None and dataset_record(run=run, built=built, now=now) is None:
+            return run  # the run failed: its data cannot be prepared (the reason is in the ledger)
         _round_open(run=run, index=1, checkpoint_in=base, now=now)
     return run
+
+
+def _run_base_version(model: CommunityModel | None, mspec: dict) -> tuple[ModelVersion | None, str]:
+    """The version a run starts from and, when it cannot start, why.
+
+    ``latest`` (or its old name ``current``) takes the model's latest version if its architecture and
+    config are the spec's, else fresh weights, as before versions existed; a version number must exist and
+    match; LoRA needs a version to adapt.
+    """
+    init = mspec.get("init", "latest")
+    if init == "scratch":
+        return None, ""
+    versions = ModelVersion.objects.select_related("model", "checkpoint")
+    if model is None:
+        version = None
+    elif isinstance(init, int):
+        version = versions.filter(model=model, number=init).first()
+    else:
+        version = versions.filter(model=model).order_by("-number").first()
+    matches = version is not None and version.arch == mspec["arch"] and version.config == mspec["config"]
+    if isinstance(init, int):
+        if version is None:
+            return None, f"model {mspec['name']} has no version {init}"
+        if not matches:
+            return version, (f"version {init} of {mspec['name']} is a {version.arch} model with another config "
+                             f"than the spec's")
+        return version, ""
+    if mspec.get("lora") and not matches:
+        return None, f"LoRA needs a version of {mspec['name']} with the spec's architecture and config; there is none"
+    return (version if matches else None), ""
 
 
 def runs_start_approved() -> list[int]:
@@ -151,10 +197,11 @@ def _run_finish(*, run: TrainingRun, final: Checkpoint, now) -> None:
     run.status, run.final_checkpoint, run.finished_at = TrainingRun.Status.FINISHED, final, now
     run.save(update_fields=["status", "final_checkpoint", "finished_at"])
     model = CommunityModel.objects.select_for_update().get(pk=run.model_id)
-    model.current_checkpoint = final
     m = run.spec["model"]
-    model.arch, model.config = m["arch"], m["config"]
-    model.save(update_fields=["current_checkpoint", "arch", "config"])
+    if not m.get("lora"):  # a LoRA run's checkpoints are adapters; its versions carry the merge
+        model.current_checkpoint = final
+        model.arch, model.config = m["arch"], m["config"]
+        model.save(update_fields=["current_checkpoint", "arch", "config"])
     rounds = list(run.rounds.order_by("index").values("index", "accepted", "eval_loss_before", "eval_loss_after"))
     entry_append(actor=None, action="run.finished", subject=run.ledger_subject,
                  payload={"run_id": run.pk, "model": model.slug, "final_checkpoint": final.sha256,
