@@ -110,7 +110,7 @@ class ModelConfigSpec(StrictSerializer):
 ARCHES = ("byte-gpt", "llama", "gpt2")
 # Where each architecture keeps its context length (the longest sequence it attends over).
 CONTEXT_KEYS = {"byte-gpt": "block_size", "llama": "max_position_embeddings", "gpt2": "n_positions"}
-DEFAULT_LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "byte-gpt": ["attn.qkv"]}
+DEFAULT_LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "byte-gpt": ["c_attn"]}
 
 # Governance may not import ``diloco`` (see DESIGN.md's arrows); training registers the model zoo's rules
 # here in its ``AppConfig.ready``: ``validate(arch, config) -> normalised config`` (ValueError naming the

@@ -121,7 +121,7 @@ def test_a_bad_init_is_named(bad):
 
 def test_lora_gets_the_default_target_modules_and_needs_an_existing_version():
     spec = spec_normalise(kind="training", spec={"model": {"lora": {"rank": 4}}})
-    assert spec["model"]["lora"] == {"rank": 4, "alpha": 16.0, "dropout": 0.0, "target_modules": ["attn.qkv"]}
+    assert spec["model"]["lora"] == {"rank": 4, "alpha": 16.0, "dropout": 0.0, "target_modules": ["c_attn"]}
     with pytest.raises(Exception) as info:
         spec_normalise(kind="training", spec={"model": {"init": "scratch", "lora": {"rank": 4}}})
     assert "lora" in info.value.detail["spec"]["model"]
@@ -140,3 +140,38 @@ def test_the_parameter_cap_refuses_a_model_too_large_with_its_count(member_clien
     assert not Proposal.objects.exists()
     settings.AGORA_MAX_MODEL_PARAMS = 10_000_000
     assert spec_normalise(kind="training", spec={"model": {"config": {"n_layer": 4, "n_embd": 128, "n_head": 4}}})
+
+
+LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 64, "vocab_size": 300}
+
+
+def test_a_llama_config_is_completed_by_the_model_zoo_and_bounds_the_sequence_length():
+    spec = spec_normalise(kind="training", spec={"model": {"arch": "llama", "config": LLAMA, "init": "scratch"},
+                                                 "diloco": {"seq_len": 64}})
+    config = spec["model"]["config"]
+    assert {k: config[k] for k in LLAMA} == LLAMA and config["head_dim"] == 8  # defaults filled in
+    assert spec_normalise(kind="training", spec=spec) == spec
+
+
+@pytest.mark.parametrize(("model", "diloco", "field"), [
+    ({"arch": "llama", "config": {**LLAMA, "hidden_size": 30}}, {}, "spec.model.config.hidden_size"),
+    ({"arch": "llama", "config": {**LLAMA, "num_key_value_heads": 3}}, {}, "spec.model.config.num_key_value_heads"),
+    ({"arch": "llama", "config": {**LLAMA, "hiden_size": 32}}, {}, "spec.model.config.hiden_size"),
+    ({"arch": "llama", "config": {**LLAMA, "max_position_embeddings": 32}}, {"seq_len": 64}, "spec.diloco.seq_len"),
+    ({"arch": "gpt2", "config": {"n_embd": 30, "n_head": 4}}, {}, "spec.model.config.n_embd"),
+    ({"arch": "gpt2", "config": {"n_positions": 32}}, {"seq_len": 64}, "spec.diloco.seq_len"),
+])
+def test_a_bad_hugging_face_config_is_named(member_client, model, diloco, field):
+    response = member_client.post(URL, {"kind": "training", "title": "Bad", "spec": {
+        "model": model, "diloco": diloco}}, format="json")
+    assert response.status_code == 400
+    assert field in response.json()["fields"], response.json()
+    assert not Proposal.objects.exists()
+
+
+def test_the_parameter_cap_counts_a_llama_with_its_vocabulary(settings):
+    settings.AGORA_MAX_MODEL_PARAMS = 20_000
+    with pytest.raises(Exception) as info:
+        spec_normalise(kind="training", spec={"model": {"arch": "llama", "config": LLAMA}})
+    assert "AGORA_MAX_MODEL_PARAMS" in str(info.value.detail["spec"]["model"]["config"])
