@@ -49,6 +49,11 @@ class Proposal(models.Model):
     veto_reason = models.TextField(blank=True)
     enacted_at = models.DateTimeField(null=True, blank=True)
     outcome = models.JSONField(default=dict, blank=True)
+    # Chosen by the author within AGORA_VOTING_MIN/MAX; empty means the default AGORA_VOTING_PERIOD.
+    voting_period = models.DurationField(null=True, blank=True)
+    # Why the vote closed before its window ended: "decided" (the weight not yet cast could no longer change
+    # the outcome) or a staff member's reason.
+    close_reason = models.CharField(max_length=500, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -100,6 +105,10 @@ class Vote(models.Model):
     proposal = models.ForeignKey(Proposal, on_delete=models.CASCADE, related_name="votes")
     voter = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="votes")
     choice = models.CharField(max_length=8, choices=Choice.choices)
+    # Set when the vote was cast by the voter's delegate; the voter's own vote (via empty) overrides it.
+    via = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="+"
+    )
     # Recorded when cast so a later change of strategy or credits does not rewrite history.
     weight = models.DecimalField(max_digits=14, decimal_places=4)
     created_at = models.DateTimeField(default=timezone.now)
@@ -143,6 +152,7 @@ class VoterApproval(models.Model):
 
 class Comment(models.Model):
     proposal = models.ForeignKey(Proposal, on_delete=models.CASCADE, related_name="comments")
+    parent = models.ForeignKey("self", on_delete=models.CASCADE, null=True, blank=True, related_name="replies")
     author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     body = models.TextField()
     created_at = models.DateTimeField(default=timezone.now)
@@ -200,3 +210,100 @@ class Guardrail(models.Model):
             "patterns": list(self.patterns),
             "description": self.description,
         }
+
+
+class ProposalRevision(models.Model):
+    """One saved text of a proposal: revision 1 is the submission, each edit of the draft adds the next.
+
+    Kept so an edited draft's history can be read and diffed; ``content_hash`` is that revision's spec hash.
+    """
+
+    proposal = models.ForeignKey(Proposal, on_delete=models.CASCADE, related_name="revisions")
+    number = models.PositiveIntegerField()
+    title = models.CharField(max_length=200)
+    body = models.TextField(blank=True)
+    spec = models.JSONField()
+    content_hash = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["proposal", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["proposal", "number"], name="gov_revision_unique_number"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.proposal_id} revision {self.number}"
+
+
+class Delegation(models.Model):
+    """A member lets another vote for them, on every proposal (``kind`` empty) or on one kind of proposal.
+
+    A delegation for a kind wins over the overall one. Chains are refused when a delegation is made
+    (a delegate never delegates the same topic onwards), so there are no cycles and no transitive weight.
+    """
+
+    delegator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="delegations")
+    delegate = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="delegated_to_me")
+    kind = models.CharField(max_length=16, blank=True, choices=Proposal.Kind.choices)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["kind", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["delegator", "kind"], name="gov_delegation_one_per_topic"),
+            models.CheckConstraint(condition=~models.Q(delegator=models.F("delegate")), name="gov_delegation_not_self"),
+            models.CheckConstraint(
+                condition=models.Q(kind__in=["", "training", "guardrail"]), name="gov_delegation_kind_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.delegator} -> {self.delegate} ({self.kind or 'all'})"
+
+    @property
+    def topic(self) -> str:
+        return Proposal.Kind(self.kind).label if self.kind else "all proposals"
+
+
+class Notification(models.Model):
+    """Something a member should see: shown in the bell until read, and e-mailed if they asked for it."""
+
+    class Kind(models.TextChoices):
+        PROPOSAL_OPENED = "proposal_opened", "A proposal opens for votes"
+        PROPOSAL_CLOSED = "proposal_closed", "A proposal I voted on or wrote closes"
+        PROPOSAL_APPROVED = "proposal_approved", "A training proposal is approved or vetoed"
+        MENTION = "mention", "Someone mentions me in a comment"
+        DELEGATION = "delegation", "Someone delegates their vote to me"
+        RUN_FINISHED = "run_finished", "A training run I voted for finishes"
+        WORKER_OFFLINE = "worker_offline", "One of my workers goes offline"
+        WORKER_SUSPENDED = "worker_suspended", "One of my workers is suspended"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="notifications")
+    kind = models.CharField(max_length=24, choices=Kind.choices)
+    text = models.CharField(max_length=300)
+    url = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    read_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["user", "read_at"], name="gov_notification_unread")]
+
+    def __str__(self) -> str:
+        return f"{self.user}: {self.text}"
+
+
+class NotificationPreference(models.Model):
+    """A member's choice for one kind of notification; without a row the defaults of ``notify`` apply."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=24, choices=Notification.Kind.choices)
+    in_app = models.BooleanField(default=True)
+    email = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "kind"], name="gov_notification_pref_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.user}: {self.kind}"

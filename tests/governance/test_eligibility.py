@@ -149,6 +149,7 @@ def expected(role, state):
 @override_settings(AGORA_VOTER_ELIGIBILITY="verified_email,account_age:7d")
 @pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("role", ROLES)
+@override_settings(AGORA_EARLY_CLOSE=False)  # the vote stays open whoever has voted
 def test_vote_role_by_eligibility_by_state(role, state):
     proposal = ProposalFactory(status=state)
     user = user_for(role)
@@ -194,6 +195,7 @@ def test_voting_through_the_page_as_an_ineligible_member_records_nothing(client)
     assert not Vote.objects.exists()
 
 
+@override_settings(AGORA_EARLY_CLOSE=False)  # the vote stays open whoever has voted
 def test_each_vote_entry_records_its_eligibility_basis(member, staff, settings):
     settings.AGORA_VOTER_ELIGIBILITY = "account_age:7d,credits:10|staff_approved"
     with_credits(member, 40)
@@ -269,6 +271,7 @@ def test_api_shows_the_frozen_eligible_count(api_client, member):
 # --- staff-approved membership ------------------------------------------------------------------
 
 @override_settings(AGORA_VOTER_ELIGIBILITY="staff_approved")
+@override_settings(AGORA_EARLY_CLOSE=False)  # the vote stays open whoever has voted
 def test_staff_approve_and_withdraw_membership_in_the_ledger(staff, member):
     proposal = ProposalFactory(status="active")
     with pytest.raises(NotEligible, match="approval as a voting member by staff"):

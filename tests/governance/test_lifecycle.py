@@ -117,6 +117,7 @@ def test_closing_twice_changes_nothing_the_second_time(member):
         assert actions(proposal.ledger_subject).count("proposal.closed") == 1
 
 
+@override_settings(AGORA_EARLY_CLOSE=False)  # the vote stays open whoever has voted
 def test_closing_before_the_window_ends_is_refused(member):
     proposal = submit(member, open_now=True)
     with pytest.raises(ProposalStateError):
@@ -251,6 +252,7 @@ def test_veto_needs_a_reason_and_is_terminal(staff):
     assert entry.payload == {"reason": "Dataset licence unclear."} and entry.actor == staff.username
 
 
+@override_settings(AGORA_EARLY_CLOSE=False)  # the vote stays open whoever has voted
 def test_member_activity_and_home_summary(member, other_member):
     proposal = submit(member, open_now=True)
     services.vote_cast(proposal=proposal, voter=member, choice="yes")
