@@ -23,6 +23,11 @@ run: export AGORA_HOST := $(HOST)
 run: export AGORA_HEARTBEAT_INTERVAL_S ?= 5
 # A demo member who signs up can vote once the console e-mail is confirmed (production adds an account age).
 run: export AGORA_VOTER_ELIGIBILITY ?= verified_email
+# Short voting windows so the governance loop can be finished in the demo: 10 minutes unless the author
+# chooses between 2 minutes and a day.
+run: export AGORA_VOTING_PERIOD_HOURS ?= 0.1667
+run: export AGORA_VOTING_MIN_HOURS ?= 0.0334
+run: export AGORA_VOTING_MAX_HOURS ?= 24
 run: export AGORA_PORT := $(PORT)
 run: $(STAMP)
 	$(BIN)/python manage.py migrate --noinput

@@ -6,7 +6,10 @@ Redis. Production secrets have no default: with DJANGO_DEBUG off, DJANGO_SECRET_
 """
 
 import ipaddress
+import os
 import re
+import secrets
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,8 +22,14 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
+# Management commands that only read and sign nothing run without the production secret (a throwaway key),
+# so `python manage.py verify_ledger` works in any shell on the server.
+READ_ONLY_COMMANDS = {"verify_ledger", "check_guardrails", "showmigrations", "help", "version"}
 if DEBUG:
     SECRET_KEY = env("DJANGO_SECRET_KEY", default="insecure-development-key-do-not-use-in-production")
+elif "DJANGO_SECRET_KEY" not in os.environ and len(sys.argv) > 1 and Path(sys.argv[0]).name == "manage.py" \
+        and sys.argv[1] in READ_ONLY_COMMANDS:
+    SECRET_KEY = secrets.token_urlsafe(50)
 else:
     SECRET_KEY = env("DJANGO_SECRET_KEY")
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
