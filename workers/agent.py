@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 from workers import config as cfgmod
 from workers.client import AuthError, Backoff, Client, ClientError, ProtocolError, TaskGone, parse_timestamp
@@ -71,7 +71,7 @@ class AgentOptions:
 
 def parse_deadline(value) -> datetime | None:
     stamp = parse_timestamp(value)
-    return None if stamp is None else datetime.fromtimestamp(stamp, UTC)
+    return None if stamp is None else datetime.fromtimestamp(stamp, timezone.utc)
 
 
 class TaskNotWanted(TaskAborted):
@@ -139,6 +139,9 @@ class Agent:
         self._last_pause_check = 0.0
         self._paused_cached = False
         self._announced: str | None = None
+        # (run_id, round, steady time) of the end of the last task's training: where the next round's wall
+        # time starts when it is the same run's next round (see ``_link_metrics``).
+        self._last_trained: tuple[object, object, float] | None = None
 
     # --- state --------------------------------------------------------------------------------
 
@@ -384,8 +387,10 @@ class Agent:
                  (task.get("dataset") or {}).get("shard_index"), (task.get("dataset") or {}).get("shard_count"))
         cfgmod.state_save(self.config_path, {"task_id": task_id, "run_id": task.get("run_id"),
                                              "round": task.get("round"), "deadline": task.get("deadline"),
-                                             "started_at": datetime.now(UTC).isoformat(),
+                                             "started_at": datetime.now(timezone.utc).isoformat(),
                                              "clock_offset_s": round(self.clock.wall_offset(), 3)})
+        claimed_at = time.monotonic()
+        link_before = self.client.stats.snapshot()
         beat = _Heartbeater(self, self.client.clone())
         beat.start()
         try:
@@ -404,13 +409,14 @@ class Agent:
                 log.exception("task %s failed", task_id)
                 self._report_failure(current, f"{exc.__class__.__name__}: {exc}")
                 return
+            output.metrics.update(self._link_metrics(task, output, claimed_at, link_before))
             log.info("task %s trained: loss %.4f -> %.4f in %.1f s; uploading %d bytes", task_id,
                      output.metrics["loss_start"], output.metrics["loss_end"], output.metrics["seconds"],
                      len(output.update))
             pending = cfgmod.PendingResult(
                 task_id=task_id, deadline=task.get("deadline") if isinstance(task.get("deadline"), str) else None,
                 metrics=output.metrics, update=output.update, run_id=task.get("run_id"), round=task.get("round"),
-                finished_at=datetime.now(UTC).isoformat(), clock_offset_s=round(self.clock.wall_offset(), 3))
+                finished_at=datetime.now(timezone.utc).isoformat(), clock_offset_s=round(self.clock.wall_offset(), 3))
             try:
                 cfgmod.pending_save(self.config_path, pending)
                 cfgmod.state_clear(self.config_path)  # from here on the result on disk speaks for the task
@@ -423,6 +429,30 @@ class Agent:
             self._current = None
             cfgmod.state_clear(self.config_path)
             self._set_state("idle")
+
+    def _link_metrics(self, task: dict, output, claimed_at: float, link_before: tuple[int, int]) -> dict:
+        """Utilisation and traffic of this task's round, sent with its metrics.
+
+        The round's wall time runs from the end of this agent's previous training (when that was the same
+        run's previous round, so the upload, the wait for aggregation, the claim and the download all count)
+        or else from this claim, to the end of this training; compute time is the training's own seconds
+        (with overlap, the steps trained while the previous upload travelled too). Bytes are the link's
+        bodies since the claim, plus this update's upload."""
+        now = time.monotonic()
+        last = self._last_trained
+        start = claimed_at
+        if last is not None and last[0] == task.get("run_id") and isinstance(task.get("round"), int) \
+                and last[1] == task["round"] - 1:
+            start = last[2]
+        self._last_trained = (task.get("run_id"), task.get("round"), now)
+        details = getattr(output, "details", None) or {}
+        compute = float(details.get("compute_seconds", output.metrics.get("seconds", 0.0)))
+        compute = round(compute, 3)
+        wall = round(max(now - start, compute, 0.001), 3)
+        sent, received = self.client.stats.snapshot()
+        return {"compute_seconds": compute, "wall_seconds": wall, "utilisation": round(min(compute / wall, 1.0), 4),
+                "bytes_sent": sent - link_before[0] + len(output.update),
+                "bytes_received": received - link_before[1]}
 
     def _deliver_result(self, pending: cfgmod.PendingResult, current: _CurrentTask) -> bool:
         """Upload the pending result until it is delivered, no longer wanted, or its deadline (server time)
@@ -565,4 +595,4 @@ class Agent:
 
 
 def _iso(stamp: float) -> str:
-    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -10,12 +10,17 @@ longer wants anything for that task.
 Every reply also tells the time: :class:`ServerClock` learns the server's clock from the standard ``Date``
 header of every answer and from the heartbeat's ``server_time`` (ISO 8601 UTC with milliseconds), so the
 agent reasons about deadlines in server time whatever its own wall clock says.
+
+The link can be capped (``max_mbps``, ``agora-worker run --max-mbps``): a :class:`TokenBucket` per direction,
+shared by every connection of the agent, paces uploads as they are sent and downloads as they are read.
+:class:`LinkStats` counts the bytes of request and response bodies in each direction.
 """
 
 from __future__ import annotations
 
 import email.utils
 import hashlib
+import io
 import json
 import math
 import os
@@ -24,7 +29,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -131,7 +136,7 @@ def parse_timestamp(value) -> float | None:
     except ValueError:
         return None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
+        parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.timestamp()
 
 
@@ -235,14 +240,93 @@ class Backoff:
         self.attempt = 0
 
 
+class TokenBucket:
+    """A token bucket of ``rate`` bytes per second holding at most ``burst`` bytes: ``consume(n)`` returns
+    once ``n`` bytes may pass, sleeping for what the bucket lacks (a chunk larger than the burst simply
+    waits longer). Thread-safe; one bucket per direction of the link, shared by every connection."""
+
+    def __init__(self, rate: float, burst: float | None = None, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ValueError("the rate must be a positive number of bytes per second")
+        self.rate = float(rate)
+        self.burst = float(burst) if burst is not None else max(self.rate / 20.0, 16 * 1024.0)
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._tokens = self.burst
+        self._last = clock()
+
+    @classmethod
+    def from_mbps(cls, mbps: float) -> TokenBucket:
+        return cls(mbps * 1e6 / 8.0)
+
+    def consume(self, n: int) -> float:
+        """Take ``n`` bytes' worth of tokens, waiting as long as needed; returns the seconds waited."""
+        if n <= 0:
+            return 0.0
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n  # a debt: whoever comes next waits for it too
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+        return wait
+
+
+class LinkStats:
+    """Bytes sent and received (request and response bodies), counted as they pass. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.sent = 0
+        self.received = 0
+
+    def add(self, *, sent: int = 0, received: int = 0) -> None:
+        with self._lock:
+            self.sent += max(int(sent), 0)
+            self.received += max(int(received), 0)
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.sent, self.received
+
+
+class _PacedUpload(io.BytesIO):
+    """An upload body read through the link's upload bucket, so a multipart upload leaves at the link's pace."""
+
+    def __init__(self, data: bytes, bucket: TokenBucket | None, stats: LinkStats | None):
+        super().__init__(data)
+        self._bucket = bucket
+        self._stats = stats
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(_CHUNK if size is None or size < 0 else min(size, _CHUNK))
+        if chunk and self._bucket is not None:
+            self._bucket.consume(len(chunk))
+        return chunk
+
+
 class Client:
-    """One worker's view of the server. Thread-safe for our use: the heartbeat thread gets its own."""
+    """One worker's view of the server. Thread-safe for our use: the heartbeat thread gets its own.
+
+    ``max_mbps`` caps the link in each direction (a token bucket per direction, shared with clones);
+    ``stats`` counts the bytes that pass (shared with clones too)."""
 
     def __init__(self, server: str, token: str | None = None, *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None, clock: ServerClock | None = None):
+                 transport: httpx.BaseTransport | None = None, clock: ServerClock | None = None,
+                 max_mbps: float | None = None, stats: LinkStats | None = None,
+                 buckets: tuple[TokenBucket, TokenBucket] | None = None):
         self.server = server.rstrip("/")
         self.token = token
         self.clock = clock or ServerClock()
+        self.max_mbps = max_mbps
+        if buckets is None and max_mbps:
+            buckets = (TokenBucket.from_mbps(max_mbps), TokenBucket.from_mbps(max_mbps))
+        self.upload_bucket, self.download_bucket = buckets or (None, None)
+        self.stats = stats or LinkStats()
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -260,7 +344,9 @@ class Client:
 
     def clone(self) -> Client:
         """Another connection for another thread, sharing this one's server clock."""
-        return Client(self.server, self.token, timeout=self._http.timeout.read or 30.0, clock=self.clock)
+        buckets = (self.upload_bucket, self.download_bucket) if self.upload_bucket is not None else None
+        return Client(self.server, self.token, timeout=self._http.timeout.read or 30.0, clock=self.clock,
+                      stats=self.stats, buckets=buckets)
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         sent = self.clock.steady()
@@ -268,6 +354,11 @@ class Client:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise NetworkError(f"cannot reach {self.server}: {exc.__class__.__name__}: {exc}") from exc
+        body = len(response.content)
+        request_length = response.request.headers.get("Content-Length", "")
+        self.stats.add(sent=int(request_length) if request_length.isdigit() else 0, received=body)
+        if self.download_bucket is not None:
+            self.download_bucket.consume(body)
         received = self.clock.steady()
         response.extensions["agora_timing"] = (received - sent, received)
         self.clock.observe_date_header(response.headers.get("Date"), rtt=received - sent, received_at=received)
@@ -328,7 +419,8 @@ class Client:
         return self._json(self._request("GET", f"{API}/workers/me"))
 
     def submit_result(self, task_id: int, *, update: bytes, metrics: dict) -> dict:
-        files = {"update": ("update.safetensors", update, "application/octet-stream")}
+        files = {"update": ("update.safetensors", _PacedUpload(update, self.upload_bucket, None),
+                            "application/octet-stream")}
         data = {"metrics": json.dumps(metrics, allow_nan=False)}
         response = self._task_call("POST", f"{API}/tasks/{int(task_id)}/result", files=files, data=data)
         return self._lenient_json(response)
@@ -347,6 +439,29 @@ class Client:
                 return url[len(self.server):]
         return f"{API}/checkpoints/{sha256}"
 
+    def download_delta(self, sha256: str, *, max_bytes: int, url: str | None = None) -> bytes:
+        """The published delta that rebuilds checkpoint ``sha256`` from its predecessor (``GET
+        /api/v1/checkpoints/<sha256>/delta``, or the task's ``delta_url`` on this server), at most
+        ``max_bytes``. The caller checks the rebuilt checkpoint's sha256; a 404 is a :class:`ProtocolError`."""
+        path = self.checkpoint_path(sha256, url) if url else f"{API}/checkpoints/{sha256}/delta"
+        chunks, total = [], 0
+        try:
+            with self._http.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error_from(response)
+                for chunk in response.iter_bytes(_CHUNK):
+                    self.stats.add(received=len(chunk))
+                    if self.download_bucket is not None:
+                        self.download_bucket.consume(len(chunk))
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise DownloadError(f"the delta to {sha256} is larger than {max_bytes} bytes; not used")
+                    chunks.append(chunk)
+        except httpx.TransportError as exc:
+            raise NetworkError(f"delta download from {self.server} failed: {exc}") from exc
+        return b"".join(chunks)
+
     def download_checkpoint(self, sha256: str, dest: Path, *, url: str | None = None,
                             on_bytes: Callable[[int, int | None], None] | None = None) -> Path:
         """Stream the checkpoint into ``dest`` (via a temporary file, renamed only once its sha256 matches)."""
@@ -363,6 +478,9 @@ class Client:
                 done = 0
                 with open(tmp, "wb") as fh:
                     for chunk in response.iter_bytes(_CHUNK):
+                        self.stats.add(received=len(chunk))
+                        if self.download_bucket is not None:
+                            self.download_bucket.consume(len(chunk))
                         digest.update(chunk)
                         fh.write(chunk)
                         done += len(chunk)

@@ -145,7 +145,12 @@ def test_task_runs_with_busy_heartbeats_and_uploads_the_result(fake_server, star
     assert rec.form["update"] == b"UPDATE"
     import json
 
-    assert json.loads(rec.form["metrics"]) == METRICS
+    sent = json.loads(rec.form["metrics"])
+    assert {k: sent[k] for k in METRICS} == METRICS
+    # The round's utilisation and traffic: the claim's answer came in, the update goes out.
+    assert 0 < sent["compute_seconds"] <= sent["wall_seconds"]
+    assert sent["utilisation"] == round(sent["compute_seconds"] / sent["wall_seconds"], 4)
+    assert sent["bytes_sent"] >= len(b"UPDATE") and sent["bytes_received"] > 0
     fake_server.wait_for(lambda: len(fake_server.claims()) >= 2, what="claiming again")
     assert cfgmod.state_load(worker_config.path) == {}
     assert agent.stop() == 0
