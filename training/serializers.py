@@ -63,6 +63,8 @@ class MetricsSerializer(serializers.Serializer):
     steps = StrictIntegerField(min_value=0, max_value=METRICS_STEPS_MAX)
     tokens = StrictIntegerField(min_value=0, max_value=METRICS_TOKENS_MAX)
     seconds = FiniteFloatField(min_value=0, max_value=METRICS_SECONDS_MAX)
+    tokens_per_s = FiniteFloatField(min_value=0, max_value=METRICS_TOKENS_MAX, required=False,
+                                    help_text="training throughput of this task on the agent's device")
 
 
 class TaskFailSerializer(serializers.Serializer):

@@ -43,3 +43,18 @@ def test_production_refuses_to_start_without_a_secret_key(tmp_path):
             os.environ["DJANGO_SECRET_KEY"] = saved
     assert run.returncode != 0
     assert "DJANGO_SECRET_KEY" in run.stderr
+
+
+def test_read_only_commands_need_no_secret_key(tmp_path):
+    """`python manage.py verify_ledger` from the README works in a shell without the production secret."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY",
+                                                          "DJANGO_DEBUG")}
+    env.update(AGORA_VAR_DIR=str(tmp_path), DJANGO_DEBUG="0")
+    manage = os.path.join(os.path.dirname(__file__), "..", "..", "manage.py")
+    subprocess.run([sys.executable, manage, "migrate", "--noinput"], env={**env, "DJANGO_SECRET_KEY": "x"},
+                   capture_output=True, text=True, check=True)
+    run = subprocess.run([sys.executable, manage, "verify_ledger"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "ok" in run.stdout.lower() or "intact" in run.stdout.lower(), run.stdout
+    served = subprocess.run([sys.executable, manage, "check"], env=env, capture_output=True, text=True)
+    assert served.returncode != 0 and "DJANGO_SECRET_KEY" in served.stderr, "anything else still needs the secret"
