@@ -4,7 +4,10 @@ The training comes from ``diloco``; this module only wires the task JSON of the 
 
 1. the checkpoint is fetched into a content-addressed cache (``<cache>/checkpoints/<sha256>.safetensors``),
    verified by sha256 after download and again before reuse;
-2. the model is ``diloco.models.build_model(model.arch, model.config)`` with the checkpoint's weights;
+2. the model is ``diloco.models.build_model(model.arch, model.config, vocab_size=model.vocab_size)`` with the
+   checkpoint's weights; with ``model.lora`` (rank, alpha, dropout, target_modules) the checkpoint holds the
+   adapters (``diloco.lora.trainable_state`` keys) and ``model.lora_base_sha256`` (fetched the same way,
+   from ``model.lora_base_url`` if given) the frozen base weights they sit on;
 3. the data is ``shard_documents(filter_documents(split_documents(load_documents(source, sha256, policy),
    heldout_fraction)[0], guardrails)[0], shard_index, shard_count)``, encoded as bytes; the policy reads
    ``file:`` sources only under the agent's data root (none by default) and https only from public
@@ -12,7 +15,8 @@ The training comes from ``diloco``; this module only wires the task JSON of the 
 4. ``diloco.inner.inner_train`` runs the task's inner settings and seed on the agent's device, starting from
    the AdamW state this machine kept for the run (``<cache>/optim/<run_id>.safetensors``; DiLoCo keeps the
    inner optimizer state per worker), which is saved again afterwards;
-5. the pseudo-gradient is encoded with ``diloco.codecs.encode_update(delta, task.compression)``.
+5. the pseudo-gradient (over the adapters only, for LoRA) is encoded with
+   ``diloco.codecs.encode_update(delta, task.compression)``; the metrics carry ``tokens_per_s``.
 
 The agent uploads the output (or reports the failure); the runner talks to the server only to download.
 """
@@ -205,11 +209,62 @@ class TaskRunner:
         shard = shard_documents(kept, int(_field(task, "dataset.shard_index")), int(_field(task, "dataset.shard_count")))
         return encode_documents(shard), {"documents": len(shard), "dropped_by_guardrails": dropped}
 
+    def build_model(self, task: dict, hooks: Hooks):
+        """The task's model with the task's weights: ``(model, lora)``, ``lora`` being the task's LoRA
+        spec or None. Every way a task's model or weights can be wrong is a :class:`TaskError`."""
+        from diloco.checkpoint import CheckpointError, load_weights
+        from diloco.models import build_model
+
+        spec = _field(task, "model")
+        arch, config = _field(task, "model.arch"), _field(task, "model.config")
+        vocab_size = spec.get("vocab_size")
+        if not isinstance(config, dict) or (vocab_size is not None and (isinstance(vocab_size, bool)
+                                                                        or not isinstance(vocab_size, int))):
+            raise TaskError(f"the task's model is malformed: {spec!r}")
+        lora = None
+        if spec.get("lora") is not None:
+            try:
+                from diloco.lora import LoraSpec
+
+                lora = LoraSpec.from_dict(spec["lora"], arch=arch)
+            except ImportError as exc:
+                raise TaskError(f"LoRA tasks need peft on this agent (pip install 'agora[hf]'): {exc}") from exc
+            except (TypeError, ValueError) as exc:
+                raise TaskError(f"the task's model.lora is invalid: {exc}") from exc
+        try:
+            model = build_model(arch, dict(config), seed=None, vocab_size=vocab_size)
+        except ImportError as exc:
+            raise TaskError(f"{arch} models need transformers on this agent (pip install 'agora[hf]'): {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise TaskError(f"this agent cannot build the task's model: {exc}") from exc
+
+        def weights(sha256: str, url: str | None) -> dict:
+            data = self.fetch_checkpoint(sha256, url=url, hooks=hooks)
+            hooks.check()
+            try:
+                return load_weights(data)[0]
+            except CheckpointError as exc:
+                raise TaskError(str(exc)) from exc
+
+        try:
+            if lora is None:
+                model.load_state_dict(weights(_field(task, "checkpoint_sha256"), task.get("checkpoint_url")),
+                                      strict=True)
+                return model, None
+            from diloco.lora import apply_lora, load_trainable_state
+
+            base = weights(_field(task, "model.lora_base_sha256"), spec.get("lora_base_url"))
+            model.load_state_dict(base, strict=True)
+            del base
+            model = apply_lora(model, lora, seed=int(task.get("seed", 0)))
+            load_trainable_state(model, weights(_field(task, "checkpoint_sha256"), task.get("checkpoint_url")))
+        except (RuntimeError, ValueError) as exc:
+            raise TaskError(f"the checkpoint does not fit model {spec}: {exc}") from exc
+        return model, lora
+
     def run(self, task: dict, hooks: Hooks) -> TaskOutput:
-        from diloco.checkpoint import load_weights
         from diloco.codecs import CODECS, encode_update
         from diloco.inner import InnerConfig, inner_train
-        from diloco.models import build_model
 
         task_id = _field(task, "id")
         run_id = _field(task, "run_id")
@@ -222,24 +277,20 @@ class TaskRunner:
         except (TypeError, ValueError) as exc:
             raise TaskError(f"the task's inner settings are invalid: {exc}") from exc
 
-        data = self.fetch_checkpoint(_field(task, "checkpoint_sha256"), url=task.get("checkpoint_url"), hooks=hooks)
-        hooks.check()
-        state, _meta = load_weights(data)
-        model = build_model(_field(task, "model.arch"), dict(_field(task, "model.config")))
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise TaskError(f"the checkpoint does not fit model {task['model']}: {exc}") from exc
-        del state, data
+        model, lora = self.build_model(task, hooks)
 
         tokens, data_info = self.load_tokens(task)
         hooks.check()
         if tokens.numel() < cfg.seq_len + 1:
-            raise TaskError(f"the data shard has {tokens.numel()} bytes, fewer than seq_len + 1 = {cfg.seq_len + 1}")
+            raise TaskError(f"the data shard has {tokens.numel()} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
+        vocab = int(model.config.vocab_size)
+        if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
+            raise TaskError(f"the data shard has token ids outside the model's vocabulary of {vocab}")
         optimizer_state = self._load_optimizer_state(run_id, model, cfg)
-        log.info("task %s: %d inner steps on %s (%d bytes of data in %d documents, %d dropped by guardrails%s)",
-                 task_id, cfg.steps, self.device, tokens.numel(), data_info["documents"],
-                 data_info["dropped_by_guardrails"], ", optimizer state resumed" if optimizer_state else "")
+        log.info("task %s: %d inner steps of %s%s on %s (%d tokens of data in %d documents, %d dropped by "
+                 "guardrails%s)", task_id, cfg.steps, task["model"]["arch"], f" LoRA r={lora.rank}" if lora else "",
+                 self.device, tokens.numel(), data_info["documents"], data_info["dropped_by_guardrails"],
+                 ", optimizer state resumed" if optimizer_state else "")
 
         display = ProgressDisplay(cfg.steps, f"task {task_id}", every_s=self.progress_every_s)
 
@@ -260,6 +311,7 @@ class TaskRunner:
         if limit and len(update) > int(limit):
             raise TaskError(f"the encoded update has {len(update)} bytes, over the task's limit of {limit}")
         metrics = {"loss_start": float(result.loss_start), "loss_end": float(result.loss_end),
-                   "steps": int(result.steps), "tokens": int(result.tokens), "seconds": round(float(result.seconds), 3)}
+                   "steps": int(result.steps), "tokens": int(result.tokens), "seconds": round(float(result.seconds), 3),
+                   "tokens_per_s": round(float(result.tokens_per_s), 3)}
         return TaskOutput(update=update, metrics=metrics,
                           details={**data_info, "update_bytes": len(update), "device": self.device})

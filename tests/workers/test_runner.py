@@ -49,7 +49,8 @@ def test_runner_trains_and_returns_a_decodable_update(runner, fake_server, tiny_
     assert set(delta) == set(state)
     assert all(torch.isfinite(t).all() for t in delta.values())
     assert any(t.abs().sum() > 0 for t in delta.values())
-    assert set(out.metrics) == {"loss_start", "loss_end", "steps", "tokens", "seconds"}
+    assert set(out.metrics) == {"loss_start", "loss_end", "steps", "tokens", "seconds", "tokens_per_s"}
+    assert out.metrics["tokens_per_s"] > 0
     assert out.metrics["steps"] == 3 and out.metrics["tokens"] == 3 * 2 * 16
     assert math.isfinite(out.metrics["loss_start"]) and math.isfinite(out.metrics["loss_end"])
     assert [(s, n) for s, n, _ in hooks.steps] == [(1, 3), (2, 3), (3, 3)]
@@ -132,7 +133,7 @@ def test_guardrails_that_drop_everything_leave_nothing_to_train_on(runner, tiny_
     _, sha, _ = tiny_checkpoint
     everything = {"id": 2, "title": "all", "kind": "data_filter", "patterns": ["."], "description": ""}
     output_only = {"id": 3, "title": "out", "kind": "output_filter", "patterns": ["."], "description": ""}
-    with pytest.raises(TaskError, match="data shard has 0 bytes"):
+    with pytest.raises(TaskError, match="data shard has 0 tokens"):
         runner.run(make_task(checkpoint_sha256=sha, guardrails=[everything]), Hooks())
     runner.run(make_task(checkpoint_sha256=sha, guardrails=[output_only]), Hooks())  # not a data filter
 
