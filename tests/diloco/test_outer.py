@@ -103,3 +103,45 @@ def test_rejects_bad_inputs():
         OuterOptimizer.from_state(_params(), {"momentum.a": torch.zeros(2), "momentum.b": torch.zeros(7)})
     with pytest.raises(ValueError, match="lacks momentum"):
         OuterOptimizer.from_state(_params(), {"momentum.a": torch.zeros(5, 3)})
+
+
+def test_published_step_is_the_rounded_step_subtracted():
+    from diloco.outer import published_delta
+
+    p0 = _params()
+    g1, g2 = _grads(1), _grads(2)
+    opt = OuterOptimizer(p0, lr=0.7, momentum=0.9, publish="fp16")
+    p1 = opt.step(g1)
+    d1 = opt.last_delta
+    for k in p0:
+        assert torch.equal(d1[k], published_delta({k: 0.7 * (g1[k] + 0.9 * g1[k])})[k])
+        assert torch.equal(p1[k], p0[k] - d1[k])
+        assert torch.equal(d1[k].half().float(), d1[k])
+    # it stays within float16 precision of the unrounded optimizer
+    plain = OuterOptimizer(p0, lr=0.7, momentum=0.9)
+    plain.step(g1)
+    q2 = plain.step(g2)
+    d2 = opt.step(g2) and opt.last_delta
+    p2 = opt.params
+    for k in p0:  # each step rounded by at most 2⁻¹¹ of itself (plus the float32 rounding of θ)
+        bound = 2**-11 * (d1[k].abs() + d2[k].abs()) * 1.01 + 4 * torch.finfo(torch.float32).eps * p2[k].abs()
+        assert ((p2[k] - q2[k]).abs() <= bound + 1e-7).all()
+    resumed = OuterOptimizer.from_state(p1, opt.state_tensors(), lr=0.7, momentum=0.9, publish="fp16")
+    assert resumed.publish == "fp16" and OuterOptimizer(p0).last_delta is None
+
+
+def test_sparse_outer_step_keeps_the_update_sparse():
+    from diloco.outer import SPARSE_OUTER_LR
+
+    p0 = _params()
+    g = {k: torch.where(v.abs() > 1.5, v, torch.zeros_like(v)) for k, v in _grads(3).items()}
+    opt = OuterOptimizer(p0, lr=SPARSE_OUTER_LR, momentum=0.0, publish="fp16")
+    p1 = opt.step(g)
+    for k in p0:
+        assert torch.equal(opt.last_delta[k] != 0, g[k] != 0)
+        assert torch.equal(p1[k] != p0[k], g[k] != 0)
+
+
+def test_unknown_publish_is_refused():
+    with pytest.raises(ValueError, match="publish"):
+        OuterOptimizer(_params(), publish="int8")

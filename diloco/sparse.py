@@ -1,0 +1,344 @@
+"""Sparse training state and the sparse published step (SparseLoCo, arXiv:2508.15706).
+
+Error feedback, per worker and per run, kept by the agent between rounds like its inner optimizer state::
+
+    e ← β · e + Δ            (Δ: this round's pseudo-gradient)
+    send c = C(e)            (C: a sparse codec of ``diloco.codecs``, e.g. topk2 at 2% density)
+    e ← e − decode(c)        (what was not sent waits for a later round)
+
+With β < 1 the buffer is also the outer momentum SparseLoCo drops from the server: a value that stays
+large round after round is sent with the accumulated weight of the rounds it waited.
+
+The published step. After a round the server publishes the exact float32 tensors ``d`` it subtracted,
+``θ_{r+1} = θ_r − d`` elementwise (one IEEE subtraction per element, so every CPU computes the same bits).
+An agent holding round r's checkpoint downloads only ``d`` (sparse where the aggregate is sparse) instead
+of the checkpoint: :func:`apply_published_delta` rebuilds θ_{r+1} bitwise, and ``diloco.checkpoint.save_weights``
+of it with the round's metadata hashes to the published checkpoint's sha256.
+
+A published step travels as safetensors with metadata ``{"agora_step": '{"chunk":4096,"format":
+"agora-step-v1","values":"fp16"}'}`` and, optionally, ``"agora_step_meta"`` (a small JSON object the caller
+chooses, e.g. the base and result checkpoint hashes and the checkpoint metadata). Its tensors, model
+tensors in sorted name order, chunk after chunk of ``chunk`` elements:
+
+- ``"::count"`` int32, one per chunk: how many values the chunk carries; a count equal to the chunk's
+  length means the chunk is dense (all its values, no offsets);
+- ``"::idx"`` int16: the offsets inside their chunk of the values of the chunks that are not dense,
+  strictly increasing within a chunk;
+- ``"::values"`` float16 when every value is exactly a float16 (``diloco.outer`` rounds the step so), else
+  float32: the values, chunk after chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from diloco import safejson
+from diloco.codecs import (
+    DENSITY,
+    INT8_CHUNK,
+    SPARSE_BITS,
+    SPARSE_CHUNKS,
+    CodecError,
+    _read_header,
+    check_density,
+    decode_update,
+    encode_update,
+    reference_of,
+)
+
+Reference = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+BETA = 0.95  # SparseLoCo's error-feedback decay
+STEP_FORMAT = "agora-step-v1"
+STEP_META_KEY = "agora_step"
+STEP_USER_META_KEY = "agora_step_meta"
+_STEP_META_MAX_CHARS = 256
+_USER_META_MAX_CHARS = 16_384
+_STEP_HEADER_MAX = 64 * 1024
+COUNT, IDX, VALUES = "::count", "::idx", "::values"
+EF_FORMAT = "agora-error-feedback-v1"
+EF_META_KEY = "agora_error_feedback"
+_EF_PREFIX = "error."
+
+
+# --- error feedback --------------------------------------------------------------------------------------
+
+
+def accumulate(error: dict[str, Tensor] | None, delta: dict[str, Tensor], *, beta: float) -> dict[str, Tensor]:
+    """``β · e + Δ`` as new float32 tensors (``e`` is zero when None)."""
+    out = {}
+    for name, d in delta.items():
+        d = d.detach().to("cpu", torch.float32)
+        out[name] = d.clone() if error is None else error[name].mul(beta).add_(d)
+    return out
+
+
+def compress(error: dict[str, Tensor], codec: str, *, chunk: int = INT8_CHUNK,
+             density: float = DENSITY) -> tuple[bytes, dict[str, Tensor]]:
+    """``(encoded update, what it decodes to)``: the bytes to upload and the part of ``error`` they carry."""
+    data = encode_update(error, codec, chunk=chunk, density=density)
+    return data, decode_update(data, reference_of(error))
+
+
+def _check_beta(beta) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"error-feedback beta {str(beta)[:20]!r} must be a number from 0 to 1")
+    return float(beta)
+
+
+class ErrorFeedback:
+    """One worker's error-feedback buffer for one run: :meth:`encode` turns each round's pseudo-gradient
+    into the sparse update to upload; :meth:`save` / :meth:`load` keep the buffer between rounds."""
+
+    def __init__(self, *, codec: str = "topk2", beta: float = BETA, chunk: int = INT8_CHUNK,
+                 density: float = DENSITY):
+        if codec not in SPARSE_BITS:
+            raise CodecError(f"error feedback needs a sparse codec ({', '.join(SPARSE_BITS)}), not {codec!r}")
+        if chunk not in SPARSE_CHUNKS:
+            raise CodecError(f"sparse chunk {chunk!r} is not an allowed size")
+        self.codec, self.chunk = codec, chunk
+        self.density = check_density(density)
+        self.beta = _check_beta(beta)
+        self.error: dict[str, Tensor] | None = None
+        self.rounds = 0
+
+    def encode(self, delta: dict[str, Tensor]) -> bytes:
+        """Fold ``delta`` into the buffer, return the encoded sparse update and keep what it leaves out."""
+        if self.error is not None and reference_of(self.error) != reference_of(
+                {k: v.to(torch.float32) for k, v in delta.items()}):
+            raise ValueError("pseudo-gradient names or shapes differ from the error-feedback buffer's")
+        e = accumulate(self.error, delta, beta=self.beta)
+        data, sent = compress(e, self.codec, chunk=self.chunk, density=self.density)
+        for name, t in e.items():
+            t.sub_(sent[name])
+        self.error = e
+        self.rounds += 1
+        return data
+
+    def _meta(self) -> dict:
+        return {"format": EF_FORMAT, "codec": self.codec, "chunk": self.chunk, "density": self.density,
+                "beta": self.beta, "rounds": self.rounds}
+
+    def save(self) -> bytes:
+        """The buffer as safetensors bytes (``"error.<name>"`` float32 tensors, settings in metadata)."""
+        tensors = {f"{_EF_PREFIX}{k}": v.contiguous() for k, v in (self.error or {}).items()}
+        return st_save(tensors, metadata={EF_META_KEY: json.dumps(self._meta(), sort_keys=True,
+                                                                  separators=(",", ":"))})
+
+    @classmethod
+    def load(cls, data: bytes, reference: Reference | None = None) -> ErrorFeedback:
+        """Inverse of :meth:`save`; with ``reference`` (``codecs.reference_of`` of the model) the buffer
+        must have exactly the model's names and shapes. Raises :class:`CodecError` on anything else."""
+        header = _read_header(bytes(data), max_bytes=64 * 1024 + 1024 * len(reference or {"": 0}) * 2)
+        raw = (header.get("__metadata__") or {}).get(EF_META_KEY)
+        try:
+            meta = safejson.loads(raw, max_depth=1, what=EF_META_KEY) if isinstance(raw, str) else None
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != EF_FORMAT:
+            raise CodecError(f"error-feedback state lacks a valid {EF_META_KEY!r} entry")
+        try:
+            ef = cls(codec=meta.get("codec"), beta=meta.get("beta"), chunk=meta.get("chunk"),
+                     density=meta.get("density"))
+        except ValueError as exc:
+            raise CodecError(f"error-feedback state: {exc}") from None
+        rounds = meta.get("rounds")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise CodecError("error-feedback state: rounds must be a non-negative integer")
+        ef.rounds = rounds
+        try:
+            tensors = st_load(bytes(data))
+        except Exception as exc:  # safetensors raises its own error types for every malformed input
+            raise CodecError(f"error-feedback state is not a safetensors file: {exc}") from exc
+        error = {}
+        for key, t in tensors.items():
+            if not key.startswith(_EF_PREFIX):
+                raise CodecError(f"error-feedback state has an unknown entry {key[:80]!r}")
+            if t.dtype != torch.float32 or not torch.isfinite(t).all():
+                raise CodecError(f"error-feedback tensor {key[:80]} must be finite float32")
+            error[key[len(_EF_PREFIX):]] = t
+        if reference is not None and error and {k: tuple(v.shape) for k, v in error.items()} != {
+                k: tuple(shape) for k, (shape, _) in reference.items()}:
+            raise CodecError("error-feedback state does not match the model's tensor names and shapes")
+        ef.error = error or None
+        return ef
+
+
+# --- the published step ----------------------------------------------------------------------------------
+
+
+def _chunks(n: int, chunk: int) -> tuple[int, int]:
+    return divmod(n, chunk)
+
+
+def _cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+
+def encode_published_delta(delta: dict[str, Tensor], *, chunk: int = INT8_CHUNK, meta: dict | None = None) -> bytes:
+    """Lossless bytes of the step ``d`` (float32 tensors): sparse chunks as offsets + values, dense chunks
+    as values, float16 when every value is exactly a float16. ``meta``: a small JSON object carried along."""
+    if chunk not in SPARSE_CHUNKS:
+        raise CodecError(f"sparse chunk {chunk!r} is not an allowed size")
+    counts, offsets, values = [], [], []
+    for name in sorted(delta):
+        if "::" in name:
+            raise CodecError(f"tensor name {name!r} contains '::', which is reserved")
+        flat = delta[name].detach().to("cpu", torch.float32).reshape(-1)
+        if not torch.isfinite(flat).all():
+            raise CodecError(f"step tensor {name} has non-finite values")
+        full, rest = _chunks(flat.numel(), chunk)
+        blocks = ([flat[: full * chunk].view(full, chunk)] if full else []) + (
+            [flat[full * chunk:].view(1, rest)] if rest else [])
+        for block in blocks:
+            nonzero = block != 0
+            nnz = nonzero.sum(dim=1)
+            # A chunk is sent dense when its offsets would cost more than its zeros (2 bytes an offset,
+            # 2 bytes a float16 value). A -0.0 is a zero here: steps from ``diloco.outer`` have none.
+            dense = nnz * 2 >= block.shape[1]
+            carried = nonzero | dense[:, None]
+            counts.append(torch.where(dense, block.shape[1], nnz).to(torch.int32))
+            offsets.append(torch.nonzero(nonzero & ~dense[:, None])[:, 1].to(torch.int16))
+            values.append(block[carried])
+    v = _cat(values, torch.float32)
+    half = v.to(torch.float16)
+    exact_half = bool(torch.isfinite(half).all()) and torch.equal(half.to(torch.float32), v)
+    step_meta = {"format": STEP_FORMAT, "chunk": chunk, "values": "fp16" if exact_half else "fp32"}
+    metadata = {STEP_META_KEY: json.dumps(step_meta, sort_keys=True, separators=(",", ":"))}
+    if meta is not None:
+        text = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        if len(text) > _USER_META_MAX_CHARS:
+            raise CodecError(f"step metadata is longer than {_USER_META_MAX_CHARS} characters")
+        metadata[STEP_USER_META_KEY] = text
+    tensors = {COUNT: _cat(counts, torch.int32).contiguous(), IDX: _cat(offsets, torch.int16).contiguous(),
+               VALUES: (half if exact_half else v).contiguous()}
+    return st_save(tensors, metadata=metadata)
+
+
+def _step_header(data: bytes) -> tuple[dict, dict]:
+    header = _read_header(data, max_bytes=_STEP_HEADER_MAX + _USER_META_MAX_CHARS * 2)
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or set(metadata) - {STEP_META_KEY, STEP_USER_META_KEY}:
+        raise CodecError("published step has unknown metadata")
+    raw = metadata.get(STEP_META_KEY)
+    if not isinstance(raw, str) or len(raw) > _STEP_META_MAX_CHARS:
+        raise CodecError(f"published step lacks a valid {STEP_META_KEY!r} entry")
+    try:
+        meta = safejson.loads(raw, max_depth=1, what=STEP_META_KEY)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or set(meta) != {"format", "chunk", "values"} or meta["format"] != STEP_FORMAT:
+        raise CodecError(f"published step lacks a valid {STEP_META_KEY!r} entry (format {STEP_FORMAT!r})")
+    if isinstance(meta["chunk"], bool) or meta["chunk"] not in SPARSE_CHUNKS:
+        raise CodecError(f"published step chunk {str(meta['chunk'])[:20]!r} is not an allowed size")
+    if meta["values"] not in ("fp16", "fp32"):
+        raise CodecError(f"published step values {str(meta['values'])[:20]!r} must be fp16 or fp32")
+    if set(header) - {"__metadata__"} != {COUNT, IDX, VALUES}:
+        raise CodecError(f"published step must hold exactly the tensors {COUNT}, {IDX}, {VALUES}")
+    return header, meta
+
+
+def published_meta(data: bytes) -> dict:
+    """The caller's JSON object carried by a published step ({} when none)."""
+    header, _ = _step_header(bytes(data))
+    raw = (header.get("__metadata__") or {}).get(STEP_USER_META_KEY)
+    if raw is None:
+        return {}
+    try:
+        meta = safejson.loads(raw, max_depth=8, what=STEP_USER_META_KEY) if isinstance(raw, str) else None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise CodecError(f"published step {STEP_USER_META_KEY!r} is not a JSON object")
+    return meta
+
+
+def decode_published_delta(data: bytes, reference: Reference) -> dict[str, Tensor]:
+    """The dense float32 step ``d`` of a published step, checked against the model's ``reference``."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise CodecError("published step must be bytes")
+    data = bytes(data)
+    _, meta = _step_header(data)
+    chunk = meta["chunk"]
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises its own error types for every malformed input
+        raise CodecError(f"published step is not a safetensors file: {exc}") from exc
+    counts, offsets, values = tensors[COUNT], tensors[IDX], tensors[VALUES]
+    value_dtype = torch.float16 if meta["values"] == "fp16" else torch.float32
+    layout = []
+    for name in sorted(reference):
+        shape, dtype = reference[name]
+        if not dtype.is_floating_point:
+            raise CodecError(f"model tensor {name} is {dtype}, steps are only defined for floating point")
+        full, rest = _chunks(math.prod(shape), chunk)
+        layout.append((name, tuple(shape), full, rest))
+    n_chunks = sum(full + (1 if rest else 0) for _, _, full, rest in layout)
+    if counts.dtype != torch.int32 or tuple(counts.shape) != (n_chunks,):
+        raise CodecError(f"{COUNT} must be int32 of shape ({n_chunks},), got {counts.dtype} {tuple(counts.shape)}")
+    if offsets.dtype != torch.int16 or offsets.dim() != 1:
+        raise CodecError(f"{IDX} must be a 1-d int16 tensor, got {offsets.dtype} {tuple(offsets.shape)}")
+    if values.dtype != value_dtype or values.dim() != 1:
+        raise CodecError(f"{VALUES} must be a 1-d {value_dtype} tensor, got {values.dtype} {tuple(values.shape)}")
+    lengths = torch.cat([torch.tensor([chunk] * full + ([rest] if rest else []), dtype=torch.int64)
+                         for _, _, full, rest in layout]) if layout else torch.zeros(0, dtype=torch.int64)
+    c = counts.to(torch.int64)
+    if ((c < 0) | (c > lengths)).any():
+        raise CodecError(f"{COUNT} has a count outside 0..chunk length")
+    dense = c == lengths
+    if int(c.sum()) != values.numel():
+        raise CodecError(f"{VALUES} has {values.numel()} values, the counts say {int(c.sum())}")
+    sparse_counts = torch.where(dense, 0, c)
+    if int(sparse_counts.sum()) != offsets.numel():
+        raise CodecError(f"{IDX} has {offsets.numel()} offsets, the counts say {int(sparse_counts.sum())}")
+    if not torch.isfinite(values).all():
+        raise CodecError(f"{VALUES} has non-finite values")
+    # Every offset must lie in its chunk and rise strictly within it.
+    chunk_of = torch.repeat_interleave(torch.arange(n_chunks), sparse_counts)
+    off = offsets.to(torch.int64)
+    if ((off < 0) | (off >= lengths[chunk_of])).any():
+        raise CodecError(f"{IDX} has an offset outside its chunk")
+    same_chunk = chunk_of[1:] == chunk_of[:-1]
+    if (same_chunk & (off[1:] <= off[:-1])).any():
+        raise CodecError(f"{IDX} has offsets that are not unique and increasing within a chunk")
+    # Values are stored chunk after chunk and rise within a chunk, so they fill the marked positions of
+    # the concatenated (sorted-name) model in order.
+    starts = torch.cumsum(lengths, 0) - lengths
+    mask = torch.repeat_interleave(dense, lengths)
+    mask[starts[chunk_of] + off] = True
+    flat = torch.zeros(mask.numel(), dtype=torch.float32)
+    flat[mask] = values.to(torch.float32)
+    out, at = {}, 0
+    for name, shape, full, rest in layout:
+        n = full * chunk + rest
+        out[name] = flat[at : at + n].view(shape)
+        at += n
+    return {name: out[name] for name in reference}
+
+
+def apply_published_delta(state: dict[str, Tensor], data: bytes) -> dict[str, Tensor]:
+    """θ − d for the published step ``data``: new float32 tensors, bitwise what the server computed.
+    ``state`` must be float32 with the model's names and shapes; the result must be finite."""
+    for name, t in state.items():
+        if t.dtype != torch.float32:
+            raise CodecError(f"state tensor {name} is {t.dtype}; published steps apply to float32 weights")
+    d = decode_published_delta(data, reference_of(state))
+    out = {}
+    for name, theta in state.items():
+        new = theta.detach().to("cpu").sub(d[name])
+        if not torch.isfinite(new).all():
+            raise CodecError(f"applying the step makes {name} non-finite")
+        out[name] = new
+    return out
+
+
+__all__ = [
+    "BETA", "ErrorFeedback", "accumulate", "apply_published_delta", "compress", "decode_published_delta",
+    "encode_published_delta", "published_meta",
+]
