@@ -63,6 +63,9 @@ class OuterSpec:
     lr: float = 0.7
     momentum: float = 0.9
     nesterov: bool = True
+    # "fp16"/"fp32": the step is rounded and kept as the exact published delta (``diloco.outer``), which an
+    # agent applies to its checkpoint instead of downloading the new one (``diloco.sparse``).
+    publish: str | None = None
 
 
 @dataclass
@@ -205,9 +208,10 @@ def outer_round(
     t = time.perf_counter()
     if outer_state:
         opt = OuterOptimizer.from_state(base_state, outer_state, lr=outer.lr, momentum=outer.momentum,
-                                        nesterov=outer.nesterov)
+                                        nesterov=outer.nesterov, publish=outer.publish)
     else:
-        opt = OuterOptimizer(base_state, lr=outer.lr, momentum=outer.momentum, nesterov=outer.nesterov)
+        opt = OuterOptimizer(base_state, lr=outer.lr, momentum=outer.momentum, nesterov=outer.nesterov,
+                             publish=outer.publish)
     new_state = opt.step(pseudo_gradient)
     timings["outer_step_s"] = time.perf_counter() - t
     phase("step")
