@@ -232,3 +232,57 @@ class RunCancelApi(APIView):
         data.is_valid(raise_exception=True)
         services.run_cancel(run_id=pk, by=request.user, reason=data.validated_data["reason"])
         return _run_detail(request, pk)
+
+
+def _dataset_blob_response(request, *, sha256: str, kind: str, content_type: str, filename: str):
+    """A tokenizer or token shard by sha256: verified before it is streamed, immutable, ETag-cacheable."""
+    from training.services.datasets import dataset_blob_get
+
+    blob = dataset_blob_get(sha256=sha256.lower(), kind=kind)
+    if blob is None:
+        raise Http404(f"no such {kind}")
+    etag = f'"{blob.sha256}"'
+    if etag in [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]:
+        response = HttpResponseNotModified()
+    else:
+        try:
+            fh, length = blobs.blob_open_verified(blob.storage_name, blob.sha256)
+        except blobs.BlobCorrupt:
+            raise TrainingError(f"{kind} {blob.sha256} is damaged in storage and is not served",
+                                code=f"{kind}_corrupt", http_status=409) from None
+        except FileNotFoundError:
+            raise TrainingError(f"{kind} {blob.sha256} is missing from storage", code=f"{kind}_missing",
+                                http_status=409) from None
+        except OSError as exc:
+            raise TrainingError(f"storage cannot be read now ({exc.__class__.__name__}); try again later",
+                                code="storage_unavailable", http_status=503) from exc
+        response = FileResponse(fh, content_type=content_type, as_attachment=True, filename=filename)
+        response["Content-Length"] = str(length)
+    response["ETag"] = etag
+    response["Cache-Control"] = "private, max-age=31536000, immutable"
+    return response
+
+
+def _dataset_blob_schema(what: str):
+    return extend_schema(
+        summary=f"{what} by sha256 (worker token): immutable, cacheable forever",
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY,
+                   304: OpenApiResponse(description="not modified (If-None-Match matched the ETag)"),
+                   404: OpenApiResponse(description=f"no such {what.lower()}"),
+                   409: OpenApiResponse(description="the stored file does not match its sha256, or is gone; never "
+                                                    "served"),
+                   503: OpenApiResponse(description="`storage_unavailable`: storage cannot be read now")})
+
+
+class TokenizerDownloadApi(_WorkerApi):
+    @_dataset_blob_schema("A run's tokenizer.json")
+    def get(self, request, sha256: str):
+        return _dataset_blob_response(request, sha256=sha256, kind="tokenizer", content_type="application/json",
+                                      filename=f"tokenizer-{sha256[:12]}.json")
+
+
+class ShardDownloadApi(_WorkerApi):
+    @_dataset_blob_schema("A pre-tokenized data shard (safetensors)")
+    def get(self, request, sha256: str):
+        return _dataset_blob_response(request, sha256=sha256, kind="shard", content_type="application/octet-stream",
+                                      filename=f"shard-{sha256[:12]}.safetensors")

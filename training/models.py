@@ -315,3 +315,68 @@ class Task(models.Model):
     @property
     def ledger_subject(self) -> str:
         return f"task:{self.pk}"
+
+
+class DatasetBlob(models.Model):
+    """A tokenizer (``tokenizer.json``) or a token shard (``diloco.data``), content addressed in blob storage.
+
+    Agents fetch them by sha256 like checkpoints (``/api/v1/tokenizers/<sha256>``, ``/api/v1/shards/<sha256>``).
+    """
+
+    class Kind(models.TextChoices):
+        TOKENIZER = "tokenizer", "Tokenizer"
+        SHARD = "shard", "Token shard"
+
+    sha256 = models.CharField(max_length=64, primary_key=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    size = models.PositiveBigIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(kind__in=["tokenizer", "shard"]),
+                                   name="training_datasetblob_kind_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.sha256[:12]}"
+
+    @property
+    def storage_name(self) -> str:
+        return dataset_blob_storage_name(self.kind, self.sha256)
+
+
+def dataset_blob_storage_name(kind: str, sha256: str) -> str:
+    suffix = "json" if kind == DatasetBlob.Kind.TOKENIZER else "safetensors"
+    return f"datasets/{kind}s/{sha256[:2]}/{sha256}.{suffix}"
+
+
+class PreparedDataset(models.Model):
+    """A run's data, loaded once, filtered, tokenized and cut into one shard per worker slot plus the held-out
+    split (``training.services.datasets``). ``guardrails`` lists how many documents each data filter removed."""
+
+    run = models.OneToOneField(TrainingRun, on_delete=models.CASCADE, related_name="prepared_dataset")
+    source = models.CharField(max_length=2000)
+    format = models.CharField(max_length=16)
+    field = models.CharField(max_length=128, blank=True, help_text="The jsonl field or parquet column.")
+    raw_sha256 = models.CharField(max_length=64)
+    tokenizer_kind = models.CharField(max_length=16)
+    tokenizer = models.ForeignKey(DatasetBlob, on_delete=models.PROTECT, null=True, blank=True, related_name="+",
+                                  help_text="Empty for the byte tokenizer.")
+    vocab_size = models.PositiveIntegerField()
+    shards = models.JSONField(help_text="Per shard index: sha256, size, tokens, documents, bytes.")
+    heldout = models.JSONField(help_text="The held-out shard: sha256, size, tokens, documents, bytes.")
+    documents = models.JSONField(help_text="Document counts: loaded, train, heldout, kept_train, kept_heldout.")
+    guardrails = models.JSONField(default=list, help_text="Per data filter: id, title, removed_train, removed_heldout.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"dataset of run {self.run_id}"
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.tokenizer_id or ""
+
+    def shard_sha256(self, index: int) -> str:
+        return self.shards[index]["sha256"]

@@ -17,7 +17,7 @@ def task_payload(task: Task, *, request, guardrails: list[dict], max_upload_byte
     run = rnd.run
     spec, d = run.spec, run.diloco
     ds = spec["dataset"]
-    return {
+    payload = {
         "id": task.pk,
         "run_id": run.pk,
         "round": rnd.index,
@@ -46,6 +46,9 @@ def task_payload(task: Task, *, request, guardrails: list[dict], max_upload_byte
         "deadline": task.deadline.isoformat(),
         "max_upload_bytes": max_upload_bytes,
     }
+    from training.services.datasets import task_dataset_payload
+
+    return task_dataset_payload(payload, run=run, shard_index=task.shard_index, request=request)
 
 
 # Bounds on what a worker reports. Far beyond any real value (a cross-entropy loss is ln(vocabulary) at

@@ -462,6 +462,46 @@ class Client:
             raise NetworkError(f"delta download from {self.server} failed: {exc}") from exc
         return b"".join(chunks)
 
+    def data_path(self, kind: str, sha256: str, url: str | None = None) -> str:
+        """Where a prepared run's ``tokenizers`` or ``shards`` blob is: the task's URL when it points at this
+        server (the worker token is never sent elsewhere), else ``/api/v1/<kind>/<sha256>``."""
+        if kind not in ("tokenizers", "shards"):
+            raise ValueError(f"unknown data kind {kind!r}")
+        if url and ((url.startswith("/") and not url.startswith("//")) or url.startswith(self.server + "/")):
+            return url[len(self.server):] if url.startswith(self.server) else url
+        return f"{API}/{kind}/{sha256}"
+
+    def download_data(self, kind: str, sha256: str, dest: Path, *, url: str | None = None,
+                      max_bytes: int | None = None) -> Path:
+        """Stream a tokenizer or token shard into ``dest`` (via a temporary file, renamed only once its sha256
+        matches; at most ``max_bytes``)."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+        digest, total = hashlib.sha256(), 0
+        try:
+            with self._http.stream("GET", self.data_path(kind, sha256, url)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error_from(response)
+                with open(tmp, "wb") as fh:
+                    for chunk in response.iter_bytes(_CHUNK):
+                        self.stats.add(received=len(chunk))
+                        if self.download_bucket is not None:
+                            self.download_bucket.consume(len(chunk))
+                        total += len(chunk)
+                        if max_bytes is not None and total > max_bytes:
+                            raise DownloadError(f"{kind[:-1]} {sha256} is larger than {max_bytes} bytes; not used")
+                        digest.update(chunk)
+                        fh.write(chunk)
+            if digest.hexdigest() != sha256.lower():
+                raise DownloadError(f"{kind[:-1]} {sha256} arrived with sha256 {digest.hexdigest()}; discarded")
+            os.replace(tmp, dest)
+        except httpx.TransportError as exc:
+            raise NetworkError(f"{kind[:-1]} download from {self.server} failed: {exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
     def download_checkpoint(self, sha256: str, dest: Path, *, url: str | None = None,
                             on_bytes: Callable[[int, int | None], None] | None = None) -> Path:
         """Stream the checkpoint into ``dest`` (via a temporary file, renamed only once its sha256 matches)."""

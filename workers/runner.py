@@ -194,6 +194,8 @@ class TaskRunner:
         from diloco.guardrails import GuardrailError, filter_documents
 
         dataset = _field(task, "dataset")
+        if isinstance(dataset, dict) and dataset.get("shard_sha256"):
+            return self.load_prepared_tokens(task)
         policy = SourcePolicy(data_root=self.data_root, max_bytes=self.max_dataset_bytes)
         try:
             docs = load_documents(_field(task, "dataset.source"), dataset.get("sha256"),
@@ -208,6 +210,61 @@ class TaskRunner:
             raise TaskError(str(exc)) from exc
         shard = shard_documents(kept, int(_field(task, "dataset.shard_index")), int(_field(task, "dataset.shard_count")))
         return encode_documents(shard), {"documents": len(shard), "dropped_by_guardrails": dropped}
+
+    def fetch_data(self, kind: str, sha256, *, url: str | None = None) -> bytes:
+        """A prepared run's tokenizer or shard (``kind`` tokenizers|shards), from the content-addressed cache
+        (``<cache>/data/<kind>/<sha256>``, checked again before reuse) or downloaded and verified."""
+        from diloco.checkpoint import sha256_hex
+
+        if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
+            raise TaskError(f"the task's {kind[:-1]} sha256 is not a sha256: {sha256!r}")
+        sha256 = sha256.lower()
+        path = self.cache_dir / "data" / kind / sha256
+        if path.exists():
+            data = path.read_bytes()
+            if sha256_hex(data) == sha256:
+                return data
+            log.warning("cached %s %s… is corrupt; downloading it again", kind[:-1], sha256[:12])
+            path.unlink(missing_ok=True)
+        log.info("downloading %s %s…", kind[:-1], sha256[:12])
+        try:
+            self.client.download_data(kind, sha256, path, url=url, max_bytes=self.max_dataset_bytes)
+        except DownloadError as exc:
+            raise TaskError(str(exc)) from exc
+        return path.read_bytes()
+
+    def load_prepared_tokens(self, task: dict):
+        """A prepared run's shard (only this task's) as token ids, without the documents the data filters in
+        force drop now; the tokenizer decodes each document for the filters. Both are fetched by sha256."""
+        from diloco.data import ShardError, read_token_shard, shard_filtered_tokens
+        from diloco.guardrails import GuardrailError
+        from diloco.tokenization import TokenizerError, load_tokenizer
+
+        dataset = _field(task, "dataset")
+        spec = task.get("tokenizer") or {"kind": "byte"}
+        if not isinstance(spec, dict) or spec.get("kind") not in ("byte", "bpe"):
+            raise TaskError(f"the task's tokenizer is malformed: {spec!r}")
+        try:
+            raw = self.fetch_data("tokenizers", spec.get("sha256"), url=spec.get("url")) if spec["kind"] == "bpe" else None
+            tokenizer = load_tokenizer(raw)
+        except TokenizerError as exc:
+            raise TaskError(f"the task's tokenizer cannot be used: {exc}") from exc
+        if spec.get("vocab_size") is not None and spec["vocab_size"] != tokenizer.vocab_size:
+            raise TaskError(f"the task's tokenizer has {tokenizer.vocab_size} ids, not the {spec['vocab_size']} "
+                            "the task says")
+        data = self.fetch_data("shards", dataset.get("shard_sha256"), url=dataset.get("shard_url"))
+        try:
+            shard = read_token_shard(data, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer.sha256 or "byte",
+                                     max_bytes=self.max_dataset_bytes)
+        except ShardError as exc:
+            raise TaskError(f"shard {dataset['shard_sha256'][:12]}… cannot be used: {exc}") from exc
+        guardrails = [g for g in task.get("guardrails") or [] if isinstance(g, dict) and g.get("kind") == "data_filter"]
+        try:
+            tokens, dropped = shard_filtered_tokens(shard, tokenizer, guardrails)
+        except GuardrailError as exc:
+            raise TaskError(str(exc)) from exc
+        return tokens, {"documents": shard.documents - dropped, "dropped_by_guardrails": dropped,
+                        "shard_sha256": dataset["shard_sha256"], "tokenizer": tokenizer.sha256 or "byte"}
 
     def build_model(self, task: dict, hooks: Hooks):
         """The task's model with the task's weights: ``(model, lora)``, ``lora`` being the task's LoRA

@@ -39,6 +39,7 @@ from training import blobs
 from training.models import Round, Task, TrainingRun
 from training.services import contributions
 from training.services.checkpoints import _checkpoint_row, _discard_step, _model_meta, _save_step
+from training.services.datasets import run_heldout_tokens
 from training.services.rounds import (
     _attempt_files_delete,
     _attempt_manifest_name,
@@ -173,7 +174,7 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task], *, lease: _Lea
             updates.append(Update(task.pk, None, str(exc)))
     decode_s = time.perf_counter() - t0
     renew()
-    tokens = blobs.heldout_tokens(run.spec["dataset"])
+    tokens = run_heldout_tokens(run)
     outer_name = _attempt_outer_name(run.pk, rnd.index, token)
     meta = _model_meta(m["arch"], m["config"], run_id=run.pk, round=rnd.index)
     overlap = _overlap_eval_with_writes()

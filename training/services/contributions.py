@@ -27,6 +27,7 @@ from diloco.scoring import score_windows
 from governance.selectors import guardrails_active
 from training import blobs
 from training.models import Round, Task, TrainingRun
+from training.services import datasets
 
 
 def _secret_int(label: str) -> int:
@@ -117,8 +118,10 @@ def contribution_check(*, run: TrainingRun, rnd: Round, tasks: list[Task], devic
     other = {t.pk: (t.shard_index + 1) % count for t in tasks}
     seed = windows_seed(run.pk, rnd.index)
     windows = {}
+    prepared = datasets.run_dataset(run)
     for s in sorted(set(own.values()) | set(other.values())):
-        tokens = shard_tokens(run.spec["dataset"], s, count, guardrails)
+        tokens = (shard_tokens(run.spec["dataset"], s, count, guardrails) if prepared is None
+                  else datasets.run_shard_tokens(run, prepared, s, guardrails))
         if tokens.numel() > seq_len:
             windows[s] = score_windows(tokens, count=n_windows, seq_len=seq_len, seed=seed + s)
     # A shard too small to score (a tiny corpus split many ways) is scored against itself: the own-shard
