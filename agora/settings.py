@@ -91,6 +91,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "governance.context_processors.notifications",
             ],
         },
     },
@@ -410,6 +411,12 @@ AGORA_SCORE_WINDOWS = env.int("AGORA_SCORE_WINDOWS", default=16)
 AGORA_REPLAY_COSINE = env.float("AGORA_REPLAY_COSINE", default=0.99)
 if not 1 <= AGORA_SCORE_WINDOWS <= 1024 or not 0 < AGORA_REPLAY_COSINE <= 1:
     raise ImproperlyConfigured("AGORA_SCORE_WINDOWS must be within [1, 1024] and AGORA_REPLAY_COSINE within (0, 1]")
+# Spot re-computation (the spec's diloco.replica_fraction): a task and its replica agree when their updates'
+# cosine is at least AGORA_REPLICA_COSINE and their norms differ by at most AGORA_REPLICA_NORM_REL (a fraction).
+AGORA_REPLICA_COSINE = env.float("AGORA_REPLICA_COSINE", default=0.98)
+AGORA_REPLICA_NORM_REL = env.float("AGORA_REPLICA_NORM_REL", default=0.05)
+if not -1 <= AGORA_REPLICA_COSINE <= 1 or not 0 <= AGORA_REPLICA_NORM_REL <= 1:
+    raise ImproperlyConfigured("AGORA_REPLICA_COSINE must be within [-1, 1] and AGORA_REPLICA_NORM_REL within [0, 1]")
 # A round's aggregation holds a lease of this many seconds, renewed every third of it while it works; a
 # lapsed lease (a killed Celery worker) is taken over by the next round check or training tick.
 AGORA_AGGREGATION_LEASE_S = env.int("AGORA_AGGREGATION_LEASE_S", default=30)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from workers.client import Client, DownloadError
+from workers.client import Client, DownloadError, ProtocolError
 from workers.config import write_private_file
 
 log = logging.getLogger("agora.worker.runner")
@@ -231,6 +231,11 @@ class TaskRunner:
             self.client.download_data(kind, sha256, path, url=url, max_bytes=self.max_dataset_bytes)
         except DownloadError as exc:
             raise TaskError(str(exc)) from exc
+        except ProtocolError as exc:
+            if exc.status not in (404, 409):
+                raise
+            raise TaskError(f"the server cannot give {kind[:-1]} {sha256[:12]}…: HTTP {exc.status} {exc.error}: "
+                            f"{exc.detail}") from exc
         return path.read_bytes()
 
     def load_prepared_tokens(self, task: dict):

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import torch
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import BooleanField, Exists, ExpressionWrapper, OuterRef, Q
 from django.utils import timezone
 
 from diloco.checkpoint import sha256_hex
@@ -25,12 +25,16 @@ from training.errors import (
     UploadTooLarge,
 )
 from training.models import Round, Task, TrainingRun
+from training.services.replicas import replica_claim_filter, replica_claimable
 from training.services.rounds import _task_replace, _tell_stopped, round_expire_late_tasks
 from training.signals import round_result_stored
 
 log = logging.getLogger(__name__)
 
 _UPLOAD_HEADER_ALLOWANCE = 64 * 1024
+# Pending tasks a claim looks at: the first one this worker may take is nearly always the first; a replica
+# whose shard's first task is held by a worker of another device class is passed over (``replicas``).
+_CLAIM_CANDIDATES = 8
 
 
 def max_upload_bytes(run: TrainingRun) -> int:
@@ -62,6 +66,9 @@ def task_claim(*, worker) -> Task | None:
     (memory, a pathological document) is not repeated while another shard is waiting, and with exactly
     k workers it still gets its own shard back. The replacement is a new task with its own credit, so
     credits stay at most one grant per task.
+
+    Replicas (spot re-computation, ``training.services.replicas``) come after every first task, and never go
+    to a worker that holds or held the same shard's task in the other role.
     """
     from marketplace.models import Worker
 
@@ -78,16 +85,25 @@ def task_claim(*, worker) -> Task | None:
     holds = Task.objects.filter(round_id=OuterRef("round_id"), worker_id=worker.pk, status__in=LIVE_TASK_STATUSES)
     lost_shard = Task.objects.filter(round_id=OuterRef("round_id"), shard_index=OuterRef("shard_index"),
                                      worker_id=worker.pk, status__in=_LOST_TASK_STATUSES)
-    task = (
+    candidates = (
         Task.objects.filter(status=Task.Status.PENDING, round__status=Round.Status.OPEN,
                             round__run__status=TrainingRun.Status.RUNNING)
         .filter(hardware)
         .filter(~Exists(holds))
-        .annotate(lost_before=Exists(lost_shard))
-        .order_by("lost_before", "created_at", "id")
+        .filter(replica_claim_filter(worker.pk))
+        .annotate(lost_before=Exists(lost_shard),
+                  is_replica=ExpressionWrapper(Q(replica_of__isnull=False), output_field=BooleanField()))
+        .order_by("lost_before", "is_replica", "created_at", "id")
         .select_for_update(skip_locked=True, of=("self",))
-        .first()
     )
+    # One row locked at a time, so racing claims skip only the rows really taken.
+    passed_over: list[int] = []
+    for _ in range(_CLAIM_CANDIDATES):
+        task = candidates.exclude(pk__in=passed_over).first()
+        if task is None or replica_claimable(task, worker):
+            break
+        passed_over.append(task.pk)
+        task = None
     if task is None:
         return None
     rnd = Round.objects.select_related("run").get(pk=task.round_id)
