@@ -443,6 +443,12 @@ class DilocoSpec(StrictSerializer):
         help_text="Failed round attempts the run survives (each failed round is tried again); one more fails "
                   "the run (0–100).",
     )
+    replica_fraction = FiniteFloatField(
+        min_value=0.0, max_value=0.5, default=0.1,
+        help_text="Spot re-computation: the chance that a round's task is also given to a second worker with the "
+                  "same checkpoint, shard and seed; the two updates must agree or the one the round's checks "
+                  "favour is kept and the other earns nothing (0–0.5; 0 turns it off).",
+    )
 
     def validate(self, attrs):
         errors = {}

@@ -264,6 +264,12 @@ class Task(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     deadline = models.DateTimeField()
     replaces = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    # Spot re-computation (``diloco.replica``): a replica is the same work (checkpoint, shard, seed, inner
+    # settings) given to a second worker; it points at the shard's first task. ``replica_check`` holds the
+    # comparison of the pair once the round is aggregated (on both tasks): agreed, cosine, norm difference,
+    # the other task and, for a disagreeing pair, which one was kept.
+    replica_of = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="replicas")
+    replica_check = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     claimed_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)

@@ -24,7 +24,7 @@ def tiny_spec(*, model: dict | None = None, diloco: dict | None = None, hardware
         dataset={"source": "builtin:python-docs", "heldout_fraction": 0.1},
         diloco={"rounds": 2, "workers_per_round": 2, "min_workers": 1, "inner_steps": 3, "inner_lr": 0.003,
                 "batch_size": 4, "seq_len": 32, "warmup": 0, "compression": "int8", "aggregator": "mean",
-                "round_timeout_s": 60, **(diloco or {})},
+                "round_timeout_s": 60, "replica_fraction": 0.0, **(diloco or {})},
         hardware={"min_vram_mb": 0, "allow_cpu": True, **(hardware or {})},
     )
 

@@ -37,7 +37,7 @@ from ledger.services import entry_append
 from marketplace.services import credit_grant, worker_record_outcome
 from training import blobs
 from training.models import Round, Task, TrainingRun
-from training.services import contributions
+from training.services import contributions, replicas
 from training.services.checkpoints import _checkpoint_row, _discard_step, _model_meta, _save_step
 from training.services.datasets import run_heldout_tokens
 from training.services.rounds import (
@@ -173,6 +173,7 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task], *, lease: _Lea
         except (CodecError, OSError) as exc:  # validated at upload; only storage trouble lands here
             updates.append(Update(task.pk, None, str(exc)))
     decode_s = time.perf_counter() - t0
+    plan = replicas.replica_plan(tasks, updates)  # an agreeing replica enters once, as its twin
     renew()
     tokens = run_heldout_tokens(run)
     outer_name = _attempt_outer_name(run.pk, rnd.index, token)
@@ -198,15 +199,16 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task], *, lease: _Lea
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agora-save") as pool:
         try:
             result = outer_round(
-                base_state=state_in, updates=updates, evaluate=evaluate,
+                base_state=state_in, updates=plan.updates, evaluate=evaluate,
                 aggregator=AggregatorSpec(d["aggregator"], float(d.get("trim_fraction", TRIM_FRACTION))),
                 outer=OuterSpec(lr=float(d["outer_lr"]), momentum=float(d["outer_momentum"]), nesterov=True),
                 outer_state=blobs.outer_state(run.outer_state_name) if run.outer_state_name else None,
                 previous_norms=_previous_accepted_norms(rnd), screening=ScreenSpec(max_norm_ratio=MAX_NORM_RATIO),
                 eval_before=_previous_eval(rnd), eval_tolerance=EVAL_TOLERANCE, on_phase=lambda _phase: renew(),
-                on_step=on_step, contributions=_contribution_stage(run, rnd, tasks, state_in, updates))
+                on_step=on_step, contributions=plan.stage(_contribution_stage(run, rnd, tasks, state_in, updates)))
         finally:
             saved = step["saving"].result() if "saving" in step else None
+    plan.settle(result.verdicts)
     timings = {"decode_s": decode_s, **result.timings}
     by_id = {task.pk: task for task in tasks}
     if not result.accepted:
@@ -317,6 +319,7 @@ def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
                                 "reason": task.reason, "code": v.code, "blamed": blamed, "score": task.score})
         task.save(update_fields=["status", "reason", "credit", "update_norm", "update_cosine", "score",
                                  "update_sketch"])
+    replicas.replicas_record(run=run, rnd=rnd, verdicts=out.verdicts, tasks=out.tasks)
     stops = {v.id: (out.tasks[v.id].worker_id, f"round {rnd.index} was already aggregated") for v in out.verdicts}
     _tell_stopped(stops)
     _round_close_tasks(rnd, reason="the round was aggregated without it")

@@ -33,6 +33,7 @@ from ledger.services import entry_append
 from marketplace import tasks_liveness
 from training import blobs
 from training.models import Checkpoint, Round, Task, TrainingRun, checkpoint_storage_name
+from training.services.replicas import replicas_in_flight, replicas_issue, round_results
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def _round_open(*, run: TrainingRun, index: int, checkpoint_in: Checkpoint, now)
         Task(round=rnd, shard_index=s, seed=_task_seed(run.pk, index, s), deadline=now + timeout, created_at=now)
         for s in range(k)
     )
+    replicas_issue(rnd=rnd, now=now)
     run.current_round = index
     run.status = TrainingRun.Status.RUNNING
     run.save(update_fields=["current_round", "status"])
@@ -79,7 +81,8 @@ def _task_replace(task: Task, rnd: Round) -> Task:
     now = timezone.now()
     run = rnd.run
     return Task.objects.create(
-        round=rnd, shard_index=task.shard_index, seed=task.seed, replaces=task, created_at=now,
+        round=rnd, shard_index=task.shard_index, seed=task.seed, replaces=task, replica_of_id=task.replica_of_id,
+        created_at=now,
         deadline=now + timedelta(seconds=int(run.diloco["round_timeout_s"])),
     )
 
@@ -109,9 +112,9 @@ def round_expire_late_tasks(*, round_id: int, now=None) -> list[int]:
 
 def _round_ready(rnd: Round, now) -> bool:
     d = rnd.run.diloco
-    done = Task.objects.filter(round=rnd, status=Task.Status.COMPLETED).count()
+    done = round_results(rnd)
     if done >= int(d["workers_per_round"]):
-        return True
+        return now >= rnd.deadline or not replicas_in_flight(rnd, now)
     return now >= rnd.deadline and done >= int(d["min_workers"])
 
 
@@ -126,7 +129,7 @@ def round_extend_if_starved(*, round_id: int, now=None) -> bool:
             or _round_ready(rnd, now):
         return False
     d = rnd.run.diloco
-    done = Task.objects.filter(round=rnd, status=Task.Status.COMPLETED).count()
+    done = round_results(rnd)
     if rnd.extensions >= int(d.get("max_round_extensions", DEFAULT_MAX_ROUND_EXTENSIONS)):
         _round_fail(rnd=rnd, results=done, now=now)
         return True
