@@ -6,7 +6,7 @@ from agora.home import home_context
 
 
 def home(request):
-    return render(request, "agora/home.html", home_context())
+    return render(request, "agora/home.html", home_context(request.user))
 
 
 def healthz(request):

@@ -14,8 +14,11 @@ from core.ratelimit import per_account, per_address, signed_in_account
 from governance import selectors, services
 from governance.models import Guardrail, Proposal
 from governance.serializers import (
+    CloseInput,
     CommentInput,
     CommentOutput,
+    DelegationInput,
+    DelegationOutput,
     ProposalCreateInput,
     ProposalDetailOutput,
     ProposalListOutput,
@@ -79,6 +82,7 @@ class ProposalListCreateApi(APIView):
             body=values["body"],
             spec=values["spec"],
             open_now=values["open"],
+            voting_hours=values.get("voting_hours"),
         )
         response = _detail(request, proposal.pk)
         response.status_code = status.HTTP_201_CREATED
@@ -161,7 +165,10 @@ class ProposalCommentsApi(APIView):
     def post(self, request, pk: int):
         data = CommentInput(data=request.data)
         data.is_valid(raise_exception=True)
-        comment = services.comment_post(proposal=_proposal(pk), author=request.user, body=data.validated_data["body"])
+        comment = services.comment_post(
+            proposal=_proposal(pk), author=request.user, body=data.validated_data["body"],
+            parent_id=data.validated_data.get("parent"),
+        )
         return Response(CommentOutput(comment).data, status=status.HTTP_201_CREATED)
 
 
@@ -190,3 +197,52 @@ class GuardrailListApi(APIView):
             raise serializers.ValidationError({"kind": [f"Must be one of {', '.join(Guardrail.Kind.values)}."]})
         return Response(selectors.guardrails_active(kind=kind))
 
+
+
+class ProposalCloseApi(APIView):
+    """Staff close an active vote before its window ends, with a public reason; closing twice is harmless."""
+
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(request=CloseInput, responses={200: ProposalDetailOutput, 409: _CONFLICT})
+    def post(self, request, pk: int):
+        data = CloseInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.proposal_close_early(proposal=_proposal(pk), by=request.user, reason=data.validated_data["reason"])
+        return _detail(request, pk)
+
+
+class DelegationListApi(APIView):
+    """Your delegations (``mine``) and who delegates to you (``to_me``); POST sets one (per topic)."""
+
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(responses=inline_serializer("Delegations", {
+        "mine": DelegationOutput(many=True), "to_me": DelegationOutput(many=True)}))
+    def get(self, request):
+        rows = selectors.delegations_of(user=request.user)
+        return Response({key: DelegationOutput(value, many=True).data for key, value in rows.items()})
+
+    @extend_schema(request=DelegationInput, responses={201: DelegationOutput})
+    def post(self, request):
+        data = DelegationInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        from django.contrib.auth import get_user_model
+
+        delegate = get_user_model().objects.filter(username=data.validated_data["delegate"], is_active=True).first()
+        delegation = services.delegation_set(delegator=request.user, delegate=delegate, kind=data.validated_data["kind"])
+        return Response(DelegationOutput(delegation).data, status=status.HTTP_201_CREATED)
+
+
+class DelegationRevokeApi(APIView):
+    """Revoke your delegation for a topic: ``all``, ``training`` or ``guardrail``."""
+
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(request=None, responses={204: None, 404: OpenApiResponse(description="No such delegation.")})
+    def delete(self, request, topic: str):
+        if topic not in ("all", *Proposal.Kind.values):
+            raise serializers.ValidationError({"topic": [f"Must be all or one of {', '.join(Proposal.Kind.values)}."]})
+        if not services.delegation_revoke(delegator=request.user, kind="" if topic == "all" else topic):
+            return Response({"error": "not_found", "detail": "You have no delegation for this topic."}, status=404)
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -11,5 +11,8 @@ urlpatterns = [
     path("proposals/<int:pk>/approve", api.ProposalApproveApi.as_view(), name="api-proposal-approve"),
     path("proposals/<int:pk>/veto", api.ProposalVetoApi.as_view(), name="api-proposal-veto"),
     path("proposals/<int:pk>/comments", api.ProposalCommentsApi.as_view(), name="api-proposal-comments"),
+    path("proposals/<int:pk>/close", api.ProposalCloseApi.as_view(), name="api-proposal-close"),
     path("guardrails/", api.GuardrailListApi.as_view(), name="api-guardrail-list"),
+    path("delegations/", api.DelegationListApi.as_view(), name="api-delegation-list"),
+    path("delegations/<str:topic>", api.DelegationRevokeApi.as_view(), name="api-delegation-revoke"),
 ]

@@ -4,6 +4,7 @@ serializers as the API (via the service), so the messages are identical and land
 from __future__ import annotations
 
 from django import forms
+from django.conf import settings
 
 from governance.models import Guardrail, Proposal
 from governance.specs import (
@@ -71,6 +72,11 @@ class ProposalBaseForm(forms.Form):
         widget=forms.Textarea(attrs={"rows": 6}),
         help_text="Why the community should want this. Markdown: **bold**, lists, links, code blocks.",
     )
+    voting_hours = forms.FloatField(
+        required=False,
+        label="Voting window (hours)",
+        help_text="How long the vote stays open. Empty: the default.",
+    )
     open_now = forms.BooleanField(
         required=False,
         initial=True,
@@ -78,6 +84,18 @@ class ProposalBaseForm(forms.Form):
         help_text="Untick to save a draft you can still cancel and open later. Once open, the window, quorum "
         "and threshold in force are frozen onto the proposal.",
     )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        low, high = settings.AGORA_VOTING_MIN, settings.AGORA_VOTING_MAX
+        default = settings.AGORA_VOTING_PERIOD
+        self.fields["voting_hours"].help_text = (
+            f"How long the vote stays open, from {_hours(low)} to {_hours(high)} hours. "
+            f"Empty: {_hours(default)} hours."
+        )
+        self.fields["voting_hours"].widget.attrs.update(
+            min=_hours(low), max=_hours(high), step="any", placeholder=_hours(default)
+        )
 
     def add_spec_errors(self, errors: dict) -> None:
         """Attach a DRF error dict (``{"spec": {...}, "title": [...]}``) to the matching inputs."""
@@ -90,9 +108,41 @@ class ProposalBaseForm(forms.Form):
                     self.add_error(None, f"{name}: {message}")
 
     def field_for_error(self, name: str) -> str | None:
-        if name in ("title", "body"):
+        if name in ("title", "body", "voting_hours"):
             return name
         return None
+
+
+def _hours(period) -> str:
+    return f"{period.total_seconds() / 3600:g}"
+
+
+def _get_path(spec: dict, path: str):
+    for key in path.split("."):
+        if not isinstance(spec, dict) or key not in spec:
+            return None
+        spec = spec[key]
+    return spec
+
+
+def initial_from(proposal: Proposal) -> dict:
+    """Form values that reproduce a stored proposal, for editing a draft."""
+    initial = {"title": proposal.title, "body": proposal.body, "open_now": False}
+    if proposal.voting_period:
+        initial["voting_hours"] = proposal.voting_period.total_seconds() / 3600
+    spec = proposal.spec
+    if proposal.kind == Proposal.Kind.TRAINING:
+        for name, (path, _) in TRAINING_FIELDS.items():
+            value = _get_path(spec, path)
+            if value is not None:
+                initial[name] = value
+    else:
+        initial.update(action=spec.get("action"), description=spec.get("description", ""))
+        if spec.get("action") == "retire":
+            initial["guardrail_id"] = spec.get("guardrail_id")
+        else:
+            initial.update(guardrail_kind=spec.get("kind"), patterns="\n".join(spec.get("patterns") or []))
+    return initial
 
 
 def _flatten(detail, prefix: str = "") -> dict[str, list[str]]:
@@ -232,5 +282,20 @@ class VetoForm(forms.Form):
 class CommentForm(forms.Form):
     body = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 3}), max_length=5000, label="Add a comment",
-        help_text="Markdown. Be kind; comments are public.",
+        help_text="Markdown. Mention a member with @username to notify them. Be kind; comments are public.",
+    )
+
+
+class CloseEarlyForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2}), max_length=500, label="Reason for closing early",
+        help_text="Required. Published in the ledger; the tally as it stands decides.",
+    )
+
+
+class DelegationForm(forms.Form):
+    delegate = forms.CharField(max_length=150, label="Member", help_text="The username of the member who votes for you.")
+    kind = forms.ChoiceField(
+        choices=[("", "All proposals"), *Proposal.Kind.choices], required=False, label="On",
+        help_text="A delegation for one kind of proposal wins over the one for all proposals.",
     )

@@ -8,7 +8,7 @@ from decimal import Decimal
 from django.db.models import Count, DecimalField, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 
-from governance.models import Guardrail, Proposal, Vote
+from governance.models import Comment, Delegation, Guardrail, Notification, Proposal, ProposalRevision, Vote
 
 ZERO = Decimal(0)
 WEIGHT = DecimalField(max_digits=20, decimal_places=4)
@@ -132,11 +132,68 @@ def proposal_get(*, pk: int, user=None) -> Proposal:
 
 
 def proposal_votes(*, proposal: Proposal) -> QuerySet[Vote]:
-    return proposal.votes.select_related("voter").order_by("created_at", "id")
+    return proposal.votes.select_related("voter", "via").order_by("created_at", "id")
 
 
 def proposal_comments(*, proposal: Proposal):
     return proposal.comments.select_related("author").order_by("created_at", "id")
+
+
+def comment_thread(*, proposal: Proposal) -> list[tuple[Comment, int]]:
+    """The proposal's comments in reading order, each reply under its parent: ``[(comment, depth)]``.
+    One query; depth is capped for display at 6."""
+    comments = list(proposal_comments(proposal=proposal))
+    children: dict = {}
+    for comment in comments:
+        children.setdefault(comment.parent_id, []).append(comment)
+    out: list[tuple[Comment, int]] = []
+    stack = [(comment, 0) for comment in reversed(children.get(None, []))]
+    while stack:
+        comment, depth = stack.pop()
+        out.append((comment, min(depth, 6)))
+        stack.extend((child, depth + 1) for child in reversed(children.get(comment.pk, [])))
+    return out
+
+
+def proposal_revisions(*, proposal: Proposal) -> list[ProposalRevision]:
+    return list(proposal.revisions.order_by("number"))
+
+
+def delegations_of(*, user) -> dict:
+    """The member's delegations (by topic) and who delegates to them."""
+    return {
+        "mine": list(Delegation.objects.filter(delegator=user).select_related("delegate").order_by("kind")),
+        "to_me": list(Delegation.objects.filter(delegate=user).select_related("delegator").order_by("kind", "id")),
+    }
+
+
+def delegation_in_force(*, user, kind: str) -> Delegation | None:
+    if not user.is_authenticated:
+        return None
+    rows = {d.kind: d for d in Delegation.objects.filter(delegator=user, kind__in=["", kind]).select_related("delegate")}
+    return rows.get(kind) or rows.get("")
+
+
+def notifications_for(*, user) -> QuerySet[Notification]:
+    return Notification.objects.filter(user=user).order_by("-created_at", "-id")
+
+
+def member_needs(*, user) -> dict:
+    """What waits for this member: open votes they have not cast (a delegate's vote for them counts as
+    not cast: they may still vote themselves), their drafts, and the proposals they voted yes on."""
+    awaiting = (
+        Proposal.objects.filter(status=Proposal.Status.ACTIVE)
+        .exclude(votes__voter=user, votes__via__isnull=True)
+        .order_by("closes_at", "id")
+    )
+    return {
+        "awaiting_vote": list(awaiting[:20]),
+        "my_drafts": list(Proposal.objects.filter(author=user, status=Proposal.Status.DRAFT).order_by("-created_at")[:20]),
+        "voted_yes_ids": list(
+            Vote.objects.filter(voter=user, choice=Vote.Choice.YES, proposal__kind=Proposal.Kind.TRAINING)
+            .values_list("proposal_id", flat=True)
+        ),
+    }
 
 
 def my_vote(*, proposal: Proposal, user) -> Vote | None:

@@ -21,6 +21,11 @@ class ProposalCreateInput(serializers.Serializer):
         help_text="The training spec or guardrail spec (see the contract); omitted fields get their defaults."
     )
     open = serializers.BooleanField(default=True, help_text="Open the vote at once (otherwise stays a draft).")
+    voting_hours = serializers.FloatField(
+        required=False, allow_null=True, default=None,
+        help_text="The voting window in hours, within AGORA_VOTING_MIN_HOURS..AGORA_VOTING_MAX_HOURS; "
+        "omitted: AGORA_VOTING_PERIOD_HOURS.",
+    )
 
     def validate_spec(self, value):
         # Validated here, beside title and kind, so every bad field is reported at once; the service
@@ -43,7 +48,28 @@ class VetoInput(serializers.Serializer):
 
 
 class CommentInput(serializers.Serializer):
-    body = serializers.CharField(max_length=5000)
+    body = serializers.CharField(max_length=5000, help_text="Markdown; @username notifies that member.")
+    parent = serializers.IntegerField(required=False, allow_null=True, default=None,
+                                      help_text="The id of the comment this replies to.")
+
+
+class CloseInput(serializers.Serializer):
+    reason = serializers.CharField(max_length=500, help_text="Published in the ledger.")
+
+
+class DelegationInput(serializers.Serializer):
+    delegate = serializers.CharField(max_length=150, help_text="The username of the member who votes for you.")
+    kind = serializers.ChoiceField(
+        choices=[("", "all proposals"), *Proposal.Kind.choices], required=False, allow_blank=True, default="",
+        help_text="Empty: every proposal; a kind: only proposals of that kind (wins over the overall one).",
+    )
+
+
+class DelegationOutput(serializers.Serializer):
+    delegator = serializers.CharField(source="delegator.username")
+    delegate = serializers.CharField(source="delegate.username")
+    kind = serializers.CharField()
+    created_at = serializers.DateTimeField()
 
 
 class TallyOutput(serializers.Serializer):
@@ -88,7 +114,7 @@ class ProposalDetailOutput(ProposalListOutput):
     class Meta(ProposalListOutput.Meta):
         fields = ProposalListOutput.Meta.fields + [
             "body", "body_html", "spec", "quorum", "threshold", "closed_at", "decided_at", "decided_by",
-            "veto_reason", "enacted_at", "outcome", "eligibility_rule", "eligible_voters",
+            "veto_reason", "enacted_at", "outcome", "eligibility_rule", "eligible_voters", "close_reason",
         ]
 
     @extend_schema_field(OpenApiTypes.STR)
@@ -99,10 +125,12 @@ class ProposalDetailOutput(ProposalListOutput):
 class VoteOutput(serializers.ModelSerializer):
     voter = serializers.CharField(source="voter.username")
     weight = serializers.FloatField()
+    via = serializers.CharField(source="via.username", allow_null=True, default=None,
+                                help_text="The delegate who cast this vote for the voter; null for their own vote.")
 
     class Meta:
         model = Vote
-        fields = ["voter", "choice", "weight", "created_at", "updated_at"]
+        fields = ["voter", "choice", "weight", "via", "created_at", "updated_at"]
 
 
 class VoteResultOutput(serializers.Serializer):

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from governance import views
+from governance import feeds, views
 
 app_name = "governance"
 urlpatterns = [
@@ -14,5 +14,14 @@ urlpatterns = [
     path("proposals/<int:pk>/approve", views.proposal_approve, name="proposal_approve"),
     path("proposals/<int:pk>/veto", views.proposal_veto, name="proposal_veto"),
     path("proposals/<int:pk>/comment", views.proposal_comment, name="proposal_comment"),
+    path("proposals/<int:pk>/close", views.proposal_close_early, name="proposal_close_early"),
+    path("proposals/<int:pk>/edit", views.proposal_edit, name="proposal_edit"),
+    path("proposals/<int:pk>/history", views.proposal_history, name="proposal_history"),
     path("guardrails/", views.guardrail_list, name="guardrail_list"),
+    path("delegations/", views.delegations, name="delegations"),
+    path("notifications/", views.notifications, name="notifications"),
+    path("notifications/<int:pk>/open", views.notification_open, name="notification_open"),
+    path("notifications/settings/", views.notification_settings, name="notification_settings"),
+    path("feeds/proposals.atom", feeds.ProposalsFeed(), name="feed_proposals"),
+    path("feeds/ledger.atom", feeds.LedgerFeed(), name="feed_ledger"),
 ]

@@ -16,8 +16,17 @@ from core.ratelimit import rate_limited, signed_in_account
 from governance import selectors, services
 from governance.eligibility import proposal_voter_eligibility
 from governance.errors import GovernanceError
-from governance.forms import CommentForm, GuardrailProposalForm, TrainingProposalForm, VetoForm
-from governance.models import Guardrail, Proposal, Vote
+from governance.forms import (
+    CloseEarlyForm,
+    CommentForm,
+    DelegationForm,
+    GuardrailProposalForm,
+    TrainingProposalForm,
+    VetoForm,
+    initial_from,
+)
+from governance.models import Guardrail, Notification, Proposal, Vote
+from governance.notifications import notifications_mark_read, preferences_for, preferences_set
 from ledger.selectors import entries_for_subjects
 
 PAGE_SIZE = 20
@@ -67,15 +76,25 @@ def _vote_panel_context(request, proposal: Proposal, *, error: str = "") -> dict
             "choices": Vote.Choice.choices, "eligibility": eligibility}
 
 
+def _live_parts(proposal: Proposal) -> dict:
+    """What changes when someone votes: the votes list and the proposal's ledger entries."""
+    return {
+        "votes": list(selectors.proposal_votes(proposal=proposal)),
+        "entries": entries_for_subjects(subjects=[proposal.ledger_subject], limit=50),
+    }
+
+
 def proposal_detail(request, pk: int):
     proposal = _get_proposal(request, pk)
     context = _vote_panel_context(request, proposal)
     context.update(
-        votes=list(selectors.proposal_votes(proposal=proposal)),
-        comments=list(selectors.proposal_comments(proposal=proposal)),
+        _live_parts(proposal),
+        comments=selectors.comment_thread(proposal=proposal),
         comment_form=CommentForm(),
         veto_form=VetoForm(),
-        entries=entries_for_subjects(subjects=[proposal.ledger_subject], limit=50),
+        close_form=CloseEarlyForm(),
+        revisions=selectors.proposal_revisions(proposal=proposal),
+        delegation=selectors.delegation_in_force(user=request.user, kind=proposal.kind),
         retire_target=(
             Guardrail.objects.filter(pk=proposal.spec.get("guardrail_id")).first()
             if proposal.kind == Proposal.Kind.GUARDRAIL and proposal.spec.get("action") == "retire"
@@ -107,8 +126,12 @@ def proposal_vote(request, pk: int):
         except (GovernanceError, serializers.ValidationError) as exc:
             error = _message(exc)
     if request.htmx:
-        proposal.refresh_from_db()
-        return render(request, "governance/_vote_panel.html", _vote_panel_context(request, proposal, error=error))
+        # The panel, and out of band the votes list, the ledger entries and the status badge, so
+        # nothing on the page is stale after a vote (or the early close it may have caused).
+        proposal = _get_proposal(request, pk)
+        context = _vote_panel_context(request, proposal, error=error)
+        context.update(_live_parts(proposal), oob=True)
+        return render(request, "governance/_vote_response.html", context)
     if error:
         messages.error(request, error)
     else:
@@ -179,9 +202,153 @@ def proposal_veto(request, pk: int):
 def proposal_comment(request, pk: int):
     form = CommentForm(request.POST)
     body = form.data.get("body", "")
+    parent = request.POST.get("parent") or None
     return _act(
-        request, pk, lambda p: services.comment_post(proposal=p, author=request.user, body=body), "Comment posted."
+        request, pk,
+        lambda p: services.comment_post(proposal=p, author=request.user, body=body, parent_id=parent),
+        "Comment posted.",
     )
+
+
+@require_POST
+@login_required
+def proposal_close_early(request, pk: int):
+    if not request.user.is_staff:
+        return HttpResponseForbidden("Only staff can close a vote early.")
+    reason = CloseEarlyForm(request.POST).data.get("reason", "")
+    return _act(
+        request, pk, lambda p: services.proposal_close_early(proposal=p, by=request.user, reason=reason),
+        "The vote is closed.",
+    )
+
+
+@login_required
+def proposal_edit(request, pk: int):
+    """The author rewrites a draft; each save is kept as a revision."""
+    proposal = _get_proposal(request, pk)
+    if proposal.author_id != request.user.pk:
+        return HttpResponseForbidden("Only the author can edit a proposal.")
+    if proposal.status != Proposal.Status.DRAFT:
+        messages.error(request, "Only a draft can be edited; once the vote opens the text is final.")
+        return redirect(proposal)
+    guardrails = list(Guardrail.objects.filter(active=True).order_by("id"))
+    initial = initial_from(proposal)
+    if proposal.kind == Proposal.Kind.TRAINING:
+        form = TrainingProposalForm(request.POST or None, initial=initial)
+    else:
+        form = GuardrailProposalForm(request.POST or None, guardrails=guardrails, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.proposal_edit(
+                proposal=proposal, by=request.user, title=form.cleaned_data["title"],
+                body=form.cleaned_data["body"], spec=form.spec(), voting_hours=form.cleaned_data.get("voting_hours"),
+            )
+            if form.cleaned_data["open_now"]:
+                services.proposal_open(proposal=proposal, by=request.user)
+        except serializers.ValidationError as exc:
+            form.add_spec_errors(exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail})
+        except GovernanceError as exc:
+            messages.error(request, str(exc))
+            return redirect(proposal)
+        else:
+            messages.success(request, "Draft saved." if proposal.status == Proposal.Status.DRAFT else "Saved; the vote is open.")
+            return redirect(proposal)
+    return render(
+        request, "governance/proposal_form.html",
+        {"form": form, "kind": proposal.kind, "kinds": Proposal.Kind.choices, "editing": proposal},
+        status=400 if request.method == "POST" else 200,
+    )
+
+
+@require_GET
+def proposal_history(request, pk: int):
+    """Every saved text of the proposal, each with a unified diff against the one before."""
+    import difflib
+    import json
+
+    proposal = _get_proposal(request, pk)
+    revisions = selectors.proposal_revisions(proposal=proposal)
+
+    def text(revision) -> list[str]:
+        spec = json.dumps(revision.spec, sort_keys=True, indent=2, ensure_ascii=False)
+        return f"# {revision.title}\n\n{revision.body}\n\n--- spec ---\n{spec}\n".splitlines(keepends=True)
+
+    rows = []
+    for previous, revision in zip([None, *revisions], revisions, strict=False):
+        diff = "" if previous is None else "".join(difflib.unified_diff(
+            text(previous), text(revision), f"revision {previous.number}", f"revision {revision.number}"))
+        rows.append((revision, diff))
+    return render(request, "governance/proposal_history.html", {"proposal": proposal, "rows": rows})
+
+
+@login_required
+def delegations(request):
+    """Delegate your vote (overall or per kind), revoke it, and see who delegates to you."""
+    form = DelegationForm(request.POST or None)
+    if request.method == "POST":
+        action = request.POST.get("action", "set")
+        try:
+            if action == "revoke":
+                kind = request.POST.get("kind", "")
+                if services.delegation_revoke(delegator=request.user, kind=kind):
+                    messages.success(request, "Delegation revoked; you vote yourself again.")
+                return redirect("governance:delegations")
+            if form.is_valid():
+                from django.contrib.auth import get_user_model
+
+                delegate = get_user_model().objects.filter(username=form.cleaned_data["delegate"], is_active=True).first()
+                delegation = services.delegation_set(
+                    delegator=request.user, delegate=delegate, kind=form.cleaned_data["kind"] or ""
+                )
+                messages.success(request, f"{delegation.delegate.username} now votes for you on {delegation.topic.lower()}.")
+                return redirect("governance:delegations")
+        except serializers.ValidationError as exc:
+            detail = exc.detail if isinstance(exc.detail, dict) else {"delegate": exc.detail}
+            for field, errors in detail.items():
+                for error in errors if isinstance(errors, list) else [errors]:
+                    form.add_error(field if field in form.fields else None, str(error))
+        except GovernanceError as exc:
+            form.add_error(None, str(exc))
+    context = {"form": form, **selectors.delegations_of(user=request.user)}
+    return render(request, "governance/delegations.html", context, status=400 if form.errors else 200)
+
+
+@login_required
+def notifications(request):
+    if request.method == "POST":
+        ids = [int(i) for i in request.POST.getlist("id") if i.isdigit()]
+        notifications_mark_read(user=request.user, ids=ids or None)
+        return redirect("governance:notifications")
+    page = Paginator(selectors.notifications_for(user=request.user), 30).get_page(request.GET.get("page"))
+    return render(request, "governance/notifications.html", {"page": page})
+
+
+@require_POST
+@login_required
+def notification_open(request, pk: int):
+    """Mark one notification read and go where it points."""
+    notification = Notification.objects.filter(pk=pk, user=request.user).first()
+    if notification is None:
+        raise Http404("No such notification.")
+    notifications_mark_read(user=request.user, ids=[notification.pk])
+    url = notification.url if notification.url.startswith("/") and not notification.url.startswith("//") else "/"
+    return redirect(url)
+
+
+@login_required
+def notification_settings(request):
+    kinds = Notification.Kind.choices
+    if request.method == "POST":
+        choices = {
+            kind: {"in_app": f"{kind}:in_app" in request.POST, "email": f"{kind}:email" in request.POST}
+            for kind, _ in kinds
+        }
+        preferences_set(user=request.user, choices=choices)
+        messages.success(request, "Your notification choices are saved.")
+        return redirect("governance:notification_settings")
+    prefs = preferences_for(user=request.user)
+    rows = [(kind, label, prefs[kind]) for kind, label in kinds]
+    return render(request, "governance/notification_settings.html", {"rows": rows})
 
 
 @login_required
@@ -214,6 +381,7 @@ def proposal_create(request):
                 body=form.cleaned_data["body"],
                 spec=form.spec(),
                 open_now=form.cleaned_data["open_now"],
+                voting_hours=form.cleaned_data.get("voting_hours"),
             )
         except serializers.ValidationError as exc:
             form.add_spec_errors(exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail})

@@ -17,6 +17,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from core.notifications import notify_users
 from ledger.services import entry_append
 from marketplace import presence
 from marketplace.errors import (
@@ -174,6 +175,9 @@ def _suspend(worker: Worker, *, actor, reason: str, **extra) -> Worker:
     presence.presence_forget(worker.pk)
     entry_append(actor=actor, action="worker.suspended", subject=worker.ledger_label,
                  payload={"worker_id": worker.pk, "name": worker.name, "reason": worker.status_reason, **extra})
+    notify_users(user_ids=[worker.owner_id], kind="worker_suspended",
+                 text=f"Your worker {worker.name} was suspended: {worker.status_reason}"[:300],
+                 url=f"/workers/{worker.pk}/")
     return worker
 
 
@@ -248,6 +252,10 @@ def worker_sweep_offline() -> dict:
     went_offline = sorted(set(before) - set(online_now))
     came_online = sorted(set(online_now) - set(before))
     cache.set(SWEEP_ONLINE_KEY, online_now, timeout=None)
+    if went_offline:
+        for worker_id, owner_id, name in Worker.objects.filter(pk__in=went_offline).values_list("id", "owner", "name"):
+            notify_users(user_ids=[owner_id], kind="worker_offline",
+                         text=f"Your worker {name} went offline", url=f"/workers/{worker_id}/")
     return {"persisted": len(changed), "online": len(online_now), "went_offline": went_offline,
             "came_online": came_online}
 

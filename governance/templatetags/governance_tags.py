@@ -27,3 +27,11 @@ def weight(value) -> str:
         return "0"
     text = f"{value:f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+@register.filter
+def hours(period) -> str:
+    """A duration as a number of hours: 0.5, 24, 72."""
+    if period is None:
+        return ""
+    return f"{period.total_seconds() / 3600:g}"

@@ -8,8 +8,9 @@ from django.db import transaction
 from django.utils import timezone
 from rest_framework import serializers
 
+from core.notifications import notify_users
 from diloco.models import init_state
-from governance.models import Proposal
+from governance.models import Proposal, Vote
 from governance.services import proposal_enact
 from ledger.services import entry_append
 from training.errors import (
@@ -206,3 +207,9 @@ def _run_finish(*, run: TrainingRun, final: Checkpoint, now) -> None:
     entry_append(actor=None, action="run.finished", subject=run.ledger_subject,
                  payload={"run_id": run.pk, "model": model.slug, "final_checkpoint": final.sha256,
                           "rounds": len(rounds), "accepted_rounds": sum(1 for r in rounds if r["accepted"])})
+    notify_users(
+        user_ids=[*Proposal.objects.filter(pk=run.proposal_id).values_list("author", flat=True),
+                  *Vote.objects.filter(proposal_id=run.proposal_id).values_list("voter", flat=True)],
+        kind="run_finished", text=f"Training run #{run.pk} finished: {model.name} has a new version",
+        url=f"/runs/{run.pk}/",
+    )
