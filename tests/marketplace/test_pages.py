@@ -188,7 +188,7 @@ def test_home_and_profile_show_compute(client, pool, member):
     assert re.search(r"<strong>2</strong>workers online", html)
     client.force_login(member)
     profile = client.get("/accounts/profile/").content.decode()
-    assert re.search(r"<strong>3(\.0+)?</strong>compute credits", profile)
+    assert re.search(r"<strong>3\.00</strong>compute credits", profile)
     assert re.search(r"<strong>2</strong>workers", profile)
 
 
