@@ -420,6 +420,12 @@ class DilocoSpec(StrictSerializer):
     compression = serializers.ChoiceField(
         choices=["fp32", "fp16", "int8"], default="int8", help_text="How pseudo-gradients travel."
     )
+    overlap = serializers.BooleanField(
+        default=False,
+        help_text="Overlap: an agent trains ahead from the weights it has while its upload travels and the round "
+                  "is aggregated, then moves those steps onto the new checkpoint (one-step-delayed progress, as in "
+                  "Streaming DiLoCo and DiLoCoX); its update is still measured from the task's checkpoint.",
+    )
     aggregator = serializers.ChoiceField(
         choices=["mean", "trimmed_mean", "median", "norm_clipped_mean"],
         default="trimmed_mean",

@@ -178,6 +178,44 @@ def checkpoint_download(request, sha256: str):
     return response
 
 
+@extend_schema(
+    summary="The published step that rebuilds a checkpoint from the previous round's (public, immutable)",
+    description="Runs with a sparse codec publish each accepted round's outer step d, θ_new = θ_old − d in float32 "
+                "(`diloco.sparse`). The task payload names it (`delta_from_sha256`, `delta_sha256`): an agent "
+                "holding `delta_from_sha256` downloads this instead of the checkpoint, applies it, writes the "
+                "checkpoint with the metadata the step carries and checks its sha256, falling back to the "
+                "checkpoint on a mismatch.",
+    responses={(200, "application/octet-stream"): OpenApiTypes.BINARY,
+               404: OpenApiResponse(description="no such checkpoint, or it has no published step"),
+               409: OpenApiResponse(description="`delta_corrupt` or `delta_missing`: never served"),
+               503: OpenApiResponse(description="`storage_unavailable`: storage cannot be read now")},
+)
+@api_view(["GET"])
+@authentication_classes([])
+@permission_classes([AllowAny])
+def checkpoint_delta_download(request, sha256: str):
+    from training.services.deltas import delta_of, delta_storage_name
+
+    delta = delta_of(selectors.checkpoint_get(sha256=sha256.lower()))
+    if delta is None:
+        raise Http404("no published step for this checkpoint")
+    try:
+        fh, length = blobs.blob_open_verified(delta_storage_name(delta["sha256"]), delta["sha256"])
+    except blobs.BlobCorrupt:
+        raise TrainingError("the published step is damaged in storage", code="delta_corrupt", http_status=409) from None
+    except FileNotFoundError:
+        raise TrainingError("the published step is missing from storage", code="delta_missing",
+                            http_status=409) from None
+    except Exception as exc:
+        raise TrainingError(f"storage cannot be read now ({exc.__class__.__name__}); try again later",
+                            code="storage_unavailable", http_status=503) from exc
+    response = FileResponse(fh, content_type="application/octet-stream")
+    response["Content-Length"] = str(length)
+    response["ETag"] = f'"{delta["sha256"]}"'
+    response["Cache-Control"] = "public, max-age=31536000, immutable"
+    return response
+
+
 def _checkpoint_open(checkpoint):
     """The verified checkpoint file and its length, or the protocol error that says why not (logged)."""
     try:

@@ -92,6 +92,15 @@ class Contributor:
     other: int = 0
     credits: Decimal = Decimal(0)
     reliability: float = 0.0
+    compute_s: float = 0.0  # from the tasks' metrics (agents that report utilisation and traffic)
+    wall_s: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    @property
+    def utilisation(self) -> float | None:
+        """Compute seconds over wall seconds across this worker's reported rounds; None when none reported."""
+        return self.compute_s / self.wall_s if self.wall_s > 0 else None
 
 
 def run_contributors(run: TrainingRun) -> list[Contributor]:
@@ -105,6 +114,12 @@ def run_contributors(run: TrainingRun) -> list[Contributor]:
             if c is None:
                 c = out[t.worker_id] = Contributor(t.worker_id, t.worker.name, t.worker.owner.get_username(),
                                                    reliability=t.worker.reliability)
+            m = t.metrics if isinstance(t.metrics, dict) else {}
+            if isinstance(m.get("wall_seconds"), int | float) and isinstance(m.get("compute_seconds"), int | float):
+                c.compute_s += float(m["compute_seconds"])
+                c.wall_s += float(m["wall_seconds"])
+            c.bytes_sent += int(m.get("bytes_sent") or 0)
+            c.bytes_received += int(m.get("bytes_received") or 0)
             if t.status == Task.Status.ACCEPTED:
                 c.accepted += 1
                 c.credits += t.credit or 0

@@ -45,7 +45,12 @@ def task_payload(task: Task, *, request, guardrails: list[dict], max_upload_byte
         "seed": task.seed,
         "deadline": task.deadline.isoformat(),
         "max_upload_bytes": max_upload_bytes,
+        "overlap": bool(d.get("overlap", False)),
     }
+    from training.services.deltas import delta_fields
+
+    # A published step that rebuilds this checkpoint from the previous one (both null when there is none).
+    payload.update(delta_fields(rnd.checkpoint_in))
     from training.services.datasets import task_dataset_payload
 
     return task_dataset_payload(payload, run=run, shard_index=task.shard_index, request=request)
@@ -68,6 +73,25 @@ class MetricsSerializer(serializers.Serializer):
     seconds = FiniteFloatField(min_value=0, max_value=METRICS_SECONDS_MAX)
     tokens_per_s = FiniteFloatField(min_value=0, max_value=METRICS_TOKENS_MAX, required=False,
                                     help_text="training throughput of this task on the agent's device")
+    # Utilisation and traffic (optional; agents before 0.3 do not send them).
+    compute_seconds = FiniteFloatField(min_value=0, max_value=METRICS_SECONDS_MAX, required=False,
+                                       help_text="seconds spent training for this task's update")
+    wall_seconds = FiniteFloatField(min_value=0, max_value=METRICS_SECONDS_MAX, required=False,
+                                    help_text="seconds of the agent's round: from the end of its previous round "
+                                              "(or this claim) to the end of this task's training")
+    utilisation = FiniteFloatField(min_value=0, max_value=1, required=False,
+                                   help_text="compute_seconds / wall_seconds")
+    bytes_sent = StrictIntegerField(min_value=0, max_value=METRICS_TOKENS_MAX, required=False)
+    bytes_received = StrictIntegerField(min_value=0, max_value=METRICS_TOKENS_MAX, required=False)
+    checkpoint_via = serializers.ChoiceField(choices=["cache", "delta", "full"], required=False,
+                                             help_text="how the agent got the task's checkpoint")
+    base_checkpoint_sha256 = serializers.RegexField(r"^[0-9a-f]{64}$", required=False,
+                                                    help_text="the checkpoint the update is measured from; "
+                                                              "must be the task's checkpoint_sha256")
+    overlap_steps = StrictIntegerField(min_value=0, max_value=METRICS_STEPS_MAX, required=False,
+                                       help_text="inner steps trained before the task arrived, from the previous "
+                                                 "round's weights (overlap), then moved onto this checkpoint")
+    overlap_from_round = StrictIntegerField(min_value=0, max_value=METRICS_STEPS_MAX, required=False)
 
 
 class TaskFailSerializer(serializers.Serializer):
@@ -160,6 +184,10 @@ class ContributorSerializer(serializers.Serializer):
     accepted = serializers.IntegerField()
     rejected = serializers.IntegerField()
     credits = serializers.DecimalField(max_digits=14, decimal_places=4)
+    utilisation = serializers.FloatField(allow_null=True, read_only=True,
+                                         help_text="compute seconds / wall seconds over the rounds it reported")
+    bytes_sent = serializers.IntegerField(read_only=True)
+    bytes_received = serializers.IntegerField(read_only=True)
 
 
 class LossPointSerializer(serializers.Serializer):

@@ -391,6 +391,7 @@ class Agent:
                                              "clock_offset_s": round(self.clock.wall_offset(), 3)})
         claimed_at = time.monotonic()
         link_before = self.client.stats.snapshot()
+        self.runner.checkpoint_via = None  # set by the runner: cache, delta (published step) or full
         beat = _Heartbeater(self, self.client.clone())
         beat.start()
         try:
@@ -450,9 +451,20 @@ class Agent:
         compute = round(compute, 3)
         wall = round(max(now - start, compute, 0.001), 3)
         sent, received = self.client.stats.snapshot()
-        return {"compute_seconds": compute, "wall_seconds": wall, "utilisation": round(min(compute / wall, 1.0), 4),
-                "bytes_sent": sent - link_before[0] + len(output.update),
-                "bytes_received": received - link_before[1]}
+        metrics = {"compute_seconds": compute, "wall_seconds": wall,
+                   "utilisation": round(min(compute / wall, 1.0), 4),
+                   "bytes_sent": sent - link_before[0] + len(output.update),
+                   "bytes_received": received - link_before[1]}
+        via = getattr(self.runner, "checkpoint_via", None)
+        if via in ("cache", "delta", "full"):
+            metrics["checkpoint_via"] = via
+        base = details.get("base_checkpoint_sha256", task.get("checkpoint_sha256"))
+        if isinstance(base, str) and len(base) == 64:
+            metrics["base_checkpoint_sha256"] = base
+        for key in ("overlap_steps", "overlap_from_round"):
+            if isinstance(details.get(key), int):
+                metrics[key] = details[key]
+        return metrics
 
     def _deliver_result(self, pending: cfgmod.PendingResult, current: _CurrentTask) -> bool:
         """Upload the pending result until it is delivered, no longer wanted, or its deadline (server time)

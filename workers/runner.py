@@ -127,11 +127,18 @@ class TaskRunner:
     def optimizer_file(self, run_id: int) -> Path:
         return self.cache_dir / "optim" / f"{int(run_id)}.safetensors"
 
-    def fetch_checkpoint(self, sha256: str, *, url: str | None = None, hooks: Hooks | None = None) -> bytes:
+    def fetch_checkpoint(self, sha256: str, *, url: str | None = None, hooks: Hooks | None = None,
+                         task: dict | None = None) -> bytes:
         from diloco.checkpoint import sha256_hex
 
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
             raise TaskError(f"checkpoint_sha256 is not a sha256: {sha256!r}")
+        if task is not None:  # the task's own checkpoint: from the cache, or rebuilt from the published step
+            from workers.sync import fetch_task_checkpoint
+
+            data = fetch_task_checkpoint(self, task, sha256, hooks)
+            if data is not None:
+                return data
         path = self.checkpoint_file(sha256)
         if path.exists():
             data = path.read_bytes()
@@ -301,7 +308,8 @@ class TaskRunner:
             raise TaskError(f"this agent cannot build the task's model: {exc}") from exc
 
         def weights(sha256: str, url: str | None) -> dict:
-            data = self.fetch_checkpoint(sha256, url=url, hooks=hooks)
+            data = self.fetch_checkpoint(sha256, url=url, hooks=hooks,
+                                         task=task if sha256 == task.get("checkpoint_sha256") else None)
             hooks.check()
             try:
                 return load_weights(data)[0]
@@ -325,7 +333,7 @@ class TaskRunner:
         return model, lora
 
     def run(self, task: dict, hooks: Hooks) -> TaskOutput:
-        from diloco.codecs import CODECS, encode_update
+        from diloco.codecs import CODECS
         from diloco.inner import InnerConfig, inner_train
 
         task_id = _field(task, "id")
@@ -368,7 +376,9 @@ class TaskRunner:
         if not (math.isfinite(result.loss_start) and math.isfinite(result.loss_end)):
             raise TaskError(f"training diverged (loss {result.loss_start} -> {result.loss_end})")
         self._save_optimizer_state(run_id, result.optimizer_state)
-        update = encode_update(result.pseudo_gradient, compression)
+        from workers.sync import encode_pseudo_gradient
+
+        update = encode_pseudo_gradient(self, task, result.pseudo_gradient)  # error feedback for sparse codecs
         limit = task.get("max_upload_bytes")
         if limit and len(update) > int(limit):
             raise TaskError(f"the encoded update has {len(update)} bytes, over the task's limit of {limit}")

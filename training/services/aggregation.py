@@ -40,6 +40,7 @@ from training.models import Round, Task, TrainingRun
 from training.services import contributions, replicas
 from training.services.checkpoints import _checkpoint_row, _discard_step, _model_meta, _save_step
 from training.services.datasets import run_heldout_tokens
+from training.services.deltas import delta_fields, delta_publish, delta_record, publish_mode
 from training.services.rounds import (
     _attempt_files_delete,
     _attempt_manifest_name,
@@ -87,6 +88,7 @@ class _Outcome:
     outer_state_sha: str = ""
     timings: dict = field(default_factory=dict)
     step_sketch: list[float] | None = None  # of the accepted outer step θ_in − θ_out
+    published_delta: dict | None = None  # the step agents download instead of the checkpoint (``deltas``)
 
 
 @transaction.atomic
@@ -185,6 +187,7 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task], *, lease: _Lea
         step["save"] = functools.partial(_save_step, new_state, meta, opt.state_tensors(copy=False), outer_name,
                                          manifest_name=_attempt_manifest_name(run.pk, rnd.index, token))
         step["t"] = time.perf_counter()
+        step["delta"] = opt.last_delta  # the exact step d, when the run publishes its steps
         if overlap:
             # The new weights and optimizer state are serialised, hashed and written while the held-out
             # loss is evaluated; a step the evaluation turns down has its blobs removed again.
@@ -201,7 +204,8 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task], *, lease: _Lea
             result = outer_round(
                 base_state=state_in, updates=plan.updates, evaluate=evaluate,
                 aggregator=AggregatorSpec(d["aggregator"], float(d.get("trim_fraction", TRIM_FRACTION))),
-                outer=OuterSpec(lr=float(d["outer_lr"]), momentum=float(d["outer_momentum"]), nesterov=True),
+                outer=OuterSpec(lr=float(d["outer_lr"]), momentum=float(d["outer_momentum"]), nesterov=True,
+                                publish=publish_mode(d)),
                 outer_state=blobs.outer_state(run.outer_state_name) if run.outer_state_name else None,
                 previous_norms=_previous_accepted_norms(rnd), screening=ScreenSpec(max_norm_ratio=MAX_NORM_RATIO),
                 eval_before=_previous_eval(rnd), eval_tolerance=EVAL_TOLERANCE, on_phase=lambda _phase: renew(),
@@ -219,11 +223,13 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task], *, lease: _Lea
         return _Outcome(result.verdicts, by_id, False, result.reason, result.eval_before, result.eval_after,
                         timings=timings)
     sha, size, outer_sha, save_timings = saved or step["save"]()
+    published = delta_publish(state_in=state_in, state_out=result.new_state, step=step.get("delta"),
+                              sha_in=rnd.checkpoint_in_id, sha_out=sha, meta_out=meta, checkpoint_size=size)
     timings.update(save_timings)
     timings["eval_and_save_s"] = time.perf_counter() - step["t"]
     return _Outcome(result.verdicts, by_id, True, "", result.eval_before, result.eval_after,
                     new_state=result.new_state, checkpoint_sha=sha, checkpoint_size=size,
-                    step_sketch=_step_sketch(run, state_in, result.new_state),
+                    step_sketch=_step_sketch(run, state_in, result.new_state), published_delta=published,
                     outer_state_name=outer_name, outer_state_sha=outer_sha, timings=timings)
 
 
@@ -331,6 +337,7 @@ def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
     if out.accepted:
         checkpoint = _checkpoint_row(sha=out.checkpoint_sha, size=out.checkpoint_size, model=run.model, run=run,
                                      round=rnd, note=f"run {run.pk} round {rnd.index}", eval_loss=out.eval_after)
+        delta_record(checkpoint=checkpoint, delta=out.published_delta)
         rnd.status, rnd.accepted, rnd.checkpoint_out = Round.Status.DONE, True, checkpoint
         _version_publish(run=run, rnd=rnd, checkpoint=checkpoint, eval_loss=out.eval_after, now=now)
         rnd.outer_state_name = out.outer_state_name
@@ -347,6 +354,7 @@ def _aggregate_commit(round_id: int, token: str, out: _Outcome) -> Round | None:
         "eval_loss_before": out.eval_before if _finite(out.eval_before) else None,
         "eval_loss_after": out.eval_after if _finite(out.eval_after) else None,
         "checkpoint_in": rnd.checkpoint_in_id, "checkpoint": rnd.checkpoint_out_id,
+        "checkpoint_sha256": rnd.checkpoint_out_id, **delta_fields(rnd.checkpoint_out if out.accepted else None),
     }
     if out.accepted:
         entry_append(actor=None, action="round.aggregated", subject=run.ledger_subject, payload=payload)

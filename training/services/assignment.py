@@ -227,6 +227,10 @@ def task_submit_result(*, task_id: int, worker, data: bytes, metrics: dict) -> T
     """
     task = task_for_worker(task_id=task_id, worker=worker)
     run = task.round.run
+    base = metrics.get("base_checkpoint_sha256")
+    if base is not None and base != task.round.checkpoint_in_id:
+        raise TrainingError(f"metrics.base_checkpoint_sha256: the update is measured from {base}, not from the "
+                            f"task's checkpoint {task.round.checkpoint_in_id}", code="stale_base")
     update_validate(run=run, data=data)
     sha = sha256_hex(data)
     name = f"updates/run-{run.pk}/round-{task.round.index}/task-{task.pk}-{sha[:16]}.safetensors"
@@ -248,7 +252,8 @@ def task_submit_result(*, task_id: int, worker, data: bytes, metrics: dict) -> T
                                      "metrics"])
             entry_append(actor=worker, action="task.completed", subject=run.ledger_subject,
                          payload={"task_id": task.pk, "run_id": run.pk, "round": rnd.index, "shard": task.shard_index,
-                                  "update_sha256": sha, "size": len(data), "metrics": metrics})
+                                  "update_sha256": sha, "size": len(data), "codec": run.diloco.get("compression"),
+                                  "metrics": metrics})
             round_id = rnd.pk
             transaction.on_commit(lambda: _enqueue_round_check(round_id))
             transaction.on_commit(lambda: tasks_liveness.mark_live(task_id=task_id, worker_id=worker.pk,
