@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -77,9 +78,14 @@ def apply_lora(model: nn.Module, spec: LoraSpec, *, seed: int = 0) -> nn.Module:
     """
     from peft import LoraConfig, get_peft_model
 
+    # GPT-2 keeps its projections as Conv1D ([in, out] weights): peft must know to transpose.
+    conv1d = any(type(m).__name__ == "Conv1D" for n, m in model.named_modules()
+                 if any(n == t or n.endswith("." + t) for t in spec.target_modules))
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=list(spec.target_modules), bias="none")
-    with torch.random.fork_rng(devices=[]):
+                        target_modules=list(spec.target_modules), bias="none", fan_in_fan_out=conv1d)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft asks transformers a deprecated question on every wrap; it is not ours to answer
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(int(seed))
         try:
             return get_peft_model(model, config)

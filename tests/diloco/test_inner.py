@@ -124,3 +124,55 @@ def test_python_docs_corpus_trains(tiny_config):
     model = build_model("byte-gpt", tiny_config)
     result = inner_train(model, tokens, _cfg(steps=10), seed=0)
     assert result.loss_end < result.loss_start
+
+
+LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hugging_face_models_train_through_the_same_loop(arch):
+    config = LLAMA if arch == "llama" else {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 32}
+    model = build_model(arch, config, seed=0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    result = inner_train(model, CORPUS, _cfg(steps=20, lr=1e-2), seed=0)
+    assert result.loss_end < result.loss_start - 0.5
+    assert result.pseudo_gradient.keys() == start.keys()
+    assert all(torch.equal(result.pseudo_gradient[k], start[k] - model.state_dict()[k]) for k in start)
+    assert result.tokens == 20 * 8 * 32 and result.tokens_per_s > 0
+
+
+def test_lora_trains_only_the_adapters_and_the_pseudo_gradient_covers_them():
+    from diloco.lora import LoraSpec, apply_lora, trainable_state
+
+    base = build_model("llama", LLAMA, seed=0)
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    model = apply_lora(base, LoraSpec(rank=2, alpha=4, target_modules=("q_proj", "v_proj")), seed=1)
+    adapters = {k: v.clone() for k, v in trainable_state(model).items()}
+    result = inner_train(model, CORPUS, _cfg(steps=10, lr=1e-2), seed=0)
+    assert result.pseudo_gradient.keys() == adapters.keys()
+    assert all(".lora_A." in k or ".lora_B." in k for k in adapters)
+    after = trainable_state(model)
+    assert all(torch.equal(result.pseudo_gradient[k], adapters[k] - after[k]) for k in adapters)
+    assert result.loss_end < result.loss_start
+    base_after = model.get_base_model().state_dict()
+    for name, value in frozen.items():  # the frozen weights never move (peft wraps them as base_layer)
+        key = name if name in base_after else name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(base_after[key], value), name
+    assert {k.rsplit(".", 1)[0] for k in result.optimizer_state} <= {
+        n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_cpu_trains_in_fp32_with_the_reference_adamw(monkeypatch, tiny_config):
+    """The CUDA branches (bf16 autocast, fused AdamW) stay off on the CPU; on a CUDA device they switch on."""
+    from diloco import inner
+
+    assert inner.autocast_dtype("cpu") is None and not inner.fused_adamw_available("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert inner.autocast_dtype("cuda") is torch.bfloat16 and inner.fused_adamw_available("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert inner.autocast_dtype("cuda") is None
+    model = build_model("byte-gpt", tiny_config)
+    opt = inner.make_optimizer(model, _cfg(), fused=False)
+    assert not opt.defaults.get("fused")

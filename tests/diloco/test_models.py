@@ -110,3 +110,157 @@ def test_after_warm_up_model_with_weights_works(tiny_config):
     state = init_state("byte-gpt", tiny_config, seed=0)
     logits = model_with_weights("byte-gpt", tiny_config, state)(torch.zeros(1, 4, dtype=torch.long))
     assert logits.shape == (1, 4, 256)
+
+
+LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 32}
+GPT2 = {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 32}
+CONFIGS = {"byte-gpt": {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 32}, "llama": LLAMA, "gpt2": GPT2}
+
+
+@pytest.mark.parametrize("arch", ["byte-gpt", "llama", "gpt2"])
+def test_every_arch_is_called_the_same_way_and_counted_without_building(arch):
+    from diloco.models import context_length, param_count
+
+    config = CONFIGS[arch]
+    model = build_model(arch, config, seed=0)
+    idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert model(idx).shape == (2, 12, 256)
+    assert abs(lm_loss(model, idx, idx).item() - torch.log(torch.tensor(256.0)).item()) < 0.5
+    assert param_count(arch, config) == sum(p.numel() for p in model.parameters())
+    assert param_count(arch, config, vocab_size=1000) == sum(
+        p.numel() for p in build_model(arch, config, vocab_size=1000).parameters())
+    assert context_length(model) == 32
+    assert len(generate(model, b"ab", max_new_tokens=4, top_p=0.9)) == 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hf_models_keep_hugging_face_names_and_a_seeded_init(arch):
+    config = CONFIGS[arch]
+    a, b, c = (init_state(arch, config, seed=s) for s in (3, 3, 4))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert "lm_head.weight" in a and ("model.embed_tokens.weight" in a or "transformer.wte.weight" in a)
+    embed = a.get("model.embed_tokens.weight", a.get("transformer.wte.weight"))
+    assert embed.data_ptr() != a["lm_head.weight"].data_ptr()  # untied: each tensor owns its storage
+    # The global RNG is not consumed.
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    init_state(arch, config, seed=5)
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_vocab_size_overrides_the_config_for_a_bpe_tokenizer():
+    model = build_model("llama", LLAMA, vocab_size=300)
+    assert model(torch.tensor([[299, 1]])).shape == (1, 2, 300)
+
+
+def test_model_with_weights_shares_hf_tensors():
+    from diloco.models import model_with_weights
+
+    state = init_state("llama", LLAMA, seed=1)
+    model = model_with_weights("llama", LLAMA, state)
+    assert model.get_parameter("lm_head.weight").data_ptr() == state["lm_head.weight"].data_ptr()
+    x = torch.randint(0, 256, (1, 8))
+    reference = build_model("llama", LLAMA, seed=1).eval()
+    assert torch.allclose(model.eval()(x), reference(x))
+
+
+@pytest.mark.parametrize(("arch", "config", "message"), [
+    ("llama", {"hidden_size": 30}, "hidden_size .*divisible by num_attention_heads"),
+    ("llama", {"num_key_value_heads": 3}, "num_key_value_heads .*must divide"),
+    ("llama", {"num_hidden_layers": 0}, "num_hidden_layers must be between"),
+    ("llama", {"rope_theta": -1}, "rope_theta"),
+    ("llama", {"hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 128}, "over the limit"),
+    ("llama", {"hidden_size": "64"}, "hidden_size must be an integer"),
+    ("llama", {"n_embd": 64}, "unknown llama config keys: n_embd"),
+    ("gpt2", {"n_embd": 30, "n_head": 4}, "n_embd .*divisible by n_head"),
+    ("gpt2", {"n_positions": 10**9}, "n_positions"),
+    ("gpt2", {"activation_function": "swish2"}, "activation_function"),
+    ("byte-gpt", {"block_size": 10**6}, "block_size"),
+    ("mamba", {}, "unknown model arch"),
+])
+def test_validate_model_config_names_the_bad_key(arch, config, message):
+    from diloco.models import validate_model_config
+
+    with pytest.raises(ValueError, match=message):
+        validate_model_config(arch, config)
+
+
+def test_validate_model_config_fills_defaults_and_is_json():
+    import json
+
+    from diloco.models import validate_model_config
+
+    config = validate_model_config("llama", {"hidden_size": 48, "num_attention_heads": 6}, vocab_size=300)
+    assert config["num_key_value_heads"] == 6 and config["head_dim"] == 8 and config["vocab_size"] == 300
+    assert json.loads(json.dumps(config)) == config
+    assert validate_model_config("llama", config) == config  # idempotent
+
+
+def test_generate_tokens_stops_and_top_p_narrows():
+    from diloco.models import generate_tokens
+
+    model = build_model("llama", LLAMA, seed=0)
+    greedy = list(generate_tokens(model, [1, 2], max_new_tokens=6, temperature=0))
+    assert list(generate_tokens(model, [1, 2], max_new_tokens=6, top_p=1e-6, seed=3)) == greedy
+    assert list(generate_tokens(model, [1, 2], max_new_tokens=6, temperature=0, stop={greedy[0]})) == greedy[:1]
+    with pytest.raises(ValueError, match="top_p"):
+        list(generate_tokens(model, [1], max_new_tokens=1, top_p=0))
+
+
+def _save_hf(tmp_path, arch, config, *, tie=False, sharded=False):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(arch, tie_word_embeddings=tie, **config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path, max_shard_size="20KB" if sharded else "5GB")
+    return model
+
+
+@pytest.mark.parametrize(("arch", "config", "tie", "sharded"), [
+    ("llama", LLAMA, False, True), ("llama", {**LLAMA, "vocab_size": 300}, True, False), ("gpt2", GPT2, True, False),
+])
+def test_load_hf_directory_reads_what_transformers_saved(tmp_path, arch, config, tie, sharded):
+    from diloco.models import load_hf_directory
+
+    saved = _save_hf(tmp_path, arch, config, tie=tie, sharded=sharded)
+    assert (tmp_path / "model.safetensors.index.json").exists() == sharded
+    got_arch, got_config, state = load_hf_directory(tmp_path)
+    assert got_arch == arch
+    ours = build_model(got_arch, got_config, seed=None)
+    ours.load_state_dict(state)
+    x = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x), saved.eval()(x).logits, atol=1e-5)
+
+
+def test_load_hf_directory_errors_name_the_problem(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from diloco.models import load_hf_directory
+
+    with pytest.raises(ValueError, match="no config.json"):
+        load_hf_directory(tmp_path)
+    _save_hf(tmp_path, "llama", LLAMA)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "model_type": "mamba"}))
+    with pytest.raises(ValueError, match="model_type 'mamba' is not supported"):
+        load_hf_directory(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "hidden_size": 48}))
+    with pytest.raises(ValueError, match="shape"):
+        load_hf_directory(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights["model.norm.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="lack 1 tensors.*model.norm.weight"):
+        load_hf_directory(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="pickled weights are never loaded"):
+        load_hf_directory(tmp_path)
