@@ -48,6 +48,19 @@ class Tally:
     def succeeds(self) -> bool:
         return self.quorum_reached and self.passing
 
+    def settled(self, *, remaining: Decimal) -> bool:
+        """Whether the outcome stays the same however ``remaining`` uncast weight is cast (or not).
+
+        Success is settled when the quorum is already reached and yes stays above the threshold even if all
+        the remaining weight votes no. Defeat is settled when, even if all of it votes yes, the quorum is
+        not reached or yes does not exceed the threshold."""
+        if self.quorum is None or self.threshold is None:
+            return False
+        if self.quorum_reached and self.yes > self.threshold * (self.yes + self.no + remaining):
+            return True
+        best_yes = self.yes + remaining
+        return self.total + remaining < self.quorum or not best_yes > self.threshold * (best_yes + self.no)
+
     def as_dict(self) -> dict:
         """JSON-ready numbers (ints where whole) for the API and the ledger."""
         data = asdict(self)

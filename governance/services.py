@@ -432,21 +432,8 @@ def remaining_weight(*, proposal: Proposal) -> Decimal:
 
 
 def outcome_decided(*, proposal: Proposal) -> bool:
-    """Whether the outcome is settled whatever the members without a vote do.
-
-    Success is settled when the quorum is already reached and yes stays above the threshold even if all the
-    remaining weight votes no. Defeat is settled when, even if all of it votes yes, the quorum is not reached
-    or yes does not exceed the threshold."""
-    tally = proposal_tally(proposal=proposal)
-    if tally.quorum is None or tally.threshold is None:
-        return False
-    rest = remaining_weight(proposal=proposal)
-    yes_even_if_rest_no = tally.yes > tally.threshold * (tally.yes + tally.no + rest)
-    if tally.quorum_reached and yes_even_if_rest_no:
-        return True
-    best_total = tally.total + rest
-    best_yes = tally.yes + rest
-    return best_total < tally.quorum or not best_yes > tally.threshold * (best_yes + tally.no)
+    """Whether the outcome is settled whatever the members without a vote do (``Tally.settled``)."""
+    return proposal_tally(proposal=proposal).settled(remaining=remaining_weight(proposal=proposal))
 
 
 def _close_if_decided(locked: Proposal, *, now) -> bool:
