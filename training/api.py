@@ -247,6 +247,10 @@ class RunListApi(generics.ListAPIView):
 def _run_detail(request, pk: int) -> Response:
     run = selectors.run_get(pk=pk)
     run.losses = selectors.run_loss_points(run)
+    from training.services.datasets import run_bits_per_byte
+
+    for point in run.losses:
+        point.heldout_bpb = run_bits_per_byte(run, point.heldout)
     run.contributors = selectors.run_contributors(run)
     return Response(RunDetailSerializer(run, context={"request": request}).data)
 

@@ -195,6 +195,9 @@ class LossPointSerializer(serializers.Serializer):
     heldout = serializers.FloatField(allow_null=True)
     train = serializers.FloatField(allow_null=True)
     accepted = serializers.BooleanField(allow_null=True)
+    heldout_bpb = serializers.FloatField(
+        allow_null=True, read_only=True, default=None,
+        help_text="the held-out loss in bits per UTF-8 byte of text, comparable across tokenizers")
 
 
 class RunDetailSerializer(RunListSerializer):

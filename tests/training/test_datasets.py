@@ -184,3 +184,14 @@ def test_schema_documents_the_download_endpoints(api_client):
     for path in ("/api/v1/shards/{sha256}", "/api/v1/tokenizers/{sha256}"):
         assert "get" in schema["paths"][path]
         assert "200" in schema["paths"][path]["get"]["responses"]
+
+
+def test_the_run_detail_reports_held_out_bits_per_byte(data_root, api_client):
+    from training.models import Round
+
+    run = services.run_start(proposal_id=bpe_proposal(data_root).pk)
+    heldout = run.prepared_dataset.heldout
+    Round.objects.filter(run=run, index=1).update(eval_loss_before=2.0)
+    point = api_client.get(f"/api/v1/runs/{run.pk}/").json()["losses"][0]
+    assert point["heldout"] == 2.0
+    assert point["heldout_bpb"] == pytest.approx(2.0 * heldout["tokens"] / heldout["bytes"] / 0.6931471805599453)

@@ -160,6 +160,10 @@ def dataset_build(*, spec: dict, model=None, guardrails: list[dict]) -> BuiltDat
         else:
             tokenizer_json = None
         tokenizer = load_tokenizer(tokenizer_json)
+        model_vocab = spec["model"]["config"].get("vocab_size", 256)
+        if isinstance(model_vocab, int) and tokenizer.vocab_size > model_vocab:
+            raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's config has "
+                                 f"vocab_size {model_vocab}; raise model.config.vocab_size")
         if tokenizer_json is not None:
             built.tokenizer_sha256, built.tokenizer_size = _write_blob(DatasetBlob.Kind.TOKENIZER, tokenizer_json)
         built.vocab_size = tokenizer.vocab_size
