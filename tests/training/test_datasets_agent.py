@@ -121,3 +121,21 @@ def test_an_old_byte_level_task_still_reads_its_source(cpu_worker, tmp_path):
     assert "shard_sha256" not in task["dataset"] and "tokenizer" not in task
     tokens, info = agent(cpu_worker, tmp_path).load_tokens(task)
     assert tokens.numel() > 1000 and int(tokens.max()) < 256
+
+
+def test_a_prepared_round_is_aggregated_scored_and_evaluated_on_the_held_out_shard(prepared_task, cpu_worker,
+                                                                                 gpu_worker, tmp_path):
+    from training.models import Round, Task
+
+    run, first = prepared_task
+    second = client_for(gpu_worker).post("/api/v1/tasks/claim").json()
+    for worker, task in ((cpu_worker, first), (gpu_worker, second)):
+        output = agent(worker, tmp_path / str(worker.pk)).run(task, Hooks())
+        response = client_for(worker).post(f"/api/v1/tasks/{task['id']}/result", {
+            "update": SimpleUploadedFile("u.safetensors", output.update), "metrics": metrics_json()},
+            format="multipart")
+        assert response.status_code == 202
+    rnd = services.round_aggregate(round_id=Round.objects.get(run=run, index=1).pk)
+    assert rnd is not None and rnd.eval_loss_before is not None and rnd.eval_loss_after is not None
+    assert rnd.eval_loss_before < 7.0  # ln(512) ≈ 6.24 at chance: the held-out shard's ids are the model's
+    assert all(t.score is not None for t in Task.objects.filter(round=rnd))
