@@ -14,7 +14,7 @@ from ledger.models import Entry
 from tests.governance.factories import GuardrailFactory, ProposalFactory
 from tests.training.conftest import client_for
 from tests.training.factories import tiny_spec
-from training import services
+from training import blobs, services
 from training.models import DatasetBlob, PreparedDataset, TrainingRun
 from training.services import datasets
 
@@ -99,7 +99,7 @@ def test_the_tokenizer_is_trained_on_the_training_split_only(data_root):
     from diloco.data import load_documents, split_documents
     from diloco.tokenization import train_bpe
 
-    docs = load_documents(f"file:{data_root}/corpus.jsonl", policy=None or __import__("training").blobs.dataset_policy(),
+    docs = load_documents(f"file:{data_root}/corpus.jsonl", policy=blobs.dataset_policy(),
                           format="jsonl", field="text")
     train, heldout = split_documents(docs, 0.25)
     assert hashlib.sha256(train_bpe(train, 400)).hexdigest() == prepared.tokenizer_sha256
@@ -195,3 +195,29 @@ def test_the_run_detail_reports_held_out_bits_per_byte(data_root, api_client):
     point = api_client.get(f"/api/v1/runs/{run.pk}/").json()["losses"][0]
     assert point["heldout"] == 2.0
     assert point["heldout_bpb"] == pytest.approx(2.0 * heldout["tokens"] / heldout["bytes"] / 0.6931471805599453)
+
+
+def test_a_byte_level_run_on_a_file_reaches_agents_as_shards_of_todays_bytes(data_root):
+    from diloco.data import encode_documents, load_documents, shard_documents, split_documents
+    from governance.models import Proposal
+
+    (data_root / "notes.txt").write_text("\n\n".join(f"note {i}: " + "words " * (i + 3) for i in range(20)))
+    spec = spec_normalise(kind="training", spec={**tiny_spec(), "dataset": {
+        "source": f"file:{data_root}/notes.txt", "heldout_fraction": 0.2}})
+    run = services.run_start(proposal_id=ProposalFactory(
+        kind=Proposal.Kind.TRAINING, status=Proposal.Status.APPROVED, spec=spec).pk)
+    prepared = run.prepared_dataset
+    assert prepared.tokenizer_kind == "byte" and prepared.tokenizer_sha256 == "" and prepared.vocab_size == 256
+    docs = load_documents(f"file:{data_root}/notes.txt", policy=blobs.dataset_policy())
+    train, heldout = split_documents(docs, 0.2)
+    for index in range(2):
+        shard = datasets.prepared_shard(prepared.shards[index]["sha256"])
+        assert torch.equal(shard.tokens, encode_documents(shard_documents(train, index, 2)))
+    assert torch.equal(datasets.run_heldout_tokens(run), encode_documents(heldout))
+
+
+def test_a_byte_level_run_on_the_builtin_corpus_keeps_protocol_v1(db):
+    from tests.training.factories import approved_proposal
+
+    run = services.run_start(proposal_id=approved_proposal().pk)
+    assert datasets.run_dataset(run) is None

@@ -1,7 +1,8 @@
 """A run's data, prepared once on the server: loaded, filtered, tokenized and cut into content-addressed shards.
 
-When a run whose spec asks for more than today's byte-level text path starts (``tokenizer.kind`` bpe or
-model, or ``dataset.format`` jsonl or parquet), :func:`dataset_build` runs before the run's transaction:
+When a run starts whose data is not simply the built-in corpus read as bytes (``tokenizer.kind`` bpe or
+model, ``dataset.format`` jsonl or parquet, or a ``file:``/``https:`` source), :func:`dataset_build` runs
+before the run's transaction:
 
 1. the documents are loaded once within the server's source policy (``diloco.data.load_dataset``) and split
    into train and held-out exactly as agents split them (``split_documents``, seed 0);
@@ -55,10 +56,12 @@ log = logging.getLogger(__name__)
 
 
 def dataset_needs_preparing(spec: dict) -> bool:
-    """Whether a run is pre-tokenized on the server (byte-level text runs keep protocol v1's path, where each
-    agent reads the source itself)."""
+    """Whether a run is pre-tokenized on the server: every run but a byte-level one on the built-in corpus,
+    which every agent has (it ships with Python) and which keeps protocol v1's task unchanged. A file under
+    the server's data root or an https download then reaches agents only as their own shard."""
     ds, tok = spec.get("dataset") or {}, spec.get("tokenizer") or {}
-    return tok.get("kind", "byte") != "byte" or ds.get("format", "text") != "text"
+    return (tok.get("kind", "byte") != "byte" or ds.get("format", "text") != "text"
+            or not str(ds.get("source", "")).startswith("builtin:"))
 
 
 @dataclass
