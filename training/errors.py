@@ -55,3 +55,14 @@ class RunForbidden(TrainingError):
 
     code = "forbidden"
     http_status = 403
+
+
+class ModelImportError(TrainingError):
+    """A model directory that cannot be imported; ``field`` is the input it concerns (directory or slug)."""
+
+    code = "invalid_model"
+    http_status = 400
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field

@@ -158,8 +158,35 @@ def model_runs(model: CommunityModel) -> QuerySet[TrainingRun]:
 
 
 def playground_models() -> list[CommunityModel]:
-    return list(models_list().filter(current_checkpoint__isnull=False))
+    """Models with at least one version to sample."""
+    return list(models_list().filter(versions__isnull=False).distinct())
 
 
 def checkpoint_get(*, sha256: str) -> Checkpoint | None:
     return Checkpoint.objects.filter(sha256=sha256).first()
+
+
+def model_versions(model: CommunityModel) -> list:
+    """The model's versions, newest first, with what the version list shows."""
+    from training.models import ModelVersion
+
+    return list(ModelVersion.objects.filter(model=model).select_related(
+        "run", "round", "parent", "lora_base", "checkpoint").order_by("-number"))
+
+
+def version_get(*, model: CommunityModel, number: int | None = None):
+    """Version ``number`` of the model, or its latest version when ``number`` is None (None if it has none)."""
+    from training.models import ModelVersion
+
+    qs = ModelVersion.objects.filter(model=model).select_related("model", "checkpoint", "run", "round", "lora_base")
+    if number is None:
+        return qs.order_by("-number").first()
+    return qs.filter(number=number).first()
+
+
+def version_for_export(*, slug: str, number: int):
+    from training.models import ModelVersion
+
+    qs = ModelVersion.objects.select_related("model", "checkpoint", "run", "run__proposal", "round", "parent",
+                                             "lora_base")
+    return get_object_or_404(qs, model__slug=slug, number=number)

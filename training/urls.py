@@ -9,6 +9,9 @@ urlpatterns = [
     path("runs/<int:pk>/progress", views.run_progress, name="run_progress"),
     path("runs/<int:pk>/cancel", views.run_cancel, name="run_cancel"),
     path("models/", views.model_list, name="model_list"),
+    path("models/import", views.model_import, name="model_import"),
     path("models/<slug:slug>/", views.model_detail, name="model_detail"),
+    path("models/<slug:slug>/v<int:number>.tar.gz", views.version_export, name="version_export"),
     path("playground/", views.playground, name="playground"),
+    path("playground/stream", views.playground_stream, name="playground_stream"),
 ]

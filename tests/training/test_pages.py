@@ -72,8 +72,12 @@ def test_lists_and_model_page(client):
     html = client.get("/models/").content.decode()
     assert run.model.slug in html
     page = client.get(f"/models/{run.model.slug}/").content.decode()
-    for checkpoint in run.model.checkpoints.all():
-        assert f"/api/v1/checkpoints/{checkpoint.sha256}" in page
+    versions = list(run.model.versions.all())
+    assert [v.number for v in versions] == [1] and versions[0].run == run  # the accepted round 1
+    for version in versions:
+        assert f"/api/v1/checkpoints/{version.checkpoint_id}" in page
+        assert f"/models/{run.model.slug}/v{version.number}.tar.gz" in page
+        assert f"/playground/?model={run.model.slug}&amp;version={version.number}" in page
     assert client.get("/runs/").status_code == 200
     assert client.get("/models/nope/").status_code == 404
 
@@ -111,7 +115,8 @@ class TestPlayground:
         return services.community_model_ensure(slug="demo", name="Demo", arch="byte-gpt", config=TINY_CONFIG, seed=1)
 
     def _post(self, client, **fields):
-        data = {"model": "demo", "prompt": "def ", "max_new_tokens": 40, "temperature": 1.0, "seed": 0, **fields}
+        data = {"model": "demo", "prompt": "def ", "max_new_tokens": 40, "temperature": 1.0, "top_k": 40, "seed": 0,
+                **fields}
         return client.post("/playground/", data)
 
     def test_generates_text(self, client, member, model):
@@ -131,8 +136,10 @@ class TestPlayground:
         text = generate(blobs.checkpoint_model(model.current_checkpoint_id), b"def ", max_new_tokens=40,
                         temperature=1.0, top_k=40, seed=0).decode("utf-8", errors="replace")
         assert text.strip()
+        assert 'id="sample-text"' in self._post(client).content.decode()  # the same sample, shown
+        literal = "".join(f"\\x{{{ord(c):x}}}" for c in text[:8])  # its first characters, as RE2 escapes
         guardrail = GuardrailFactory(kind=Guardrail.Kind.OUTPUT_FILTER, title="No byte soup",
-                                     patterns=["^def "], description="Blocks everything starting with def.")
+                                     patterns=[literal], description="Blocks this very text.")
         html = self._post(client).content.decode()
         assert "Output withheld" in html and "No byte soup" in html
         assert f"guardrail #{guardrail.pk}" in html

@@ -38,9 +38,16 @@ def test_a_catastrophic_pattern_on_an_adversarial_prompt_answers(client, member,
 
 def test_the_matching_pattern_still_blocks(client, member, model):
     client.force_login(member)
-    GuardrailFactory(kind=Guardrail.Kind.OUTPUT_FILTER, title="Nested runs", patterns=["^(A+)+"])
-    html = _post(client, prompt="aaaa").content.decode()  # case-insensitive: the prompt starts the text
+    GuardrailFactory(kind=Guardrail.Kind.OUTPUT_FILTER, title="Nested runs", patterns=["^(.+)+$"])
+    html = _post(client, prompt="aaaa").content.decode()
     assert "Output withheld" in html and "Nested runs" in html and 'id="sample-text"' not in html
+
+
+def test_output_guardrails_judge_the_generated_text_not_the_prompt(client, member, model):
+    client.force_login(member)
+    GuardrailFactory(kind=Guardrail.Kind.OUTPUT_FILTER, title="Prompt words", patterns=["zqxjzqxj"])
+    html = _post(client, prompt="zqxjzqxj ", temperature=0).content.decode()
+    assert 'id="sample-text"' in html and "Output withheld" not in html
 
 
 def test_a_stored_pattern_re2_cannot_compile_withholds_output_and_names_the_guardrail(
@@ -56,7 +63,7 @@ def test_a_stored_pattern_re2_cannot_compile_withholds_output_and_names_the_guar
     def no_generation(*args, **kwargs):
         raise AssertionError("nothing is generated while a guardrail cannot be enforced")
 
-    monkeypatch.setattr("training.playground.generate", no_generation)
+    monkeypatch.setattr("training.playground.generate_tokens", no_generation)
     response = _post(client)
     assert response.status_code == 200
     html = response.content.decode()

@@ -44,11 +44,12 @@ from training.services.rounds import (
     rounds_release_stale,
 )
 from training.services.runs import MAX_CANCEL_REASON, run_cancel, run_start, runs_start_approved
+from training.services.versions import model_import, version_latest, version_state
 
 __all__ = [
     "AGGREGATION_STALE_S", "CREDIT_PER_TOKEN", "DEFAULT_MAX_FAILED_ROUNDS", "DEFAULT_MAX_ROUND_EXTENSIONS",
     "EVAL_BATCHES", "EVAL_TOLERANCE", "LIVE_TASK_STATUSES", "MAX_CANCEL_REASON", "MAX_NORM_RATIO",
-    "aggregation_lease_s", "community_model_ensure", "eval_device", "eval_precision", "max_upload_bytes",
+    "aggregation_lease_s", "community_model_ensure", "model_import", "version_latest", "version_state", "eval_device", "eval_precision", "max_upload_bytes",
     "round_aggregate", "round_check", "round_expire_late_tasks", "round_extend_if_starved",
     "round_take_over_if_lapsed", "rounds_open_ids", "rounds_release_stale", "run_cancel", "run_start",
     "runs_start_approved", "task_claim", "task_fail", "task_for_worker", "task_stop_reason",

@@ -17,6 +17,7 @@ import logging
 import math
 
 import torch
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import transaction
 from django.db.models import Max
 
@@ -26,21 +27,21 @@ from training.models import Checkpoint, CommunityModel, ModelVersion, Round, Tra
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_PREFIX = "tokenizers"
 _merged = blobs.LRU(2)
 _modules = blobs.LRU(2)
-
-
-def tokenizer_storage_name(sha256: str) -> str:
-    return f"{TOKENIZER_PREFIX}/{sha256[:2]}/{sha256}.json"
 
 
 def _next_number(model: CommunityModel) -> int:
     return (ModelVersion.objects.filter(model=model).aggregate(n=Max("number"))["n"] or 0) + 1
 
 
-def _run_tokenizer_sha256(run: TrainingRun) -> str:
-    return getattr(run, "tokenizer_sha256", "") or ""
+def _run_tokenizer(run: TrainingRun) -> tuple[str, int | None]:
+    """The run's tokenizer sha256 ('' for bytes) and vocabulary size, from its prepared dataset if any."""
+    try:
+        prepared = run.prepared_dataset
+    except (ObjectDoesNotExist, AttributeError):
+        return "", None
+    return prepared.tokenizer_sha256 or "", prepared.vocab_size
 
 
 def _version_publish(*, run: TrainingRun, rnd: Round, checkpoint: Checkpoint, eval_loss: float | None,
@@ -53,15 +54,19 @@ def _version_publish(*, run: TrainingRun, rnd: Round, checkpoint: Checkpoint, ev
     mspec = run.spec["model"]
     parent = (ModelVersion.objects.filter(run=run).order_by("-number").first() or run.base_version)
     lora = mspec.get("lora")
+    tokenizer_sha256, vocab_size = _run_tokenizer(run)
+    config = dict(mspec["config"])
+    if vocab_size and mspec["arch"] != "byte-gpt":
+        config["vocab_size"] = vocab_size  # the tokenizer's, which the run's models were built with
     version = ModelVersion.objects.create(
-        model=model, number=_next_number(model), checkpoint=checkpoint, arch=mspec["arch"], config=mspec["config"],
-        vocab_size=mspec["config"].get("vocab_size") if mspec["arch"] != "byte-gpt" else None,
-        tokenizer_sha256=_run_tokenizer_sha256(run), parent=parent, lora=lora,
+        model=model, number=_next_number(model), checkpoint=checkpoint, arch=mspec["arch"], config=config,
+        vocab_size=config.get("vocab_size") if mspec["arch"] != "byte-gpt" else None,
+        tokenizer_sha256=tokenizer_sha256, parent=parent, lora=lora,
         lora_base=run.base_version if lora else None, run=run, round=rnd, eval_loss=eval_loss, created_at=now,
     )
     fields = []
     if not lora:
-        model.current_checkpoint, model.arch, model.config = checkpoint, mspec["arch"], mspec["config"]
+        model.current_checkpoint, model.arch, model.config = checkpoint, mspec["arch"], config
         fields = ["current_checkpoint", "arch", "config"]
     if fields:
         model.save(update_fields=fields)
@@ -88,7 +93,7 @@ def version_state(version: ModelVersion) -> dict[str, torch.Tensor]:
 
         base = ModelVersion.objects.get(pk=version.lora_base_id)
         adapters = blobs.checkpoint_state(version.checkpoint_id)[0]
-        spec = LoraSpec(**version.lora)
+        spec = LoraSpec.from_dict(version.lora, arch=version.arch)
         return merge_lora(version.arch, version.config, version_state(base), adapters, spec)
 
     return _merged.get_or_load(("merged", version.pk), merge)
@@ -121,7 +126,10 @@ def version_tokenizer_json(version: ModelVersion) -> bytes | None:
     """The version's tokenizer.json bytes, or None for a byte-level model."""
     if not version.tokenizer_sha256:
         return None
-    return blobs.blob_read(tokenizer_storage_name(version.tokenizer_sha256), sha256=version.tokenizer_sha256)
+    from training.models import DatasetBlob, dataset_blob_storage_name
+
+    name = dataset_blob_storage_name(DatasetBlob.Kind.TOKENIZER, version.tokenizer_sha256)
+    return blobs.blob_read(name, sha256=version.tokenizer_sha256)
 
 
 def version_base_checkpoint(version: ModelVersion) -> Checkpoint:
@@ -136,3 +144,92 @@ def version_base_checkpoint(version: ModelVersion) -> Checkpoint:
     with transaction.atomic():
         return _checkpoint_row(sha=sha, size=size, model=version.model,
                                note=f"v{version.number} with its LoRA adapters merged")
+
+
+MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024
+
+
+@transaction.atomic
+def _import_commit(*, slug: str, name: str, arch: str, config: dict, sha: str, size: int, tokenizer_sha256: str,
+                   vocab_size: int | None, params: int, source: str, by) -> ModelVersion:
+    model, created = CommunityModel.objects.select_for_update().get_or_create(
+        slug=slug, defaults={"name": name, "arch": arch, "config": config,
+                             "description": f"Imported from {source}."})
+    if not created:
+        model = CommunityModel.objects.select_for_update().get(pk=model.pk)
+    from training.services.checkpoints import _checkpoint_row
+
+    checkpoint = _checkpoint_row(sha=sha, size=size, model=model, note=f"imported from {source}"[:200])
+    version = ModelVersion.objects.create(
+        model=model, number=_next_number(model), checkpoint=checkpoint, arch=arch, config=config,
+        vocab_size=vocab_size, tokenizer_sha256=tokenizer_sha256, parent=version_latest(model),
+        source=f"imported from {source}"[:200])
+    model.current_checkpoint, model.arch, model.config = checkpoint, arch, config
+    model.save(update_fields=["current_checkpoint", "arch", "config"])
+    if created:
+        entry_append(actor=by, action="model.created", subject=f"model:{slug}",
+                     payload={"slug": slug, "arch": arch, "config": config, "imported": True})
+    entry_append(actor=by, action="model.imported", subject=f"model:{slug}", payload={
+        "model": slug, "version": version.number, "arch": arch, "config": config, "checkpoint": sha,
+        "tokenizer_sha256": tokenizer_sha256 or None, "parameters": params, "source": source})
+    return version
+
+
+def model_import(*, directory, slug: str, name: str = "", by=None) -> ModelVersion:
+    """Import a Hugging Face model directory (config.json, model.safetensors, tokenizer.json) as the next
+    version of model ``slug`` (its version 1 when the model is new), with a ``model.imported`` entry.
+
+    Raises ``ModelImportError`` naming the problem (unsupported model_type, a config out of bounds, tensors
+    that do not fit the config, a malformed tokenizer, a vocabulary the weights cannot embed); nothing is
+    stored then. The weights and tokenizer are written content addressed before the transaction.
+    """
+    from pathlib import Path
+
+    from django.conf import settings
+
+    from diloco.models import build_model, load_hf_directory, param_count
+    from diloco.tokenization import TokenizerError
+    from governance.specs import SLUG_RE
+    from training.errors import ModelImportError
+    from training.services.checkpoints import _checkpoint_blob, _model_meta
+
+    slug = (slug or "").strip().lower()
+    if not SLUG_RE.match(slug):
+        raise ModelImportError("slug", "Use letters, digits and dashes only (no leading or trailing dash), "
+                                       "at most 64 characters.")
+    path = Path(directory)
+    try:
+        arch, config, state = load_hf_directory(path)
+    except (ValueError, OSError) as exc:
+        raise ModelImportError("directory", str(exc)) from None
+    params = param_count(arch, config)
+    if params > settings.AGORA_MAX_MODEL_PARAMS:
+        raise ModelImportError("directory", f"The model has {params:,} parameters; this server takes at most "
+                                            f"{settings.AGORA_MAX_MODEL_PARAMS:,} (AGORA_MAX_MODEL_PARAMS).")
+    net = build_model(arch, config, seed=None)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelImportError("directory", f"The weights do not fit the config: {exc}") from None
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ModelImportError("directory", f"{path} has no tokenizer.json.")
+    if tokenizer_file.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
+        raise ModelImportError("directory", "tokenizer.json is too large.")
+    from training.services.datasets import tokenizer_store
+
+    try:
+        from diloco.tokenization import load_tokenizer
+
+        vocab = load_tokenizer(tokenizer_file.read_bytes()).vocab_size
+    except TokenizerError as exc:
+        raise ModelImportError("directory", f"tokenizer.json: {exc}") from None
+    if vocab > config["vocab_size"]:
+        raise ModelImportError("directory", f"tokenizer.json has {vocab} ids but the model embeds only "
+                                            f"{config['vocab_size']}.")
+    tokenizer_sha256, _ = tokenizer_store(data=tokenizer_file.read_bytes())
+    sha, size = _checkpoint_blob({k: v.detach().contiguous() for k, v in state.items()},
+                                 _model_meta(arch, config, imported=path.name))
+    return _import_commit(slug=slug, name=name.strip() or slug, arch=arch, config=config, sha=sha, size=size,
+                          tokenizer_sha256=tokenizer_sha256, vocab_size=config["vocab_size"], params=params,
+                          source=path.name, by=by)
