@@ -9,6 +9,7 @@ from rest_framework import serializers
 
 from governance.specs import FiniteFloatField, StrictIntegerField
 from training.models import Checkpoint, Round, Task, TrainingRun
+from training.services.replicas import task_optimizer
 
 
 def task_payload(task: Task, *, request, guardrails: list[dict], max_upload_bytes: int) -> dict:
@@ -43,6 +44,8 @@ def task_payload(task: Task, *, request, guardrails: list[dict], max_upload_byte
         "compression": d["compression"],
         "guardrails": guardrails,
         "seed": task.seed,
+        # "fresh": start AdamW afresh for this task rather than resume the agent's saved state (spot checks).
+        "optimizer": task_optimizer(task),
         "deadline": task.deadline.isoformat(),
         "max_upload_bytes": max_upload_bytes,
         "overlap": bool(d.get("overlap", False)),

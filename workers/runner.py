@@ -356,7 +356,9 @@ class TaskRunner:
         vocab = int(model.config.vocab_size)
         if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
             raise TaskError(f"the data shard has token ids outside the model's vocabulary of {vocab}")
-        optimizer_state = self._load_optimizer_state(run_id, model, cfg)
+        # A task marked "fresh" (spot re-computation, where another worker repeats the same task) starts AdamW
+        # afresh so the two computations are the same; the saved state is replaced after it as usual.
+        optimizer_state = None if task.get("optimizer") == "fresh" else self._load_optimizer_state(run_id, model, cfg)
         log.info("task %s: %d inner steps of %s%s on %s (%d tokens of data in %d documents, %d dropped by "
                  "guardrails%s)", task_id, cfg.steps, task["model"]["arch"], f" LoRA r={lora.rank}" if lora else "",
                  self.device, tokens.numel(), data_info["documents"], data_info["dropped_by_guardrails"],

@@ -3,7 +3,8 @@
 - Issue (``replicas_issue``, when a round opens): each shard is sampled with probability
   ``diloco.replica_fraction`` from a seed derived from ``SECRET_KEY``, the run and the round, so workers
   cannot tell which tasks are checked. A sampled shard gets a replica task: the same checkpoint, shard, seed
-  and inner settings, ``replica_of`` its first task.
+  and inner settings, ``replica_of`` its first task. Agents keep AdamW's state from round to round, so both
+  tasks of a sampled shard (and as many decoys) say ``"optimizer": "fresh"`` (``task_optimizer``).
 - Claim (``replica_claim_filter``, used by ``assignment.task_claim``): a replica goes only to a worker that
   holds no task of that shard in the round, once another worker with the same device (a CPU, or the same
   GPU model: bf16 on a GPU rounds differently from fp32 on a CPU, and kernels differ between GPU models)
@@ -33,7 +34,16 @@ from collections.abc import Callable, Hashable, Sequence
 from django.conf import settings
 from django.db.models import Count, Exists, OuterRef, Q
 
-from diloco.replica import Agreement, Side, Tolerance, centre_cosine, compare, favoured, robust_centre, sample_shards
+from diloco.replica import (
+    Agreement,
+    Side,
+    Tolerance,
+    centre_cosine,
+    compare,
+    favoured,
+    robust_centre,
+    sample_shards,
+)
 from diloco.round import Update, Verdict
 from ledger.services import entry_append
 from training.models import Round, Task, TrainingRun
@@ -56,6 +66,19 @@ def replica_shards(run: TrainingRun, round_index: int) -> list[int]:
     """The shards of round ``round_index`` that get a replica (secret until the round is aggregated)."""
     return sample_shards(seed=replica_seed(run.pk, round_index), shards=int(run.diloco["workers_per_round"]),
                          fraction=replica_fraction(run))
+
+
+def task_optimizer(task: Task) -> str:
+    """The task payload's ``optimizer``: "fresh" tells the agent to start AdamW afresh instead of resuming its
+    saved state of the run, so a task and its replica are the same computation. Every task of a sampled shard
+    is fresh, and as many other shards again by a second secret draw, so a worker handed a fresh task cannot
+    tell whether it is checked (about even odds at any fraction up to 0.5)."""
+    run, index = task.round.run, task.round.index
+    if replica_fraction(run) <= 0:
+        return "resume"
+    decoys = sample_shards(seed=replica_seed(run.pk, index) ^ 0x5EED, shards=int(run.diloco["workers_per_round"]),
+                           fraction=replica_fraction(run))
+    return "fresh" if task.shard_index in set(replica_shards(run, index)) | set(decoys) else "resume"
 
 
 def tolerance() -> Tolerance:
