@@ -142,6 +142,7 @@ class Agent:
         # (run_id, round, steady time) of the end of the last task's training: where the next round's wall
         # time starts when it is the same run's next round (see ``_link_metrics``).
         self._last_trained: tuple[object, object, float] | None = None
+        self._ahead = None  # workers.overlap.AheadTrainer: training ahead while the result travels (overlap runs)
 
     # --- state --------------------------------------------------------------------------------
 
@@ -270,6 +271,7 @@ class Agent:
         except AuthError as exc:
             self.auth_failed(exc)
         finally:
+            self._finish_ahead()
             self.client.close()
             if owns_lock:
                 lock.release()
@@ -303,6 +305,7 @@ class Agent:
             return True
         self.backoff.reset()
         if paused:
+            self._finish_ahead(keep=False)
             self._announce("paused: heartbeating, not claiming work (agora-worker resume to continue)")
             self._wait(self.poll_s)
             return True
@@ -378,7 +381,27 @@ class Agent:
         self._set_state(state, task_id, step / steps if steps else None)
         self.check()
 
+    def _finish_ahead(self, keep: bool = True) -> None:
+        """Stop training ahead (at the end of its chunk); with ``keep`` the runner continues from it."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            head = ahead.finish()
+            self.runner.head_start = head if keep else None
+
+    def _start_ahead(self) -> None:
+        """Overlap runs: train ahead from where this task's training ended while its result travels."""
+        ctx = getattr(self.runner, "ahead_context", None)
+        # Not with --idle-only: training ahead would make the machine look busy to the idle check.
+        if ctx is None or self._stop.is_set() or self.options.once or self.options.finish or self.options.idle_only:
+            return
+        from workers.overlap import AheadTrainer
+
+        self.runner.ahead_context = None
+        self._ahead = AheadTrainer(ctx)
+        self._ahead.start()
+
     def _run_task(self, task: dict) -> None:
+        self._finish_ahead()
         task_id = int(task["id"])
         current = _CurrentTask(task_id, parse_timestamp(task.get("deadline")))
         self._current = current
@@ -411,6 +434,7 @@ class Agent:
                 self._report_failure(current, f"{exc.__class__.__name__}: {exc}")
                 return
             output.metrics.update(self._link_metrics(task, output, claimed_at, link_before))
+            self._start_ahead()
             log.info("task %s trained: loss %.4f -> %.4f in %.1f s; uploading %d bytes", task_id,
                      output.metrics["loss_start"], output.metrics["loss_end"], output.metrics["seconds"],
                      len(output.update))
@@ -446,7 +470,8 @@ class Agent:
                 and last[1] == task["round"] - 1:
             start = last[2]
         self._last_trained = (task.get("run_id"), task.get("round"), now)
-        details = getattr(output, "details", None) or {}
+        details = {**(getattr(output, "details", None) or {}), **(getattr(self.runner, "overlap_info", None) or {})}
+        self.runner.overlap_info = None
         compute = float(details.get("compute_seconds", output.metrics.get("seconds", 0.0)))
         compute = round(compute, 3)
         wall = round(max(now - start, compute, 0.001), 3)

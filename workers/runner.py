@@ -334,7 +334,8 @@ class TaskRunner:
 
     def run(self, task: dict, hooks: Hooks) -> TaskOutput:
         from diloco.codecs import CODECS
-        from diloco.inner import InnerConfig, inner_train
+        from diloco.inner import InnerConfig
+        from workers.overlap import inner_train_with_head_start
 
         task_id = _field(task, "id")
         run_id = _field(task, "run_id")
@@ -371,8 +372,10 @@ class TaskRunner:
             hooks.on_step(step, cfg.steps, loss)
 
         try:
-            result = inner_train(model, tokens, cfg, seed=int(_field(task, "seed")), device=self.device,
-                                 optimizer_state=optimizer_state, progress=progress)
+            # Plain inner_train, unless an overlap run's next round continues the steps trained ahead.
+            result = inner_train_with_head_start(self, task, model, tokens, cfg, seed=int(_field(task, "seed")),
+                                                 device=self.device, optimizer_state=optimizer_state,
+                                                 progress=progress)
         finally:
             display.close()
         if not (math.isfinite(result.loss_start) and math.isfinite(result.loss_end)):
