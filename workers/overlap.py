@@ -15,7 +15,8 @@ fresh global weights rather than averaging stale weights in. The server sees an 
 the task's checkpoint (``base_checkpoint_sha256``), so robust screening and contribution scoring judge it
 like any other; the metrics say how many of its steps were trained ahead (``overlap_steps``) and from which
 round's weights (``overlap_from_round``). A head start is used only for the same run's next round; a gap,
-another run, a LoRA task or a task without ``overlap`` discards it.
+another run, a LoRA task, a task without ``overlap`` or one that must start AdamW afresh (a spot-checked task,
+which another worker repeats exactly) discards it.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class AheadTrainer(threading.Thread):
 def _usable(head: HeadStart | None, task: dict) -> bool:
     return (head is not None and task.get("overlap") is True and head.run_id == task.get("run_id")
             and isinstance(task.get("round"), int) and head.from_round == task["round"] - 1
-            and not (task.get("model") or {}).get("lora"))
+            and not (task.get("model") or {}).get("lora") and task.get("optimizer") != "fresh")
 
 
 def inner_train_with_head_start(runner, task: dict, model, tokens, cfg, *, seed: int, device, optimizer_state,
