@@ -587,8 +587,8 @@ def bits_per_byte(loss: float, *, tokens: int, nbytes: int) -> float | None:
 # A shard is a safetensors file with three 1-D tensors and one JSON metadata entry (one key, so the bytes
 # and hence the content address are the same for the same tokens):
 #
-# - ``tokens``: the documents' ids with the tokenizer's separator between documents, uint16 when every
-#   id fits (vocabulary ≤ 65 536), else int32;
+# - ``tokens``: the documents' ids with the tokenizer's separator between documents, in the narrowest dtype
+#   every id fits: uint8 (bytes), uint16 (vocabulary ≤ 65 536) or int32;
 # - ``doc_starts``, ``doc_lengths`` (int64): where each document's ids are in ``tokens``;
 # - metadata ``agora``: ``format`` (``agora-token-shard/1``), ``vocab_size``, ``tokenizer`` (``byte`` or the
 #   sha256 of ``tokenizer.json``), ``documents``, ``bytes`` (UTF-8 bytes of the documents, for bits per byte)
@@ -597,7 +597,7 @@ def bits_per_byte(loss: float, *, tokens: int, nbytes: int) -> float | None:
 SHARD_FORMAT = "agora-token-shard/1"
 SHARD_META_KEY = "agora"
 MAX_SHARD_BYTES = 4 * 1024**3
-_SHARD_TENSORS = {"tokens": ("U16", "I32"), "doc_starts": ("I64",), "doc_lengths": ("I64",)}
+_SHARD_TENSORS = {"tokens": ("U8", "U16", "I32"), "doc_starts": ("I64",), "doc_lengths": ("I64",)}
 _SHARD_HEADER_MAX = 64 * 1024
 
 
@@ -625,7 +625,8 @@ class TokenShard:
 
 
 def token_dtype(vocab_size: int) -> torch.dtype:
-    return torch.uint16 if vocab_size <= 65_536 else torch.int32
+    """The narrowest dtype every id fits: uint8 for bytes, uint16 up to 65 536 ids, else int32."""
+    return torch.uint8 if vocab_size <= 256 else torch.uint16 if vocab_size <= 65_536 else torch.int32
 
 
 def write_token_shard(ids, *, doc_starts, doc_lengths, vocab_size: int, tokenizer: str, nbytes: int,
@@ -715,7 +716,7 @@ def read_token_shard(data: bytes, *, vocab_size: int | None = None, tokenizer: s
         raise ShardError(f"the shard is for a vocabulary of {ints['vocab_size']}, not {vocab_size}")
     if tokenizer is not None and shard_tokenizer != tokenizer:
         raise ShardError(f"the shard was made with tokenizer {shard_tokenizer}, not {tokenizer}")
-    expected_dtype = "U16" if ints["vocab_size"] <= 65_536 else "I32"
+    expected_dtype = {torch.uint8: "U8", torch.uint16: "U16", torch.int32: "I32"}[token_dtype(ints["vocab_size"])]
     if header["tokens"]["dtype"] != expected_dtype:
         raise ShardError(f"tensor tokens must have dtype {expected_dtype} for a vocabulary of {ints['vocab_size']}")
     try:

@@ -129,10 +129,15 @@ def test_bpe_shards_round_trip_and_are_content_addressed(bpe):
     assert x.shape == (2, 4) and torch.equal(x[:, 1:], y[:, :-1])
 
 
-def test_ids_over_65535_are_stored_as_int32():
-    data = write_token_shard([0, 70_000, 5], doc_starts=[0], doc_lengths=[3], vocab_size=100_000,
-                             tokenizer="f" * 64, nbytes=9)
-    assert read_token_shard(data).tokens.tolist() == [0, 70_000, 5]
+def test_ids_are_stored_in_the_narrowest_dtype():
+    sizes = {}
+    for vocab in (256, 65_536, 100_000):
+        ids = [0, vocab - 1, 5] * 100
+        data = write_token_shard(ids, doc_starts=[0], doc_lengths=[300], vocab_size=vocab, tokenizer="f" * 64,
+                                 nbytes=9)
+        assert read_token_shard(data).tokens.tolist() == ids
+        sizes[vocab] = len(data)
+    assert sizes[256] < sizes[65_536] < sizes[100_000]
 
 
 def test_expected_vocabulary_and_tokenizer_are_checked(bpe):
@@ -149,7 +154,7 @@ def _forged(tensors: dict, meta: dict | None = None) -> bytes:
     return st_save(tensors, metadata={"agora": json.dumps({**base, **(meta or {})})})
 
 
-GOOD = {"tokens": torch.tensor([1, 2, 3], dtype=torch.uint16), "doc_starts": torch.tensor([0]),
+GOOD = {"tokens": torch.tensor([1, 2, 3], dtype=torch.uint8), "doc_starts": torch.tensor([0]),
         "doc_lengths": torch.tensor([3])}
 
 
@@ -157,10 +162,12 @@ GOOD = {"tokens": torch.tensor([1, 2, 3], dtype=torch.uint16), "doc_starts": tor
     (b"", "too short"),
     (b"\xff" * 16, "header length"),
     ((20).to_bytes(8, "little") + b"{not json at all....", "not JSON"),
-    (_forged({**GOOD, "tokens": torch.tensor([1, 2, 300], dtype=torch.uint16)}), "token id 300 is outside"),
-    (_forged({**GOOD, "tokens": torch.tensor([1, 2, 3], dtype=torch.int32)}), "dtype U16"),
-    (_forged({**GOOD, "tokens": torch.tensor([1.0, 2.0, 3.0])}), "dtype U16 or I32"),
-    (_forged({**GOOD, "tokens": torch.tensor([[1, 2, 3]], dtype=torch.uint16)}), "1-D"),
+    (_forged({**GOOD, "tokens": torch.tensor([1, 2, 300], dtype=torch.uint16)}, {"vocab_size": 256}), "dtype U8"),
+    (_forged({**GOOD, "tokens": torch.tensor([1, 2, 300], dtype=torch.uint16)}, {"vocab_size": 290}),
+     "token id 300 is outside"),
+    (_forged({**GOOD, "tokens": torch.tensor([1, 2, 3], dtype=torch.int32)}), "dtype U8"),
+    (_forged({**GOOD, "tokens": torch.tensor([1.0, 2.0, 3.0])}), "dtype U8 or U16 or I32"),
+    (_forged({**GOOD, "tokens": torch.tensor([[1, 2, 3]], dtype=torch.uint8)}), "1-D"),
     (_forged({**GOOD, "extra": torch.tensor([1])}), "holds tensors"),
     (_forged({**GOOD, "doc_lengths": torch.tensor([4])}), "outside the shard's tokens"),
     (_forged({**GOOD, "doc_starts": torch.tensor([0, 1]), "doc_lengths": torch.tensor([2, 2])},
