@@ -117,3 +117,15 @@ def test_token_ids_beyond_the_vocabulary_fail_the_task(runner, fake_server):
     sha = _serve(fake_server, init_state("llama", small, seed=0), {})
     with pytest.raises(TaskError, match="vocabulary of 64"):
         runner.run(make_task(checkpoint_sha256=sha, model={"arch": "llama", "config": small}), Hooks())
+
+
+def test_train_throughput_times_the_agent_inner_loop_and_counts_model_flops():
+    from workers.bench import LLAMA_125M, model_flops_per_token, train_throughput
+
+    # 12 layers of (4 attention + 3 MLP) matrices at width 768 / 2048, two norms each, final norm, head.
+    layer = 4 * 768 * 768 + 3 * 768 * 2048 + 2 * 768
+    matmul_params = 12 * layer + 768 + 768 * 32_000
+    assert model_flops_per_token("llama", LLAMA_125M, 1024) == 6 * matmul_params + 12 * 12 * 768 * 1024
+    result = train_throughput("llama-tiny", device="cpu", batch_size=2, seq_len=16, steps=3, warmup_steps=1)
+    assert result["steady_tokens_per_s"] > 0 and result["task_tokens_per_s"] > 0
+    assert result["bf16_autocast"] is False and result["fused_adamw"] is False and result["mfu"] is None
