@@ -67,6 +67,21 @@ EF_META_KEY = "agora_error_feedback"
 _EF_PREFIX = "error."
 
 
+def is_sparse(compression: str) -> bool:
+    return compression in SPARSE_BITS
+
+
+def momentum_roles(compression: str, outer_momentum: float) -> tuple[float, float | None]:
+    """``(server momentum, workers' error-feedback β)`` for a run's ``outer_momentum``. With a sparse codec
+    the workers' error feedback takes the place of outer momentum (SparseLoCo): the run's outer momentum is
+    β and the server's step is plain SGD on the mean of the sparse updates (``bench.fidelity_sparse``
+    measured Nesterov momentum on top of error feedback too; see the README). Dense codecs: outer
+    momentum is the server's, and there is no error feedback."""
+    if is_sparse(compression):
+        return 0.0, _check_beta(outer_momentum)
+    return float(outer_momentum), None
+
+
 # --- error feedback --------------------------------------------------------------------------------------
 
 
@@ -340,5 +355,5 @@ def apply_published_delta(state: dict[str, Tensor], data: bytes) -> dict[str, Te
 
 __all__ = [
     "BETA", "ErrorFeedback", "accumulate", "apply_published_delta", "compress", "decode_published_delta",
-    "encode_published_delta", "published_meta",
+    "encode_published_delta", "is_sparse", "momentum_roles", "published_meta",
 ]

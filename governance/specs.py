@@ -415,10 +415,21 @@ class DilocoSpec(StrictSerializer):
     )
     outer_lr = FiniteFloatField(min_value=0.01, max_value=2.0, default=0.7, help_text="Outer SGD learning rate (0.01–2).")
     outer_momentum = FiniteFloatField(
-        min_value=0.0, max_value=0.99, default=0.9, help_text="Outer Nesterov momentum (0–0.99)."
+        min_value=0.0, max_value=0.99, default=0.9,
+        help_text="Outer Nesterov momentum (0–0.99). With a sparse compression (topk2, topk4) it is the decay of "
+                  "each worker's error feedback, which takes the place of outer momentum (SparseLoCo), and the "
+                  "server steps with plain SGD on the mean of the sparse updates.",
     )
     compression = serializers.ChoiceField(
-        choices=["fp32", "fp16", "int8"], default="int8", help_text="How pseudo-gradients travel."
+        choices=["fp32", "fp16", "int8", "topk2", "topk4"], default="int8",
+        help_text="How pseudo-gradients travel: fp32, fp16 or int8 (dense), or topk2 / topk4 (sparse: each worker "
+                  "sends the largest `density` share of every chunk of 4096 values in 2 or 4 bits, keeps the rest "
+                  "for later rounds, and downloads only each round's step).",
+    )
+    density = FiniteFloatField(
+        min_value=0.005, max_value=0.1, default=0.02,
+        help_text="Sparse compression: share of each chunk of 4096 values a worker sends per round "
+                  "(0.005–0.1; SparseLoCo uses 0.01–0.03). Not used by dense compressions.",
     )
     overlap = serializers.BooleanField(
         default=False,
@@ -465,10 +476,18 @@ class DilocoSpec(StrictSerializer):
         if attrs["warmup"] > attrs["inner_steps"]:
             errors["warmup"] = [f"Must not exceed inner_steps ({attrs['inner_steps']}); got {attrs['warmup']}."]
         errors.update(_robustness_errors(attrs))
+        if attrs["compression"] in SPARSE_COMPRESSIONS and attrs["aggregator"] in ("trimmed_mean", "median"):
+            errors["aggregator"] = [
+                f"With the sparse compression {attrs['compression']} most values are zero in all but one update, "
+                f"so a per-value {attrs['aggregator']} throws most of the signal away. Choose \"norm_clipped_mean\" "
+                "(each update's influence capped; screening still applies) or \"mean\"."
+            ]
         if errors:
             raise serializers.ValidationError(errors)
         return attrs
 
+
+SPARSE_COMPRESSIONS = ("topk2", "topk4")
 
 # Below these a "robust" aggregator is not: a trimmed mean that trims nothing is the mean, and the median
 # of two values is their mean. Three is the least k where one poisoned update is outvoted.

@@ -253,3 +253,13 @@ def test_applying_a_step_to_the_wrong_model_or_dtype_is_refused():
     with pytest.raises(CodecError, match="non-finite"):
         apply_published_delta({"w": torch.full((128,), -3.4e38)}, encode_published_delta({"w": torch.full(
             (128,), 3.4e38)}, chunk=64))
+
+
+def test_outer_momentum_is_error_feedback_for_sparse_codecs():
+    from diloco.sparse import momentum_roles
+
+    assert momentum_roles("topk2", 0.9) == (0.0, 0.9)
+    assert momentum_roles("topk4", 0.0) == (0.0, 0.0)
+    assert momentum_roles("int8", 0.9) == (0.9, None)
+    with pytest.raises(ValueError, match="beta"):
+        momentum_roles("topk2", 1.5)

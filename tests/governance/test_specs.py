@@ -46,6 +46,10 @@ HTTPS = {"source": "https://example.org/corpus.txt"}
         ({"diloco": {"min_workers": 3, "workers_per_round": 2}}, "spec.diloco.min_workers"),
         ({"diloco": {"warmup": 50, "inner_steps": 10}}, "spec.diloco.warmup"),
         ({"diloco": {"compression": "zip"}}, "spec.diloco.compression"),
+        ({"diloco": {"compression": "topk2"}}, "spec.diloco.aggregator"),  # trimmed mean of sparse updates
+        ({"diloco": {"compression": "topk4", "aggregator": "median"}}, "spec.diloco.aggregator"),
+        ({"diloco": {"compression": "topk2", "aggregator": "mean", "density": 0.5}}, "spec.diloco.density"),
+        ({"diloco": {"compression": "topk2", "aggregator": "mean", "density": 0}}, "spec.diloco.density"),
         ({"diloco": {"aggregator": "max"}}, "spec.diloco.aggregator"),
         ({"diloco": {"seq_len": 128}}, "spec.diloco.seq_len"),  # > block_size 64
         ({"diloco": {"inner_Lr": 0.1}}, "spec.diloco.inner_Lr"),  # typo: unknown field
@@ -99,6 +103,13 @@ def test_several_bad_fields_are_all_reported(member_client):
     assert response.status_code == 400
     fields = response.json()["fields"]
     assert {"title", "spec.diloco.inner_lr", "spec.diloco.batch_size", "spec.hardware.allow_cpu"} <= set(fields)
+
+
+def test_a_sparse_compression_takes_a_density_and_a_sparse_friendly_aggregator():
+    diloco = spec_normalise(kind="training", spec={"diloco": {"compression": "topk2",
+                                                              "aggregator": "norm_clipped_mean"}})["diloco"]
+    assert diloco["compression"] == "topk2" and diloco["density"] == 0.02
+    assert spec_normalise(kind="training", spec={})["diloco"]["compression"] == "int8"
 
 
 @pytest.mark.parametrize(("given", "frozen"), [("latest", "latest"), ("current", "current"), ("scratch", "scratch"),
