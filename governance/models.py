@@ -263,7 +263,7 @@ class Delegation(models.Model):
 
     @property
     def topic(self) -> str:
-        return Proposal.Kind(self.kind).label if self.kind else "all proposals"
+        return f"{Proposal.Kind(self.kind).label} proposals" if self.kind else "all proposals"
 
 
 class Notification(models.Model):

@@ -1,0 +1,118 @@
+"""A newcomer's governance journey in Chromium: sign up, verify the e-mail, delegate, get notified, see the
+delegate's vote count for them, override it with their own vote (which settles the outcome: the vote closes
+early in place), and hear that staff approved. Screenshots at 1280 and 390 pixels wide."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from governance import services
+from governance.models import Notification, Proposal, Vote
+from tests.browser.pages import log_in, new_page, screenshot_dir, shoot
+from tests.factories import UserFactory
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def bell_count(page) -> int:
+    badge = page.locator("#bell-count")
+    return int(badge.inner_text()) if badge.count() else 0
+
+
+def test_newcomer_delegates_is_notified_votes_and_sees_the_early_close(browser, live_server, monkeypatch, settings):
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    (Path(settings.VAR_DIR) / "celery" / "queue").mkdir(parents=True, exist_ok=True)
+    settings.AGORA_VOTER_ELIGIBILITY = "verified_email"
+    settings.AGORA_QUORUM_MIN, settings.AGORA_QUORUM_FRACTION, settings.AGORA_PASS_THRESHOLD = 3, 0, 0.5
+    from django.core import mail
+
+    grace = UserFactory(username="grace", is_staff=True)
+    alice, bob, carol = (UserFactory(username=name) for name in ("alice", "bob", "carol"))
+
+    # Sign up and verify the address from the e-mail.
+    page = new_page(browser, live_server.url)
+    page.goto("/accounts/signup/")
+    page.fill("input[name=username]", "newcomer")
+    page.fill("input[name=email]", "newcomer@example.org")
+    page.fill("input[name=password1]", "a-long pass phrase")
+    page.fill("input[name=password2]", "a-long pass phrase")
+    page.click("form button[type=submit]")
+    page.wait_for_load_state()
+    link = re.search(r"https?://\S+/accounts/confirm-email/\S+/", mail.outbox[-1].body).group(0)
+    page.goto(link)
+    page.click("main form button[type=submit]")
+    page.wait_for_load_state()
+
+    # Delegate training proposals to bob, on the delegations page.
+    page.goto("/delegations/")
+    page.fill("#id_delegate", "bob")
+    page.select_option("#id_kind", "training")
+    page.click("#delegation-form button[type=submit]")
+    page.wait_for_load_state()
+    assert "bob" in page.locator("#my-delegations").inner_text()
+    shoot(page, "community-delegations")
+    newcomer = UserFactory._meta.model.objects.get(username="newcomer")
+    assert Notification.objects.filter(user=bob, kind="delegation").exists()
+
+    # Alice opens a vote: the newcomer is told in the app.
+    proposal = services.proposal_submit(author=alice, kind="training", title="Train on the Python docs", spec={},
+                                        body="Three rounds on the built-in corpus.", open_now=True)
+    page.goto("/")
+    assert bell_count(page) == 1
+    assert "Train on the Python docs" in page.locator("#needs-me").inner_text()
+    shoot(page, "community-home")
+    page.click("#bell")
+    page.wait_for_url("**/notifications/")
+    shoot(page, "community-notifications")
+    page.click("#notification-list button")
+    page.wait_for_url(f"**/proposals/{proposal.pk}/")
+    assert bell_count(page) == 0
+    services.comment_post(proposal=proposal, author=alice, body="@newcomer, what do you think?")
+
+    # bob votes no, carol and alice yes: bob's no counts for the newcomer too (2 yes, 2 no, grace left).
+    services.vote_cast(proposal=proposal, voter=bob, choice="no")
+    services.vote_cast(proposal=proposal, voter=carol, choice="yes")
+    services.vote_cast(proposal=proposal, voter=alice, choice="yes")
+    page.reload()
+    assert "via bob" in page.locator('#votes-list tr[data-voter="newcomer"]').inner_text()
+    assert "You delegated training run proposals to bob" in page.locator("#delegation-note").inner_text()
+    proposal.refresh_from_db()
+    assert proposal.status == "active"
+
+    # The newcomer's own yes overrides bob's and settles it: 3 yes of 5 whatever grace does.
+    page.evaluate("window.__agoraMarker = 'still-here'")
+    page.click("#vote-panel button[value=yes]")
+    page.locator("#proposal-status", has_text="Succeeded").wait_for()
+    assert page.evaluate("window.__agoraMarker") == "still-here"  # swapped in place, no reload
+    assert "via" not in page.locator('#votes-list tr[data-voter="newcomer"]').inner_text()
+    assert "proposal.closed" in page.locator("#proposal-ledger").inner_text()
+    own = Vote.objects.get(proposal=proposal, voter=newcomer)
+    assert own.via is None and own.choice == "yes"
+    proposal.refresh_from_db()
+    assert proposal.status == "succeeded" and proposal.close_reason == "decided"
+    page.reload()
+    assert "could no longer change the outcome" in page.locator("#closed-early").inner_text()
+    shoot(page, "community-closed-early")
+
+    # Staff approve; the newcomer hears about it (and about the close) in the bell.
+    admin_page = log_in(browser, live_server.url, grace.username)
+    admin_page.goto(f"/proposals/{proposal.pk}/")
+    admin_page.click("#approve-button")
+    admin_page.wait_for_load_state()
+    assert admin_page.locator("#proposal-status").inner_text() == "Approved"
+    assert Proposal.objects.get(pk=proposal.pk).status == "approved"
+    page.goto("/notifications/")
+    kinds = page.locator("#notification-list li").evaluate_all("items => items.map(i => i.dataset.kind)")
+    assert kinds == ["proposal_approved", "proposal_closed", "mention", "proposal_opened"]
+    assert bell_count(page) == 3
+    shoot(page, "community-notifications-after")
+
+    # The phone layout: the navigation folds behind a Menu button.
+    phone = log_in(browser, live_server.url, "newcomer", width=390)
+    assert not phone.locator("#nav-areas").is_visible()
+    phone.click(".nav-toggle")
+    assert phone.locator("#nav-areas").is_visible()
+    phone.screenshot(path=str(screenshot_dir() / "community-phone-menu-390.png"), full_page=True)
