@@ -56,8 +56,10 @@ def _version_publish(*, run: TrainingRun, rnd: Round, checkpoint: Checkpoint, ev
     lora = mspec.get("lora")
     tokenizer_sha256, vocab_size = _run_tokenizer(run)
     config = dict(mspec["config"])
-    if vocab_size and mspec["arch"] != "byte-gpt":
-        config["vocab_size"] = vocab_size  # the tokenizer's, which the run's models were built with
+    if vocab_size and mspec["arch"] != "byte-gpt" and not config.get("vocab_size"):
+        # The run's models embed the config's vocabulary, which holds every id of the tokenizer (a trained
+        # BPE may have fewer ids than asked for): the weights, not the tokenizer, fix the embedding's size.
+        config["vocab_size"] = vocab_size
     version = ModelVersion.objects.create(
         model=model, number=_next_number(model), checkpoint=checkpoint, arch=mspec["arch"], config=config,
         vocab_size=config.get("vocab_size") if mspec["arch"] != "byte-gpt" else None,
