@@ -111,7 +111,8 @@ def test_newcomer_delegates_is_notified_votes_and_sees_the_early_close(browser, 
     shoot(page, "community-notifications-after")
 
     # The phone layout: the navigation folds behind a Menu button.
-    phone = log_in(browser, live_server.url, "newcomer", width=390)
+    phone = log_in(browser, live_server.url, alice.username, width=390)
+    assert phone.locator("summary", has_text="alice").count() == 1
     assert not phone.locator("#nav-areas").is_visible()
     phone.click(".nav-toggle")
     assert phone.locator("#nav-areas").is_visible()
