@@ -4,6 +4,12 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from agora import accounts, views
+from core.admin import brand
+
+brand(admin.site)
+handler404 = "agora.errors.page_not_found"
+handler500 = "agora.errors.server_error"
+handler403 = "agora.errors.permission_denied"
 
 api_v1 = [
     path("auth/token", accounts.TokenApi.as_view(), name="api-auth-token"),

@@ -1,10 +1,11 @@
 from django.contrib import admin
 
+from core.admin import ReadOnlyAdmin
 from ledger.models import Entry
 
 
 @admin.register(Entry)
-class EntryAdmin(admin.ModelAdmin):
+class EntryAdmin(ReadOnlyAdmin):
     """Read-only: the chain is written by services, never by hand."""
 
     list_display = ("seq", "created_at", "actor", "action", "subject", "short_hash")
@@ -14,12 +15,3 @@ class EntryAdmin(admin.ModelAdmin):
     @admin.display(description="hash")
     def short_hash(self, obj):
         return obj.hash[:12]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

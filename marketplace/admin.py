@@ -7,6 +7,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.shortcuts import render
 
+from core.admin import ReadOnlyAdmin
 from marketplace import services
 from marketplace.errors import MarketplaceError
 from marketplace.models import CreditGrant, EnrollmentToken, Worker, WorkerOutcome
@@ -53,7 +54,7 @@ def reinstate_workers(modeladmin, request, queryset):
 
 
 @admin.register(Worker)
-class WorkerAdmin(admin.ModelAdmin):
+class WorkerAdmin(ReadOnlyAdmin):
     list_display = ["id", "name", "owner", "status", "reliability", "benchmark_tflops", "agent_version",
                     "last_seen_at", "created_at"]
     list_filter = ["status"]
@@ -63,39 +64,22 @@ class WorkerAdmin(admin.ModelAdmin):
     exclude = ["token_hash"]
     readonly_fields = [f.name for f in Worker._meta.concrete_fields if f.name != "token_hash"]
 
-    def has_add_permission(self, request):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
-
-class _ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
 
 @admin.register(CreditGrant)
-class CreditGrantAdmin(_ReadOnlyAdmin):
+class CreditGrantAdmin(ReadOnlyAdmin):
     list_display = ["id", "worker", "amount", "reason", "reference", "created_at"]
     list_select_related = ["worker"]
     search_fields = ["reference", "worker__name"]
 
 
 @admin.register(EnrollmentToken)
-class EnrollmentTokenAdmin(_ReadOnlyAdmin):
+class EnrollmentTokenAdmin(ReadOnlyAdmin):
     list_display = ["id", "owner", "name", "created_at", "expires_at", "used_at", "worker"]
     list_select_related = ["owner", "worker"]
     exclude = ["token_hash"]
 
 
 @admin.register(WorkerOutcome)
-class WorkerOutcomeAdmin(_ReadOnlyAdmin):
+class WorkerOutcomeAdmin(ReadOnlyAdmin):
     list_display = ["id", "worker", "reference", "valid", "reliability_after", "created_at"]
     list_select_related = ["worker"]
