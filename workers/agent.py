@@ -142,7 +142,6 @@ class Agent:
         # (run_id, round, steady time) of the end of the last task's training: where the next round's wall
         # time starts when it is the same run's next round (see ``_link_metrics``).
         self._last_trained: tuple[object, object, float] | None = None
-        self._ahead = None  # workers.overlap.AheadTrainer: training ahead while the result travels (overlap runs)
 
     # --- state --------------------------------------------------------------------------------
 
@@ -205,6 +204,7 @@ class Agent:
             self.request_abort()
             return
         self._stop.set()
+        self._halt_ahead(wait=False)  # a signal handler: no waiting for the chunk in progress
         state, task_id, _ = self.snapshot()
         if task_id is not None:
             log.warning("stopping after task %s is finished and reported; interrupt again to abort it", task_id)
@@ -271,7 +271,7 @@ class Agent:
         except AuthError as exc:
             self.auth_failed(exc)
         finally:
-            self._finish_ahead()
+            self._halt_ahead()
             self.client.close()
             if owns_lock:
                 lock.release()
@@ -305,7 +305,7 @@ class Agent:
             return True
         self.backoff.reset()
         if paused:
-            self._finish_ahead(keep=False)
+            self._halt_ahead()
             self._announce("paused: heartbeating, not claiming work (agora-worker resume to continue)")
             self._wait(self.poll_s)
             return True
@@ -381,27 +381,18 @@ class Agent:
         self._set_state(state, task_id, step / steps if steps else None)
         self.check()
 
-    def _finish_ahead(self, keep: bool = True) -> None:
-        """Stop training ahead (at the end of its chunk); with ``keep`` the runner continues from it."""
-        ahead, self._ahead = self._ahead, None
+    def _halt_ahead(self, wait: bool = True) -> None:
+        """Stop training ahead (overlap runs: ``workers.overlap``) when pausing or stopping; what was trained
+        stays usable for the next task."""
+        ahead = getattr(self.runner, "ahead", None)
         if ahead is not None:
-            head = ahead.finish()
-            self.runner.head_start = head if keep else None
-
-    def _start_ahead(self) -> None:
-        """Overlap runs: train ahead from where this task's training ended while its result travels."""
-        ctx = getattr(self.runner, "ahead_context", None)
-        # Not with --idle-only: training ahead would make the machine look busy to the idle check.
-        if ctx is None or self._stop.is_set() or self.options.once or self.options.finish or self.options.idle_only:
-            return
-        from workers.overlap import AheadTrainer
-
-        self.runner.ahead_context = None
-        self._ahead = AheadTrainer(ctx)
-        self._ahead.start()
+            ahead.halt(wait=wait)
 
     def _run_task(self, task: dict) -> None:
-        self._finish_ahead()
+        # Overlap runs train ahead while a result travels; not with --once/--finish (no next task), nor with
+        # --idle-only (training ahead would make the machine look busy to the idle check).
+        self.runner.train_ahead = not (self._stop.is_set() or self.options.once or self.options.finish
+                                       or self.options.idle_only)
         task_id = int(task["id"])
         current = _CurrentTask(task_id, parse_timestamp(task.get("deadline")))
         self._current = current
@@ -434,7 +425,6 @@ class Agent:
                 self._report_failure(current, f"{exc.__class__.__name__}: {exc}")
                 return
             output.metrics.update(self._link_metrics(task, output, claimed_at, link_before))
-            self._start_ahead()
             log.info("task %s trained: loss %.4f -> %.4f in %.1f s; uploading %d bytes", task_id,
                      output.metrics["loss_start"], output.metrics["loss_end"], output.metrics["seconds"],
                      len(output.update))

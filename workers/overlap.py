@@ -1,11 +1,11 @@
 """Overlap (spec ``diloco.overlap``): the agent trains ahead while its upload travels and the server
 aggregates, so the link and the coordinator stop leaving the GPU idle.
 
-After a task of an overlap run is trained, the agent keeps its model where the inner loop left it (θ_end,
-its own weights after round r) with the shard, the settings and the AdamW state. While the result is
-delivered and the next task is awaited, an :class:`AheadTrainer` thread goes on training from θ_end in chunks
-of steps (``ahead_steps`` at most: the next task's H). When round r+1's task arrives with the new
-checkpoint θ_{r+1}, training stops at the end of its chunk and the progress made ahead,
+As soon as a task of an overlap run is trained, an :class:`AheadTrainer` thread goes on training from where
+the inner loop left the model (θ_end, the agent's own weights after round r), on the same shard with the
+same settings and AdamW state, in chunks of steps (H at most), while the result is encoded, uploaded and
+aggregated and while the next task's checkpoint and data are made ready. When round r+1's task is about to
+train on the new checkpoint θ_{r+1}, training ahead stops at the end of its chunk and the progress made ahead,
 ``Δ_ahead = θ_end − θ_ahead``, is moved onto the new weights: training resumes from ``θ_{r+1} − Δ_ahead``
 for the steps still missing, and the update uploaded is ``Δ = θ_{r+1} − θ_final = Δ_ahead + Δ_rest``.
 
@@ -73,6 +73,8 @@ class AheadTrainer(threading.Thread):
         self.loss_start = float("nan")
         self.loss_end = float("nan")
         self.error: BaseException | None = None
+        self._result: HeadStart | None = None
+        self._finished = False
         self._start_state = {k: v.detach().to("cpu", torch.float32, copy=True)
                              for k, v in ctx.model.state_dict().items()}
 
@@ -99,18 +101,27 @@ class AheadTrainer(threading.Thread):
             log.warning("training ahead stopped: %s", exc)
         self.ctx.optimizer_state = opt
 
+    def halt(self, *, wait: bool = True) -> None:
+        """Stop training at the end of the current chunk (what was trained stays usable)."""
+        self._halt.set()
+        if wait and self.is_alive():
+            self.join()
+
     def finish(self) -> HeadStart | None:
         """Stop at the end of the current chunk; the head start, or None when nothing usable was trained."""
-        self._halt.set()
-        self.join()
+        self.halt()
+        if self._finished:
+            return self._result
+        self._finished = True
         if self.error is not None or self.steps == 0:
             return None
         end = {k: v.detach().to("cpu", torch.float32) for k, v in self.ctx.model.state_dict().items()}
         delta = {k: self._start_state[k] - end[k] for k in end}
         if not all(torch.isfinite(d).all() for d in delta.values()):
             return None
-        return HeadStart(self.ctx.run_id, self.ctx.round, delta, self.steps, self.ctx.optimizer_state,
-                         self.loss_start, self.loss_end, self.seconds)
+        self._result = HeadStart(self.ctx.run_id, self.ctx.round, delta, self.steps, self.ctx.optimizer_state,
+                                 self.loss_start, self.loss_end, self.seconds)
+        return self._result
 
 
 def _usable(head: HeadStart | None, task: dict) -> bool:
@@ -126,8 +137,10 @@ def inner_train_with_head_start(runner, task: dict, model, tokens, cfg, *, seed:
     Sets ``runner.overlap_info`` (``overlap_steps``, ``overlap_from_round``, ``compute_seconds``)."""
     from diloco.inner import InnerResult, inner_train
 
-    head: HeadStart | None = getattr(runner, "head_start", None)
-    runner.head_start = None
+    # Training ahead goes on while this task's checkpoint, model and data are made ready; it stops here.
+    ahead: AheadTrainer | None = getattr(runner, "ahead", None)
+    runner.ahead = None
+    head = ahead.finish() if ahead is not None else None
     runner.overlap_info = {}
     if not _usable(head, task):
         head = None
@@ -158,9 +171,11 @@ def inner_train_with_head_start(runner, task: dict, model, tokens, cfg, *, seed:
                              tokens_per_s=cfg.steps * cfg.batch_size * cfg.seq_len / total if total > 0 else 0.0)
         runner.overlap_info = {"overlap_steps": head.steps, "overlap_from_round": head.from_round}
     runner.overlap_info["compute_seconds"] = float(result.seconds)
-    if task.get("overlap") is True and isinstance(task.get("round"), int) and not (task.get("model") or {}).get("lora"):
-        runner.ahead_context = AheadContext(task.get("run_id"), task["round"], model, tokens, cfg,
-                                            result.optimizer_state, int(seed), str(device))
-    else:
-        runner.ahead_context = None
+    if getattr(runner, "train_ahead", False) and task.get("overlap") is True and isinstance(task.get("round"), int) \
+            and not (task.get("model") or {}).get("lora"):
+        # From here on, encoding, saving and uploading this result overlap with training ahead.
+        runner.ahead = AheadTrainer(AheadContext(task.get("run_id"), task["round"], model, tokens, cfg,
+                                                 result.optimizer_state, int(seed), str(device)),
+                                    max_steps=getattr(runner, "ahead_max_steps", None))
+        runner.ahead.start()
     return result

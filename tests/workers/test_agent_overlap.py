@@ -42,20 +42,23 @@ def _round(runner, task, tokens, seed):
     return start, model, result
 
 
-def _ahead(runner, max_steps=None):
-    trainer = AheadTrainer(runner.ahead_context, max_steps=max_steps)
-    trainer.start()
-    trainer.join()  # let it train its steps, then take them as the next task's head start
-    runner.head_start = trainer.finish()
+def _ahead(runner):
+    trainer = runner.ahead
+    assert isinstance(trainer, AheadTrainer)
+    trainer.join()  # let it train all its steps; the next task takes them as its head start
     return trainer
 
 
+def _runner(max_steps=None):
+    return SimpleNamespace(train_ahead=True, ahead_max_steps=max_steps)
+
+
 def test_the_steps_trained_ahead_become_part_of_the_next_rounds_update(tokens):
-    runner = SimpleNamespace()
+    runner = _runner(max_steps=2)
     _round(runner, make_task(1, overlap=True, round=1, run_id=4), tokens, seed=1)
-    assert runner.ahead_context is not None and runner.ahead_context.round == 1
-    ahead = _ahead(runner, max_steps=2)
-    assert ahead.steps == 2 and runner.head_start.steps == 2
+    assert runner.ahead is not None and runner.ahead.ctx.round == 1  # training ahead as soon as round 1 ends
+    ahead = _ahead(runner)
+    assert ahead.steps == 2
 
     # Round 2's checkpoint: other weights (the server's aggregate); the head start is moved onto them.
     start, model, result = _round(runner, make_task(2, overlap=True, round=2, run_id=4), tokens, seed=2)
@@ -70,10 +73,11 @@ def test_the_steps_trained_ahead_become_part_of_the_next_rounds_update(tokens):
 
 
 def test_a_head_start_that_covers_every_step_is_the_whole_update(tokens):
-    runner = SimpleNamespace()
+    runner = _runner()
     _round(runner, make_task(1, overlap=True, round=1, run_id=4), tokens, seed=1)
-    _ahead(runner)  # all H steps trained ahead: the upload can leave as soon as the task arrives
-    delta = {k: v.clone() for k, v in runner.head_start.delta.items()}
+    ahead = _ahead(runner)  # all H steps trained ahead: the upload can leave as soon as the task arrives
+    assert ahead.steps == CFG.steps
+    delta = {k: v.clone() for k, v in ahead.finish().delta.items()}
     start, model, result = _round(runner, make_task(2, overlap=True, round=2, run_id=4), tokens, seed=2)
     assert runner.overlap_info["overlap_steps"] == CFG.steps
     assert all(torch.equal(result.pseudo_gradient[k], delta[k]) for k in delta)
@@ -86,18 +90,21 @@ def test_a_head_start_that_covers_every_step_is_the_whole_update(tokens):
     make_task(2, overlap=False, round=2, run_id=4),  # the run does not overlap
 ])
 def test_a_head_start_is_used_only_for_the_same_runs_next_round(tokens, task):
-    runner = SimpleNamespace()
+    runner = _runner(max_steps=1)
     _round(runner, make_task(1, overlap=True, round=1, run_id=4), tokens, seed=1)
-    _ahead(runner, max_steps=1)
+    _ahead(runner)
     start, model, result = _round(runner, task, tokens, seed=2)
-    assert "overlap_steps" not in runner.overlap_info and runner.head_start is None
+    assert "overlap_steps" not in runner.overlap_info
     assert result.steps == CFG.steps
 
 
 def test_no_overlap_no_training_ahead(tokens):
-    runner = SimpleNamespace()
+    runner = _runner()
     _round(runner, make_task(1, round=1, run_id=4), tokens, seed=1)
-    assert runner.ahead_context is None
+    assert runner.ahead is None
+    runner = SimpleNamespace(train_ahead=False)  # --once, --finish, --idle-only
+    _round(runner, make_task(1, overlap=True, round=1, run_id=4), tokens, seed=1)
+    assert runner.ahead is None
 
 
 def test_an_overlapping_agent_reports_its_head_start_against_a_server(fake_server, worker_config, tmp_path):
