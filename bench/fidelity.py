@@ -276,6 +276,8 @@ def run_family(family: str, args, pool) -> dict:
         lengths = [750, 1500, 3000]
         dp_grid, inner_grid = [1e-3, 2e-3, 4e-3, 8e-3], [5e-4, 1e-3, 2e-3, 4e-3]
         outer_grid = [0.4, outer_lr, 1.0]
+    if args.grid == "narrow":  # the byte-gpt optima and their upper neighbours (a quarter of the sweep)
+        dp_grid, inner_grid, outer_grid = [2e-3, 4e-3], [1e-3, 2e-3], [outer_lr]
     if args.max_steps:
         lengths = [n for n in lengths if n <= args.max_steps] or [args.max_steps]
     tokenizer = _train_tokenizer(fam["bpe_vocab"]) if fam["bpe_vocab"] else None
@@ -309,12 +311,14 @@ def run_family(family: str, args, pool) -> dict:
     best_inner = min(inner_grid, key=lambda lr: _final(done[diloco_arm(lr, outer_lr)["name"]]))
     # Then the outer lr with the chosen inner lr, alongside the baselines that only need the inner lr.
     second = [diloco_arm(best_inner, olr) for olr in outer_grid if olr != outer_lr]
-    second += [diloco_arm(best_inner, 1.0, mom=0.0, name="FedAvg fp32"),
-               diloco_arm(best_inner, 1.0, mom=0.0, codec=None, workers=1, name="single worker")]
+    baselines = [diloco_arm(best_inner, 1.0, mom=0.0, name="FedAvg fp32"),
+                 diloco_arm(best_inner, 1.0, mom=0.0, codec=None, workers=1, name="single worker")]
+    second += [] if args.core else baselines
     done.update(zip((j["name"] for j in second), pool.map(_run, second), strict=True))
     best_outer = min(outer_grid, key=lambda olr: _final(done[diloco_arm(best_inner, olr)["name"]]))
     int8 = diloco_arm(best_inner, best_outer, codec="int8", name="DiLoCo int8")
-    done[int8["name"]] = pool.submit(_run, int8).result()
+    if not args.core:
+        done[int8["name"]] = pool.submit(_run, int8).result()
 
     sweep = [j for j in first + second if j["name"] not in ("FedAvg fp32", "single worker")]
     if len(sweep) > 2:
@@ -322,17 +326,12 @@ def run_family(family: str, args, pool) -> dict:
                     [(j["name"], *(f"{_at(done[j['name']], n)['loss']:.4f}" for n in lengths)) for j in sweep],
                     title=f"{family}: lr sweep, judged at {steps} steps (chosen: DP lr {best_dp:g}; DiLoCo inner lr "
                           f"{best_inner:g}, outer lr {best_outer:g}); the chosen settings are used at every length")
-    arms = [
-        dp_arm(best_dp, name="data-parallel"),
-        diloco_arm(best_inner, best_outer, name="DiLoCo fp32"),
-        int8,
-        next(j for j in second if j["name"] == "FedAvg fp32"),
-        next(j for j in second if j["name"] == "single worker"),
-    ]
+    arms = [dp_arm(best_dp, name="data-parallel"), diloco_arm(best_inner, best_outer, name="DiLoCo fp32")]
+    arms += [] if args.core else [int8, *baselines]
     results = {
         "data-parallel": done[dp_arm(best_dp)["name"]],
         "DiLoCo fp32": done[diloco_arm(best_inner, best_outer)["name"]],
-        **{name: done[name] for name in ("DiLoCo int8", "FedAvg fp32", "single worker")},
+        **{name: done[name] for name in ("DiLoCo int8", "FedAvg fp32", "single worker") if name in done},
     }
 
     step_after = _step_seconds(arch, model, batch, seq_len, repeat=30, vocab=vocab)
@@ -381,7 +380,7 @@ def run_family(family: str, args, pool) -> dict:
         dp = hits["data-parallel"]
         out = {}
         for name in ("DiLoCo fp32", "DiLoCo int8"):
-            if dp and hits[name]:
+            if dp and hits.get(name):
                 out[name] = sim_time(dp, per_step, scale) / sim_time(hits[name], per_step, scale)
         return out
 
@@ -406,17 +405,21 @@ def run_family(family: str, args, pool) -> dict:
         projected = speedups(big_step_s, scale)
         print("\nprojected (25M): " + "; ".join(f"{n} {v:.1f}x sooner than DP" for n, v in projected.items()))
 
-    dp_final, fp32_final, int8_final = (_final(results[n]) for n in ("data-parallel", "DiLoCo fp32", "DiLoCo int8"))
-    dp_b, fp32_b, int8_b = (results[n]["curve"][-1]["bytes"] for n in ("data-parallel", "DiLoCo fp32", "DiLoCo int8"))
-    print(f"{family}, longest run ({steps} steps, {steps // H} rounds): DiLoCo fp32 vs DP "
-          f"{100 * (fp32_final / dp_final - 1):+.2f}% loss at {dp_b / fp32_b:.0f}x fewer bytes; int8 vs fp32 "
-          f"{100 * (int8_final / fp32_final - 1):+.2f}% at {fp32_b / int8_b:.2f}x fewer bytes; FedAvg "
-          f"{_final(results['FedAvg fp32']):.4f}, single worker {_final(results['single worker']):.4f}, "
-          f"DiLoCo fp32 {fp32_final:.4f}", flush=True)
+    dp_final, fp32_final = _final(results["data-parallel"]), _final(results["DiLoCo fp32"])
+    dp_b, fp32_b = (results[n]["curve"][-1]["bytes"] for n in ("data-parallel", "DiLoCo fp32"))
+    line = (f"{family}, longest run ({steps} steps, {steps // H} rounds): DiLoCo fp32 vs DP "
+            f"{100 * (fp32_final / dp_final - 1):+.2f}% loss at {dp_b / fp32_b:.0f}x fewer bytes")
+    if not args.core:
+        int8_final, int8_b = _final(results["DiLoCo int8"]), results["DiLoCo int8"]["curve"][-1]["bytes"]
+        line += (f"; int8 vs fp32 {100 * (int8_final / fp32_final - 1):+.2f}% at {fp32_b / int8_b:.2f}x fewer bytes; "
+                 f"FedAvg {_final(results['FedAvg fp32']):.4f}, single worker {_final(results['single worker']):.4f}, "
+                 f"DiLoCo fp32 {fp32_final:.4f}")
+    print(line, flush=True)
     last = {name: results[name]["curve"][-1] for name in results}
     return {"family": family, "params": n_params, "steps": steps, "tokens": steps * batch * seq_len * K,
             "bytes_per_token": bytes_per_token, **{f"{name} bpb": last[name]["bpb"] for name in last},
-            "vs_dp": fp32_final / dp_final - 1, "int8_vs_dp": int8_final / dp_final - 1}
+            "vs_dp": fp32_final / dp_final - 1,
+            "int8_vs_dp": _final(results["DiLoCo int8"]) / dp_final - 1 if "DiLoCo int8" in results else None}
 
 
 def main(argv=None) -> None:
@@ -425,6 +428,9 @@ def main(argv=None) -> None:
     ap.add_argument("--family", action="append", choices=list(FAMILIES),
                     help="model family to run (repeatable; default: all)")
     ap.add_argument("--max-steps", type=int, default=0, help="cap the run lengths (steps per worker)")
+    ap.add_argument("--grid", choices=["full", "narrow"], default="full",
+                    help="narrow: DP lr {2,4}e-3, inner lr {1,2}e-3, outer lr 0.7 (the full run's sweep otherwise)")
+    ap.add_argument("--core", action="store_true", help="only DP and DiLoCo fp32 (no int8, FedAvg, single worker)")
     ap.add_argument("--jobs", type=int, default=2, help="arms run in parallel, one thread each")
     args = ap.parse_args(argv)
     started = time.perf_counter()
@@ -432,11 +438,12 @@ def main(argv=None) -> None:
     with _pool(args.jobs) as pool:
         for family in args.family or list(FAMILIES):
             summaries.append(run_family(family, args, pool))
-    print_table(["family", "params", "tokens/worker-run", "bytes/token", "DP bpb", "DiLoCo fp32 bpb",
+    print_table(["family", "params", "tokens (all workers)", "bytes/token", "DP bpb", "DiLoCo fp32 bpb",
                  "DiLoCo int8 bpb", "single worker bpb", "DiLoCo vs DP (loss)", "int8 vs DP"],
                 [(r["family"], f"{r['params']:,}", f"{r['tokens']:,}", f"{r['bytes_per_token']:.2f}",
-                  f"{r['data-parallel bpb']:.4f}", f"{r['DiLoCo fp32 bpb']:.4f}", f"{r['DiLoCo int8 bpb']:.4f}",
-                  f"{r['single worker bpb']:.4f}", f"{100 * r['vs_dp']:+.2f}%", f"{100 * r['int8_vs_dp']:+.2f}%")
+                  *(f"{r[k]:.4f}" if k in r else "-" for k in ("data-parallel bpb", "DiLoCo fp32 bpb",
+                                                                  "DiLoCo int8 bpb", "single worker bpb")),
+                  f"{100 * r['vs_dp']:+.2f}%", f"{100 * r['int8_vs_dp']:+.2f}%" if r["int8_vs_dp"] is not None else "-")
                  for r in summaries],
                 title="families at the longest run, bits per byte on the same held-out text (lower is better)")
     print(f"bench wall time {time.perf_counter() - started:.0f} s")
