@@ -110,6 +110,10 @@ def test_credits_and_reliability_follow_the_verdicts():
     assert run.status == TrainingRun.Status.FINISHED and run.final_checkpoint_id == rnd.checkpoint_out_id
     assert CommunityModel.objects.get(pk=run.model_id).current_checkpoint_id == rnd.checkpoint_out_id
     assert Entry.objects.filter(action="run.finished").count() == 1
+    # The proposal's author is told in the app that the run finished.
+    from governance.models import Notification
+
+    assert Notification.objects.filter(user_id=run.proposal.author_id, kind="run_finished").count() == 1
     assert ledger_verify().ok
 
 
