@@ -7,6 +7,8 @@ import math
 from django.urls import reverse
 from rest_framework import serializers
 
+from diloco.codecs import DENSITY
+from diloco.sparse import momentum_roles
 from governance.specs import FiniteFloatField, StrictIntegerField
 from training.models import Checkpoint, Round, Task, TrainingRun
 from training.services.replicas import task_optimizer
@@ -42,6 +44,9 @@ def task_payload(task: Task, *, request, guardrails: list[dict], max_upload_byte
             "grad_clip": d["grad_clip"],
         },
         "compression": d["compression"],
+        # Sparse codecs: the share of each chunk sent, and the decay of the worker's error feedback.
+        "density": d.get("density", DENSITY),
+        "error_feedback_beta": momentum_roles(d["compression"], d["outer_momentum"])[1],
         "guardrails": guardrails,
         "seed": task.seed,
         # "fresh": start AdamW afresh for this task rather than resume the agent's saved state (spot checks).

@@ -29,7 +29,9 @@ def test_claim_returns_the_task_json_of_the_protocol(run, cpu_worker):
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {"id", "run_id", "round", "checkpoint_sha256", "checkpoint_url", "model", "dataset", "inner",
-                         "compression", "guardrails", "seed", "optimizer", "deadline", "max_upload_bytes"}
+                         "compression", "density", "error_feedback_beta", "guardrails", "seed", "optimizer",
+                         "deadline", "max_upload_bytes", "overlap", "delta_from_sha256", "delta_sha256"}
+    assert body["density"] == 0.02 and body["error_feedback_beta"] is None  # int8: no error feedback
     task = Task.objects.get(pk=body["id"])
     assert task.status == Task.Status.ASSIGNED and task.worker == cpu_worker
     assert body["run_id"] == run.pk and body["round"] == 1

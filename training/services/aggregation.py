@@ -33,6 +33,7 @@ from diloco.models import model_with_weights
 from diloco.outer import OuterOptimizer
 from diloco.replay import sketch_to_json
 from diloco.round import AggregatorSpec, OuterSpec, ScreenSpec, Update, Verdict, outer_round
+from diloco.sparse import momentum_roles
 from ledger.services import entry_append
 from marketplace.services import credit_grant, worker_record_outcome
 from training import blobs
@@ -204,7 +205,8 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task], *, lease: _Lea
             result = outer_round(
                 base_state=state_in, updates=plan.updates, evaluate=evaluate,
                 aggregator=AggregatorSpec(d["aggregator"], float(d.get("trim_fraction", TRIM_FRACTION))),
-                outer=OuterSpec(lr=float(d["outer_lr"]), momentum=float(d["outer_momentum"]), nesterov=True,
+                outer=OuterSpec(lr=float(d["outer_lr"]), momentum=momentum_roles(d["compression"], float(
+                    d["outer_momentum"]))[0], nesterov=True,
                                 publish=publish_mode(d)),
                 outer_state=blobs.outer_state(run.outer_state_name) if run.outer_state_name else None,
                 previous_norms=_previous_accepted_norms(rnd), screening=ScreenSpec(max_norm_ratio=MAX_NORM_RATIO),

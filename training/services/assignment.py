@@ -11,7 +11,7 @@ from django.db.models import BooleanField, Exists, ExpressionWrapper, OuterRef, 
 from django.utils import timezone
 
 from diloco.checkpoint import sha256_hex
-from diloco.codecs import CodecError, decode_update, payload_nbytes
+from diloco.codecs import DENSITY, CodecError, decode_update, payload_nbytes
 from ledger.services import entry_append
 from marketplace import tasks_liveness
 from training import blobs
@@ -40,7 +40,8 @@ _CLAIM_CANDIDATES = 8
 def max_upload_bytes(run: TrainingRun) -> int:
     m = run.spec["model"]
     reference = blobs.model_reference(m["arch"], m["config"])
-    return payload_nbytes(reference, run.diloco["compression"]) + 256 * len(reference) + _UPLOAD_HEADER_ALLOWANCE
+    return (payload_nbytes(reference, run.diloco["compression"], density=run.diloco.get("density", DENSITY))
+            + 256 * len(reference) + _UPLOAD_HEADER_ALLOWANCE)
 
 
 # A worker holding a task in one of these states has its say in the round; failed and expired ones do not.
