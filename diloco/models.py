@@ -390,10 +390,11 @@ def context_length(model: nn.Module) -> int:
 
 
 def lm_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Mean next-token cross-entropy (nats) of ``model`` on inputs ``x`` and targets ``y`` (both [B, T]),
-    reduced in fp32 whatever dtype the forward pass ran in."""
-    logits = model(x)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+    """Mean next-token cross-entropy (nats) of ``model`` on inputs ``x`` and targets ``y`` (both [B, T], any
+    integer dtype: shards keep ids as uint8/uint16/int32), reduced in fp32 whatever dtype the forward pass
+    ran in."""
+    logits = model(x.long())
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1).long())
 
 
 # --- importing a Hugging Face directory ---------------------------------------------------------

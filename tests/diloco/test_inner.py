@@ -176,3 +176,14 @@ def test_cpu_trains_in_fp32_with_the_reference_adamw(monkeypatch, tiny_config):
     model = build_model("byte-gpt", tiny_config)
     opt = inner.make_optimizer(model, _cfg(), fused=False)
     assert not opt.defaults.get("fused")
+
+
+def test_token_ids_in_a_narrow_dtype_train_like_int64(tiny_config):
+    """Pre-tokenized shards keep ids as uint8/uint16/int32; training on them is training on the same ids."""
+    wide = inner_train(build_model("byte-gpt", tiny_config), CORPUS, _cfg(steps=3), seed=2).pseudo_gradient
+    for dtype in (torch.uint8, torch.int32):
+        narrow = inner_train(build_model("byte-gpt", tiny_config), CORPUS.to(dtype), _cfg(steps=3), seed=2)
+        assert all(torch.equal(wide[k], narrow.pseudo_gradient[k]) for k in wide)
+    assert evaluate_loss(build_model("byte-gpt", tiny_config), CORPUS.to(torch.int32), batch_size=2,
+                         seq_len=16) == evaluate_loss(build_model("byte-gpt", tiny_config), CORPUS, batch_size=2,
+                                                      seq_len=16)
