@@ -28,6 +28,9 @@ TRAINING_FIELDS: dict[str, tuple[str, type]] = {
     "dataset_source": ("dataset.source", DatasetSpec),
     "dataset_sha256": ("dataset.sha256", DatasetSpec),
     "heldout_fraction": ("dataset.heldout_fraction", DatasetSpec),
+    "dataset_format": ("dataset.format", DatasetSpec),
+    "dataset_field": ("dataset.field", DatasetSpec),
+    "dataset_column": ("dataset.column", DatasetSpec),
     **{name: (f"diloco.{name}", DilocoSpec) for name in DilocoSpec().fields},
     "min_vram_mb": ("hardware.min_vram_mb", HardwareSpec),
     "allow_cpu": ("hardware.allow_cpu", HardwareSpec),
@@ -36,7 +39,7 @@ TRAINING_GROUPS = [
     ("Model", "Which community model this run trains, and its shape.",
      ["model_name", "model_init", "n_layer", "n_embd", "n_head", "block_size"]),
     ("Data", "The corpus the workers train on; a slice is held out to evaluate every round.",
-     ["dataset_source", "dataset_sha256", "heldout_fraction"]),
+     ["dataset_source", "dataset_sha256", "heldout_fraction", "dataset_format", "dataset_field", "dataset_column"]),
     ("DiLoCo", "Each round, every worker runs H inner AdamW steps on its shard and sends back one compressed "
                "pseudo-gradient; the server combines them and takes an outer Nesterov step.",
      list(DilocoSpec().fields)),
@@ -46,7 +49,7 @@ GUARDRAIL_FIELDS: dict[str, str] = {
     "action": "action", "kind": "kind", "patterns": "patterns", "guardrail_id": "guardrail_id",
     "description": "description",
 }
-CHOICE_FIELDS = {"model_init", "compression", "aggregator"}
+CHOICE_FIELDS = {"model_init", "compression", "aggregator", "dataset_format"}
 FLOAT_FIELDS = {"heldout_fraction", "inner_lr", "weight_decay", "grad_clip", "outer_lr", "outer_momentum"}
 
 

@@ -48,3 +48,22 @@ def test_tokenizer_fields_are_checked():
 def test_byte_gpt_reads_only_bytes():
     detail = errors({"tokenizer": {"kind": "bpe", "vocab_size": 512}})["tokenizer"]
     assert "byte-gpt reads bytes" in str(detail["kind"][0])
+
+
+@pytest.mark.django_db
+def test_the_web_form_proposes_a_jsonl_dataset_and_puts_errors_on_the_field(client, member, settings, tmp_path):
+    from governance.models import Proposal
+
+    settings.AGORA_DATA_ROOT = tmp_path
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    client.force_login(member)
+    page = client.get("/proposals/new/?kind=training").content.decode()
+    assert 'name="dataset_format"' in page and 'name="dataset_field"' in page
+    base = {"kind": "training", "title": "Train on notes", "open_now": "on", "dataset_source": f"file:{tmp_path}/d.jsonl",
+            "dataset_format": "jsonl", "allow_cpu": "on"}
+    form = client.post("/proposals/new/", base)
+    assert form.status_code == 400 and 'id="id_dataset_field-errors"' in form.content.decode()
+    assert not Proposal.objects.exists()
+    assert client.post("/proposals/new/", {**base, "dataset_field": "text"}).status_code == 302
+    assert Proposal.objects.get().spec["dataset"] | {"source": None} == {
+        "source": None, "sha256": None, "heldout_fraction": 0.1, "format": "jsonl", "field": "text", "column": None}
