@@ -68,3 +68,21 @@ def test_model_with_weights_shares_the_tensors_and_matches_build_model(tiny_conf
         model_with_weights("byte-gpt", tiny_config, {k: v for k, v in state.items() if k != "wte.weight"})
     with pytest.raises(ValueError, match="unknown model arch"):
         model_with_weights("transformer-xl", tiny_config, state)
+
+
+def test_checkpoint_bytes_depend_only_on_the_tensors_and_meta(tiny_config):
+    """An agent that rebuilds the weights from a published step writes the server's exact bytes: neither the
+    dict's order, nor a tensor's memory layout, nor the meta's key order changes them."""
+    state = init_state("byte-gpt", tiny_config, seed=1)
+    meta = {"arch": "byte-gpt", "config": tiny_config, "round": 3}
+    data = save_weights(state, meta)
+    reordered = {k: state[k] for k in reversed(list(state))}
+    strided = {k: (v.t().contiguous().t() if v.dim() == 2 else v.clone()) for k, v in state.items()}
+    assert any(not v.is_contiguous() for v in strided.values())
+    assert save_weights(reordered, meta) == data
+    assert save_weights(strided, dict(reversed(list(meta.items())))) == data
+    changed = dict(state)
+    name = next(iter(changed))
+    changed[name] = changed[name].clone()
+    changed[name].view(-1)[0] = torch.nextafter(changed[name].view(-1)[0], torch.tensor(1.0))
+    assert sha256_hex(save_weights(changed, meta)) != sha256_hex(data)  # one ulp anywhere changes the hash
