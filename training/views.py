@@ -12,7 +12,7 @@ from django.views.decorators.http import require_POST
 from rest_framework import serializers
 
 from governance.models import Guardrail
-from training import export, selectors, services
+from training import dashboard, export, selectors, services
 from training.charts import loss_chart_svg
 from training.errors import ModelImportError, TrainingError
 from training.forms import ModelImportForm, PlaygroundForm, RunCancelForm
@@ -43,7 +43,7 @@ def _run_context(run):
 def run_detail(request, pk: int):
     run = selectors.run_get(pk=pk)
     context = _run_context(run)
-    context["ledger_entries"] = selectors.run_ledger(run)
+    context["ledger_page"] = dashboard.run_ledger_page(run, request.GET.get("ledger_page"))
     if request.user.is_staff and run.is_active:
         context["cancel_form"] = RunCancelForm()
     return render(request, "training/run_detail.html", context)

@@ -63,3 +63,23 @@ def count(value, noun: str) -> str:
         n = 0
     singular, _, plural = noun.partition(",")
     return f"{n:,} {singular if n == 1 else (plural or singular + 's')}"
+
+
+@register.filter
+def duration_words(value) -> str:
+    """A timedelta (or seconds) as people say it: ``45 s``, ``12 min``, ``2 h 5 min``, ``3 days 4 h``."""
+    seconds = getattr(value, "total_seconds", lambda: value)()
+    number = _decimal(seconds)
+    if number is None:
+        return ""
+    total = int(number.to_integral_value(rounding=ROUND_HALF_UP))
+    if total < 60:
+        return f"{total} s"
+    minutes, hours_, days = total // 60, total // 3600, total // 86400
+    if total < 3600:
+        return f"{minutes} min"
+    if total < 86400:
+        rest = minutes - hours_ * 60
+        return f"{hours_} h" + (f" {rest} min" if rest else "")
+    rest = hours_ - days * 24
+    return f"{days} day{'' if days == 1 else 's'}" + (f" {rest} h" if rest else "")
