@@ -734,20 +734,29 @@ def read_token_shard(data: bytes, *, vocab_size: int | None = None, tokenizer: s
 
 def tokenize_documents(docs: list[str], tokenizer) -> tuple[Tensor, Tensor, Tensor]:
     """(tokens, doc_starts, doc_lengths) of ``docs`` joined by the tokenizer's separator. With the byte
-    tokenizer the tokens are exactly :func:`encode_documents`'s."""
+    tokenizer the tokens are exactly :func:`encode_documents`'s. Built from tensors, not one Python list of
+    ids, so a large corpus costs its tokens' bytes, not a Python object per id."""
     from diloco.tokenization import encode_texts
 
     sep = list(tokenizer.separator)
-    stream: list[int] = []
-    starts, lengths = [], []
-    for i, ids in enumerate(encode_texts(tokenizer, docs)):
-        if i:
-            stream.extend(sep)
-        starts.append(len(stream))
-        lengths.append(len(ids))
-        stream.extend(ids)
-    return (torch.tensor(stream, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64),
-            torch.tensor(lengths, dtype=torch.int64))
+    if getattr(tokenizer, "kind", None) == "byte":
+        lengths = torch.tensor([len(d.encode("utf-8")) for d in docs], dtype=torch.int64)
+        tokens = encode_documents(docs)
+    else:
+        pieces = [torch.tensor(ids, dtype=torch.int64) for ids in encode_texts(tokenizer, docs)]
+        lengths = torch.tensor([p.numel() for p in pieces], dtype=torch.int64)
+        separator = torch.tensor(sep, dtype=torch.int64)
+        joined: list[Tensor] = []
+        for i, piece in enumerate(pieces):
+            if i:
+                joined.append(separator)
+            joined.append(piece)
+        tokens = torch.cat(joined) if joined else torch.zeros(0, dtype=torch.int64)
+    gaps = torch.full_like(lengths, len(sep))
+    if lengths.numel():
+        gaps[0] = 0
+    starts = torch.cumsum(lengths + gaps, 0) - lengths
+    return tokens, starts, lengths
 
 
 def encode_token_shard(docs: list[str], tokenizer, *, meta: dict | None = None) -> bytes:
