@@ -261,6 +261,8 @@ class TaskRunner:
             tokenizer = load_tokenizer(raw)
         except TokenizerError as exc:
             raise TaskError(f"the task's tokenizer cannot be used: {exc}") from exc
+        except ImportError as exc:
+            raise TaskError(f"BPE tasks need tokenizers on this agent (pip install 'agora[hf]'): {exc}") from exc
         if spec.get("vocab_size") is not None and spec["vocab_size"] != tokenizer.vocab_size:
             raise TaskError(f"the task's tokenizer has {tokenizer.vocab_size} ids, not the {spec['vocab_size']} "
                             "the task says")
