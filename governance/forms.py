@@ -57,7 +57,27 @@ def _spec_field(path: str, serializer_class: type):
     return serializer_class().fields[path.rsplit(".", 1)[-1]]
 
 
+# Labels people read; a field missing here falls back to its name in words.
+LABELS = {
+    "model_name": "Model", "model_init": "Start from", "n_layer": "Layers", "n_embd": "Embedding width",
+    "n_head": "Attention heads", "block_size": "Context length (tokens)", "dataset_source": "Data source",
+    "dataset_sha256": "Data SHA-256", "heldout_fraction": "Held-out share", "dataset_format": "Data format",
+    "dataset_field": "JSONL field", "dataset_column": "Parquet column", "rounds": "Outer rounds (T)",
+    "workers_per_round": "Workers per round (k)", "min_workers": "Least results to aggregate",
+    "inner_steps": "Inner steps per round (H)", "inner_lr": "Inner learning rate", "batch_size": "Batch size",
+    "seq_len": "Sequence length (tokens)", "weight_decay": "Weight decay", "warmup": "Warm-up steps",
+    "grad_clip": "Gradient clip", "outer_lr": "Outer learning rate", "outer_momentum": "Outer momentum",
+    "compression": "Update compression", "aggregator": "Aggregator", "trim_fraction": "Trimmed share",
+    "round_timeout_s": "Round deadline (seconds)", "max_round_extensions": "Deadline extensions per round",
+    "max_failed_rounds": "Failed rounds survived", "replica_fraction": "Re-computed share of tasks",
+    "density": "Sparse density", "overlap": "Overlap rounds", "min_vram_mb": "Least GPU memory (MB)",
+    "allow_cpu": "Allow CPU workers",
+}
+
+
 def _label(name: str) -> str:
+    if name in LABELS:
+        return LABELS[name]
     return name.replace("model_", "model ").replace("dataset_", "dataset ").replace("_", " ").capitalize()
 
 

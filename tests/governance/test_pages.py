@@ -183,3 +183,14 @@ def test_comment_form_and_profile_and_home(client, member):
     assert "<em>idea</em>" in client.get(proposal.get_absolute_url()).content.decode()
     assert proposal.title in client.get("/accounts/profile/").content.decode()
     assert client.get("/").status_code == 200
+
+
+def test_training_form_labels_read_as_words(client):
+    from tests.factories import UserFactory
+
+    client.force_login(UserFactory())
+    html = client.get("/proposals/new/?kind=training").content.decode()
+    for label in ("Embedding width", "Least GPU memory (MB)", "Inner steps per round (H)", "Workers per round (k)"):
+        assert f">{label}" in html, label
+    for raw in ("N embd", "Min vram mb", "Inner lr"):
+        assert raw not in html, raw
