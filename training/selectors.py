@@ -28,6 +28,8 @@ def runs_list(*, status: str = "") -> QuerySet[TrainingRun]:
 def run_get(*, pk: int) -> TrainingRun:
     # Sketches (a thousand floats each) are for the replay check, not for the page.
     tasks = Task.objects.select_related("worker", "worker__owner").defer("update_sketch").order_by("shard_index", "id")
+    # Which shards are spot-checked stays secret until the round is aggregated (``training.services.replicas``).
+    tasks = tasks.exclude(replica_of__isnull=False, round__status__in=[Round.Status.OPEN, Round.Status.AGGREGATING])
     rounds = Round.objects.order_by("index").defer("step_sketch").prefetch_related(Prefetch("tasks", queryset=tasks))
     qs = TrainingRun.objects.select_related(
         "model", "proposal", "proposal__author", "base_checkpoint", "final_checkpoint"

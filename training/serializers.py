@@ -145,11 +145,21 @@ class TaskSummarySerializer(serializers.ModelSerializer):
                   "and another shard's windows), score (own_gain - other_gain), the losses before and after, "
                   "replay_max_cosine (closest earlier update or public step); for a replay, replay_of. Null "
                   "when the update was not checked.")
+    replica_of = serializers.IntegerField(
+        source="replica_of_id", allow_null=True, read_only=True,
+        help_text="Spot re-computation: the task this one repeats (same checkpoint, shard, seed); null for a first "
+                  "task. Replicas of a round still open are not listed.")
+    replica_check = serializers.JSONField(
+        read_only=True, allow_null=True,
+        help_text="The comparison with the other task of the same work, once the round is aggregated: agreed "
+                  "(null when they could not be compared), cosine, norm_rel (relative norm difference), reason, "
+                  "other_task, first_task, replica_task and, for a disagreeing pair, kept and why.")
 
     class Meta:
         model = Task
         fields = ["id", "shard_index", "status", "worker_id", "worker_name", "claimed_at", "completed_at",
-                  "update_sha256", "metrics", "reason", "update_norm", "credit", "score"]
+                  "update_sha256", "metrics", "reason", "update_norm", "credit", "score", "replica_of",
+                  "replica_check"]
 
     def get_worker_name(self, obj) -> str | None:
         return obj.worker.name if obj.worker_id else None

@@ -198,3 +198,24 @@ def test_a_replica_that_never_arrives_does_not_hold_up_the_round(monkeypatch):
     assert rnd is not None and rnd.accepted, rnd.reason
     assert Task.objects.get(pk=first.pk).status == Task.Status.ACCEPTED
     assert Task.objects.get(pk=replica.pk).status == Task.Status.EXPIRED
+
+
+def test_the_run_page_and_api_show_spot_checks_once_the_round_is_aggregated(monkeypatch, client):
+    from django.urls import reverse
+
+    run = _run(monkeypatch, shards=[0], k=1)
+    a, b = _cpu(), _cpu()
+    first, replica = services.task_claim(worker=a), services.task_claim(worker=b)
+    api = reverse("api-run-detail", args=[run.pk])
+    listed = [t["id"] for t in client.get(api).json()["rounds"][0]["tasks"]]
+    assert listed == [first.pk]  # while the round is open, nobody can tell which shard is checked
+    for task, worker in ((first, a), (replica, b)):
+        data, metrics = train_update(_payload(task))
+        services.task_submit_result(task_id=task.pk, worker=worker, data=data, metrics=metrics)
+    assert services.round_aggregate(round_id=Round.objects.get(run=run).pk).accepted
+    tasks = {t["id"]: t for t in client.get(api).json()["rounds"][0]["tasks"]}
+    assert tasks[replica.pk]["replica_of"] == first.pk and tasks[first.pk]["replica_of"] is None
+    assert tasks[replica.pk]["replica_check"]["agreed"] is True
+    assert tasks[first.pk]["replica_check"]["other_task"] == replica.pk
+    page = client.get(reverse("training:run_detail", args=[run.pk])).content.decode()
+    assert f"task {replica.pk}: replica of task {first.pk}: agreed" in page
