@@ -10,7 +10,7 @@ from rest_framework import serializers
 from diloco.codecs import DENSITY
 from diloco.sparse import momentum_roles
 from governance.specs import FiniteFloatField, StrictIntegerField
-from training.models import Checkpoint, Round, Task, TrainingRun
+from training.models import Checkpoint, PreparedDataset, Round, Task, TrainingRun
 from training.services.replicas import task_optimizer
 
 
@@ -218,8 +218,24 @@ class LossPointSerializer(serializers.Serializer):
         help_text="the held-out loss in bits per UTF-8 byte of text, comparable across tokenizers")
 
 
+class PreparedDatasetSerializer(serializers.ModelSerializer):
+    tokenizer_sha256 = serializers.CharField(read_only=True, help_text="empty for the byte tokenizer")
+    shards = serializers.JSONField(help_text="per shard index: sha256, size, tokens, documents, bytes")
+    heldout = serializers.JSONField(help_text="the held-out shard: sha256, size, tokens, documents, bytes")
+    documents = serializers.JSONField(help_text="loaded, train, heldout, kept_train, kept_heldout")
+    guardrails = serializers.JSONField(help_text="per data filter in force: id, title, removed_train, removed_heldout")
+
+    class Meta:
+        model = PreparedDataset
+        fields = ["source", "format", "field", "raw_sha256", "tokenizer_kind", "tokenizer_sha256", "vocab_size",
+                  "shards", "heldout", "documents", "guardrails", "created_at"]
+
+
 class RunDetailSerializer(RunListSerializer):
     spec = serializers.JSONField()
+    dataset = PreparedDatasetSerializer(
+        source="prepared_dataset", read_only=True, allow_null=True,
+        help_text="The data the server prepared once (null for a byte-level run on the built-in corpus).")
     base_checkpoint = CheckpointRefSerializer()
     final_checkpoint = CheckpointRefSerializer(allow_null=True)
     rounds = RoundSerializer(many=True)
@@ -228,7 +244,7 @@ class RunDetailSerializer(RunListSerializer):
 
     class Meta(RunListSerializer.Meta):
         fields = RunListSerializer.Meta.fields + ["reason", "spec", "base_checkpoint", "final_checkpoint", "rounds",
-                                                  "losses", "contributors"]
+                                                  "losses", "contributors", "dataset"]
 
 
 class RunCancelInput(serializers.Serializer):

@@ -221,3 +221,16 @@ def test_a_byte_level_run_on_the_builtin_corpus_keeps_protocol_v1(db):
 
     run = services.run_start(proposal_id=approved_proposal().pk)
     assert datasets.run_dataset(run) is None
+
+
+def test_the_run_detail_shows_the_prepared_dataset(data_root, api_client):
+    GuardrailFactory(kind="data_filter", patterns=[r"\bsecret\b"], title="No secrets")
+    run = services.run_start(proposal_id=bpe_proposal(data_root).pk)
+    body = api_client.get(f"/api/v1/runs/{run.pk}/").json()
+    assert body["dataset"]["format"] == "jsonl" and body["dataset"]["tokenizer_sha256"] == run.prepared_dataset.tokenizer_sha256
+    assert body["dataset"]["guardrails"][0]["title"] == "No secrets"
+    assert body["dataset"]["guardrails"][0]["removed_train"] + body["dataset"]["guardrails"][0]["removed_heldout"] == 6
+    from tests.training.factories import approved_proposal
+
+    plain = services.run_start(proposal_id=approved_proposal().pk)
+    assert api_client.get(f"/api/v1/runs/{plain.pk}/").json()["dataset"] is None
