@@ -178,3 +178,13 @@ def test_delegation_page_and_the_proposal_page_show_it(client, ada, bob):
     assert response.status_code == 400 and "yourself" in response.content.decode()
     client.post("/delegations/", {"action": "revoke", "kind": ""})
     assert not Delegation.objects.exists()
+
+
+def test_the_profile_shows_both_directions(client, ada, bob):
+    services.delegation_set(delegator=ada, delegate=bob, kind="guardrail")
+    client.force_login(ada)
+    section = client.get("/accounts/profile/").content.decode().split('id="profile-delegations"')[1]
+    assert "You delegate guardrail proposals to <strong>bob</strong>" in section
+    client.force_login(bob)
+    section = client.get("/accounts/profile/").content.decode().split('id="profile-delegations"')[1]
+    assert "<strong>ada</strong> (guardrail proposals)" in section
