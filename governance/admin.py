@@ -8,7 +8,16 @@ from django.shortcuts import render
 
 from governance import services
 from governance.errors import GovernanceError
-from governance.models import Comment, Guardrail, Proposal, Vote, VoterApproval
+from governance.models import (
+    Comment,
+    Delegation,
+    Guardrail,
+    Notification,
+    Proposal,
+    ProposalRevision,
+    Vote,
+    VoterApproval,
+)
 from governance.selectors import number
 
 
@@ -27,7 +36,7 @@ class VoteInline(admin.TabularInline):
     model = Vote
     extra = 0
     can_delete = False
-    readonly_fields = ["voter", "choice", "weight", "created_at", "updated_at"]
+    readonly_fields = ["voter", "via", "choice", "weight", "created_at", "updated_at"]
 
     def has_add_permission(self, request, obj=None):
         return False
@@ -143,3 +152,25 @@ class VoterApprovalAdmin(admin.ModelAdmin):
     def revoke_selected(self, request, queryset):
         done = sum(services.voter_approval_revoke(user=a.user, by=request.user) for a in queryset)
         self.message_user(request, f"Withdrew {done} approval(s).", messages.SUCCESS)
+
+
+@admin.register(Delegation)
+class DelegationAdmin(ReadOnlyAdmin):
+    """Members set and revoke delegations themselves (ledger entries); the admin only shows them."""
+
+    list_display = ["delegator", "delegate", "kind", "created_at"]
+    list_filter = ["kind"]
+    search_fields = ["delegator__username", "delegate__username"]
+
+
+@admin.register(ProposalRevision)
+class ProposalRevisionAdmin(ReadOnlyAdmin):
+    list_display = ["proposal", "number", "title", "content_hash", "created_at"]
+    search_fields = ["title", "content_hash"]
+
+
+@admin.register(Notification)
+class NotificationAdmin(ReadOnlyAdmin):
+    list_display = ["user", "kind", "text", "created_at", "read_at"]
+    list_filter = ["kind"]
+    search_fields = ["user__username", "text"]

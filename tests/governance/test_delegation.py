@@ -188,3 +188,11 @@ def test_the_profile_shows_both_directions(client, ada, bob):
     client.force_login(bob)
     section = client.get("/accounts/profile/").content.decode().split('id="profile-delegations"')[1]
     assert "<strong>ada</strong> (guardrail proposals)" in section
+
+
+def test_the_admin_shows_delegations_and_cannot_add_them(client, ada, bob):
+    services.delegation_set(delegator=ada, delegate=bob)
+    client.force_login(UserFactory(is_staff=True, is_superuser=True))
+    assert "bob" in client.get("/admin/governance/delegation/").content.decode()
+    assert client.get("/admin/governance/delegation/add/").status_code == 403
+    assert client.get("/admin/governance/notification/add/").status_code == 403
