@@ -93,6 +93,8 @@ def export_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
 def import_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, flat: dict[str, Tensor]) -> None:
     """Load a dict made by :func:`export_optimizer_state`; raises ValueError on unknown names or shapes."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # The fused (and capturable) kernels keep the step count on the parameter's device, the others on the CPU.
+    step_device = None if optimizer.defaults.get("fused") or optimizer.defaults.get("capturable") else "cpu"
     expected = {f"{n}.{f}" for n in params for f in _STATE_FIELDS}
     unknown = sorted(set(flat) - expected)
     if unknown:
@@ -108,7 +110,7 @@ def import_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, f
         if exp_avg.shape != p.shape or exp_avg_sq.shape != p.shape or step.numel() != 1:
             raise ValueError(f"optimizer state for {name} does not match the parameter's shape {tuple(p.shape)}")
         optimizer.state[p] = {
-            "step": step.detach().to(dtype=torch.float32, device="cpu").reshape(()).clone(),
+            "step": step.detach().to(dtype=torch.float32, device=step_device or p.device).reshape(()).clone(),
             "exp_avg": exp_avg.detach().to(p.device, p.dtype).clone(),
             "exp_avg_sq": exp_avg_sq.detach().to(p.device, p.dtype).clone(),
         }
