@@ -123,7 +123,7 @@ def test_an_old_byte_level_task_still_reads_its_source(cpu_worker, tmp_path):
     assert tokens.numel() > 1000 and int(tokens.max()) < 256
 
 
-def test_a_prepared_round_is_aggregated_scored_and_evaluated_on_the_held_out_shard(prepared_task, cpu_worker,
+def test_a_prepared_round_is_aggregated_scored_evaluated_and_published(prepared_task, cpu_worker,
                                                                                  gpu_worker, tmp_path):
     from training.models import Round, Task
 
@@ -139,19 +139,14 @@ def test_a_prepared_round_is_aggregated_scored_and_evaluated_on_the_held_out_sha
     assert rnd is not None and rnd.eval_loss_before is not None and rnd.eval_loss_after is not None
     assert rnd.eval_loss_before < 7.0  # ln(512) ≈ 6.24 at chance: the held-out shard's ids are the model's
     assert all(t.score is not None for t in Task.objects.filter(round=rnd))
-
-
-def test_the_version_a_bpe_round_publishes_loads_with_the_models_vocabulary(prepared_task, cpu_worker, gpu_worker,
-                                                                            tmp_path):
-    from training.models import ModelVersion, Round
+    # The accepted round's version names the run's tokenizer and loads with the model's vocabulary (the
+    # config's, which holds every id of a BPE that learned fewer than it was asked for).
+    from training.models import ModelVersion
     from training.services.versions import version_module
 
-    test_a_prepared_round_is_aggregated_scored_and_evaluated_on_the_held_out_shard(prepared_task, cpu_worker,
-                                                                                     gpu_worker, tmp_path)
-    run, _ = prepared_task
-    assert Round.objects.get(run=run, index=1).accepted
+    assert rnd.accepted
     version = ModelVersion.objects.get(run=run)
     assert version.tokenizer_sha256 == run.prepared_dataset.tokenizer_sha256
     assert version.config["vocab_size"] == run.spec["model"]["config"]["vocab_size"] >= run.prepared_dataset.vocab_size
-    net = version_module(version)
-    assert net.get_input_embeddings().weight.shape[0] == version.config["vocab_size"]
+    assert version_module(version).get_input_embeddings().weight.shape[0] == version.config["vocab_size"]
+
