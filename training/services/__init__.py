@@ -5,6 +5,8 @@
 - ``assignment``: a worker's task (``task_claim``, ``task_submit_result``, ``task_fail``, ``task_stop_reason``).
 - ``rounds``: deadlines, extensions, failed attempts and the aggregation lease (``round_check``, …).
 - ``aggregation``: a round aggregated exactly once through ``diloco.round`` (``round_aggregate``).
+- ``datasets``: a run's data filtered, tokenized and sharded once when it starts (``dataset_build``,
+  ``dataset_record``), read back for evaluation and scoring, and imported tokenizers (``tokenizer_store``).
 
 Callers use the package (``from training import services; services.task_claim(...)``). No module here
 imports ``training.tasks``: after a result commits, ``training.signals.round_result_stored`` asks for the
