@@ -295,22 +295,32 @@ def vote_cast(*, proposal: Proposal, voter, choice: str) -> Vote:
 
 def _carry_delegated_votes(*, proposal: Proposal, delegate, choice: str, now) -> list[dict]:
     """Cast or update the votes of members who delegated this proposal's topic to ``delegate`` and have not
-    voted themselves; returns ``[{"voter": id, "weight": w}]`` for the ledger."""
-    carried = []
-    for delegator in _delegators_of(delegate=delegate, kind=proposal.kind):
-        existing = Vote.objects.select_for_update().filter(proposal=proposal, voter=delegator).first()
-        if existing is not None and existing.via_id != delegate.pk:
-            continue  # the member's own vote (or another delegate's) stands
-        if not proposal_voter_eligibility(proposal=proposal, user=delegator).eligible:
-            continue
+    voted themselves; returns ``[{"voter": id, "weight": w}]`` for the ledger. A constant number of queries
+    however many delegators (eligibility is the same rule as ``proposal_voter_eligibility``, as a query)."""
+    delegators = _delegators_of(delegate=delegate, kind=proposal.kind)
+    if not delegators:
+        return []
+    ids = [member.pk for member in delegators]
+    eligible = set(
+        eligible_voters(rule=proposal.eligibility_rule or None, at=proposal.opens_at)
+        .filter(pk__in=ids).values_list("pk", flat=True)
+    )
+    existing = {v.voter_id: v for v in Vote.objects.select_for_update().filter(proposal=proposal, voter_id__in=ids)}
+    created, updated, carried = [], [], []
+    for delegator in sorted(delegators, key=lambda member: member.pk):
+        vote = existing.get(delegator.pk)
+        if (vote is not None and vote.via_id != delegate.pk) or delegator.pk not in eligible:
+            continue  # the member's own vote stands, or they may not vote on this proposal
         weight = vote_weight(delegator)
-        if existing is None:
-            Vote.objects.create(proposal=proposal, voter=delegator, via=delegate, choice=choice, weight=weight,
-                                created_at=now, updated_at=now)
-        elif existing.choice != choice:
-            existing.choice, existing.weight, existing.updated_at = choice, weight, now
-            existing.save(update_fields=["choice", "weight", "updated_at"])
+        if vote is None:
+            created.append(Vote(proposal=proposal, voter=delegator, via=delegate, choice=choice, weight=weight,
+                                created_at=now, updated_at=now))
+        elif vote.choice != choice or vote.weight != weight:
+            vote.choice, vote.weight, vote.updated_at = choice, weight, now
+            updated.append(vote)
         carried.append({"voter": delegator.pk, "weight": number(weight)})
+    Vote.objects.bulk_create(created)
+    Vote.objects.bulk_update(updated, ["choice", "weight", "updated_at"])
     return carried
 
 
