@@ -13,6 +13,8 @@ Submodules (import what you need; this package imports nothing heavy on its own)
 - ``diloco.codecs``: fp32 / fp16 / int8 pseudo-gradient codecs as safetensors bytes.
 - ``diloco.aggregate``: mean, trimmed mean, median, norm-clipped mean and update screening.
 - ``diloco.round``: one outer round (screen, aggregate, outer step, evaluation gate) as plain functions.
+- ``diloco.replica``: spot re-computation: does a task's replica agree with it (``compare``), which shards
+  to check (``sample_shards``), which of a disagreeing pair to keep (``favoured``).
 - ``diloco.evaluate``: deterministic held-out loss.
 - ``diloco.checkpoint``: weights as safetensors bytes with JSON metadata.
 """
