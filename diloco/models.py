@@ -304,6 +304,11 @@ def _logits_class(hf_class: type) -> type:
             kwargs.setdefault("use_cache", False)
             return super().forward(input_ids=input_ids, **kwargs).logits
 
+        def logits_with_cache(self, input_ids, past_key_values=None):
+            """Logits of ``input_ids`` following the cached positions, and the cache extended by them."""
+            out = super().forward(input_ids=input_ids, past_key_values=past_key_values, use_cache=True)
+            return out.logits, out.past_key_values
+
     LogitsOnly.__name__ = LogitsOnly.__qualname__ = f"Agora{hf_class.__name__}"
     return LogitsOnly
 
@@ -554,9 +559,20 @@ def generate_tokens(
     model.eval()
     gen = torch.Generator(device=device).manual_seed(int(seed))
     idx = torch.tensor([list(prompt)[-window:]], dtype=torch.long, device=device)
+    # Hugging Face models keep a key/value cache: each new token costs one position, not the whole context.
+    # Past the context length the cache is dropped and the last window recomputed.
+    with_cache = getattr(model, "logits_with_cache", None)
+    past, fed = None, 0
     try:
         for _ in range(max_new_tokens):
-            logits = model(idx[:, -window:])[:, -1, :].float()
+            if with_cache is None:
+                logits = model(idx[:, -window:])[:, -1, :].float()
+            else:
+                if idx.size(1) > window:
+                    idx, past, fed = idx[:, -window:], None, 0
+                step_logits, past = with_cache(idx[:, fed:], past)
+                fed = idx.size(1)
+                logits = step_logits[:, -1, :].float()
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -264,3 +264,13 @@ def test_load_hf_directory_errors_name_the_problem(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="pickled weights are never loaded"):
         load_hf_directory(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_sampling_matches_full_recomputation_past_the_context(monkeypatch, arch):
+    from diloco.models import generate_tokens
+
+    model = build_model(arch, CONFIGS[arch], seed=0)
+    cached = list(generate_tokens(model, [1, 2, 3], max_new_tokens=45, temperature=0))  # context is 32
+    monkeypatch.delattr(type(model), "logits_with_cache")
+    assert list(generate_tokens(model, [1, 2, 3], max_new_tokens=45, temperature=0)) == cached
