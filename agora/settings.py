@@ -405,9 +405,10 @@ AGORA_MAX_MODEL_PARAMS = env.int("AGORA_MAX_MODEL_PARAMS", default=2_000_000_000
 AGORA_EVAL_PRECISION = env("AGORA_EVAL_PRECISION", default="auto")
 # Contribution checks before each aggregate (diloco.contributions): replays (same sha256, or a count sketch
 # with cosine above AGORA_REPLAY_COSINE against an earlier update or public outer step) and updates that do not
-# lower the loss on their own shard (scored on AGORA_SCORE_WINDOWS windows of it and of another shard).
+# do not learn their own shard better than other data (scored on AGORA_SCORE_WINDOWS windows of it and as many of
+# the other shards, against the round's median update on the same windows).
 AGORA_SCORE_CONTRIBUTIONS = env.bool("AGORA_SCORE_CONTRIBUTIONS", default=True)
-AGORA_SCORE_WINDOWS = env.int("AGORA_SCORE_WINDOWS", default=16)
+AGORA_SCORE_WINDOWS = env.int("AGORA_SCORE_WINDOWS", default=32)
 AGORA_REPLAY_COSINE = env.float("AGORA_REPLAY_COSINE", default=0.99)
 if not 1 <= AGORA_SCORE_WINDOWS <= 1024 or not 0 < AGORA_REPLAY_COSINE <= 1:
     raise ImproperlyConfigured("AGORA_SCORE_WINDOWS must be within [1, 1024] and AGORA_REPLAY_COSINE within (0, 1]")

@@ -24,21 +24,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import math
+import subprocess
+import sys
 import time
 
 import torch
 
 from bench.common import print_table
 from diloco.codecs import decode_update, encode_update, reference_of
-from diloco.contributions import ContributionCheck, check_contributions, step_sketch
+from diloco.contributions import (
+    ContributionCheck,
+    check_contributions,
+    other_keys,
+    shard_windows,
+    step_sketch,
+)
 from diloco.data import encode_documents, load_documents, shard_documents, split_documents
 from diloco.evaluate import evaluate_loss
 from diloco.inner import InnerConfig, inner_train
 from diloco.models import build_model, init_state, model_with_weights
 from diloco.replay import Earlier
 from diloco.round import AggregatorSpec, Update, outer_round, screen
-from diloco.scoring import score_windows
 
 ATTACKS = ("none", "scaled", "noise", "nan", "lie", "collude", "max-noise", "public-step", "replay", "median-noise")
 FREE_RIDERS = ("public-step", "replay", "median-noise")
@@ -54,7 +62,7 @@ class Setup:
     batch_size: int = 8
     seq_len: int = 64
     inner_lr: float = 3e-3
-    score_windows: int = 16
+    score_windows: int = 32
     model: dict = dataclasses.field(default_factory=lambda: dict(MODEL))
     aggregator: str = "trimmed_mean"
     codec: str = "int8"
@@ -168,13 +176,12 @@ def simulate(attack: str, setup: Setup, data=None) -> Outcome:
                 first_uploads[w] = uploads[w]
         updates = [Update(w, raw[w] if uploads[w].startswith(b"nan:") else decode_update(uploads[w], ref))
                    for w in honest_ids + attacker_ids]
-        windows_seed = 7919 * r + setup.seed
-        shard_keys = sorted({w for w in honest_ids + attacker_ids} | {(w + 1) % k for w in honest_ids + attacker_ids})
+        windows = shard_windows(dict(enumerate(shards)), count=setup.score_windows, seq_len=setup.seq_len,
+                                seed=7919 * r + setup.seed)
+        ids = honest_ids + attacker_ids
         check = ContributionCheck(
-            arch=arch, config=cfg, sketch_seed=sketch_seed,
-            windows={s: score_windows(shards[s], count=setup.score_windows, seq_len=setup.seq_len,
-                                      seed=windows_seed + s) for s in shard_keys},
-            own={w: w for w in honest_ids + attacker_ids}, other={w: (w + 1) % k for w in honest_ids + attacker_ids},
+            arch=arch, config=cfg, sketch_seed=sketch_seed, windows=windows, own={w: w for w in ids},
+            other={w: other_keys(w, k, windows) for w in ids},
             sha256={w: hashlib.sha256(uploads[w]).hexdigest() for w in uploads}, earlier=earlier)
         result = outer_round(base_state=params, updates=updates, evaluate=evaluate, outer_state=outer_state,
                              aggregator=AggregatorSpec(setup.aggregator), previous_norms=previous_norms,
@@ -217,36 +224,77 @@ def statistics_median(values: list[float]) -> float | None:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
+def _arm(attack: str, setup: Setup, data) -> dict:
+    return dataclasses.asdict(simulate(attack, setup, data))
+
+
+def _arms_in_processes(attacks: list[str], args, jobs: int) -> dict[str, dict]:
+    """Every arm in its own ``python -m bench.attacks --json`` process, ``jobs`` at a time; the runs are
+    deterministic, so an arm gives the same figures in any process."""
+    chunks = [attacks[i::jobs] for i in range(jobs) if attacks[i::jobs]]
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.attacks", "--json", "--threads", str(args.threads),
+                               "--rounds", str(args.rounds), "--inner-steps", str(args.inner_steps),
+                               "--windows", str(args.windows), "--attacks", ",".join(chunk)],
+                              stdout=subprocess.PIPE, text=True) for chunk in chunks]
+    out = {}
+    for proc in procs:
+        stdout, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"an arm's process failed with exit code {proc.returncode}")
+        for line in stdout.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                out[row["attack"]] = row
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--inner-steps", type=int, default=50)
-    ap.add_argument("--windows", type=int, default=16, help="scoring windows per shard")
+    ap.add_argument("--windows", type=int, default=32, help="scoring windows per shard (and of other shards)")
     ap.add_argument("--attacks", default=",".join(ATTACKS[1:]))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=1, help="arms run in this many processes at once")
+    ap.add_argument("--json", action="store_true", help="print each arm's outcome as a JSON line (no table)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    setup = Setup(rounds=args.rounds, inner_steps=args.inner_steps, score_windows=args.windows)
-    data = _data(setup)
-    print(f"byte-gpt {setup.model}, k={setup.workers} ({setup.malicious} malicious), {setup.rounds} rounds x "
-          f"H={setup.inner_steps}, {setup.codec}, {setup.aggregator}; torch threads {torch.get_num_threads()}",
-          flush=True)
-    base = simulate("none", setup, data)
-    print(f"honest-only (6 workers): final held-out loss {base.final_loss:.4f} ({base.seconds:.0f} s)", flush=True)
-    rows = []
-    for attack in [a for a in args.attacks.split(",") if a]:
+    attacks = [a for a in args.attacks.split(",") if a]
+    for attack in attacks:
         if attack not in ATTACKS:
             raise SystemExit(f"unknown attack {attack!r} (known: {', '.join(ATTACKS[1:])})")
-        out = simulate(attack, setup, data)
-        delta = 100 * (out.final_loss - base.final_loss) / base.final_loss
-        rows.append((attack, f"{out.final_loss:.4f}", f"{delta:+.2f}%", f"{out.honest_rejected}/{out.honest_total}",
-                     f"{out.attacker_credited}/{out.attacker_total}", str(out.steps_rejected),
-                     ", ".join(f"{k} {v}" for k, v in sorted(out.reasons.items())),
-                     f"{out.seconds:.0f}"))
-        print(f"  {attack}: done", flush=True)
+    torch.set_num_threads(args.threads)
+    setup = Setup(rounds=args.rounds, inner_steps=args.inner_steps, score_windows=args.windows)
+    if args.json:
+        data = _data(setup)
+        for attack in attacks:
+            print(json.dumps(_arm(attack, setup, data)), flush=True)
+        return
+    print(f"byte-gpt {setup.model}, k={setup.workers} ({setup.malicious} malicious), {setup.rounds} rounds x "
+          f"H={setup.inner_steps}, {setup.codec}, {setup.aggregator}, {setup.score_windows} scoring windows; "
+          f"torch threads {torch.get_num_threads()} x {args.jobs} processes", flush=True)
+    arms = ["none", *[a for a in attacks if a != "none"]]
+    if args.jobs > 1:
+        outcomes = _arms_in_processes(arms, args, args.jobs)
+    else:
+        data = _data(setup)
+        outcomes = {}
+        for attack in arms:
+            outcomes[attack] = _arm(attack, setup, data)
+            print(f"  {attack}: done ({outcomes[attack]['seconds']:.0f} s)", flush=True)
+    base = outcomes["none"]
+    rows = [("honest-only", f"{base['final_loss']:.4f}", "", f"{base['honest_rejected']}/{base['honest_total']}",
+             "", str(base["steps_rejected"]), ", ".join(f"{k} {v}" for k, v in sorted(base["reasons"].items())),
+             f"{base['seconds']:.0f}")]
+    for attack in arms[1:]:
+        out = outcomes[attack]
+        delta = 100 * (out["final_loss"] - base["final_loss"]) / base["final_loss"]
+        rows.append((attack, f"{out['final_loss']:.4f}", f"{delta:+.2f}%",
+                     f"{out['honest_rejected']}/{out['honest_total']}",
+                     f"{out['attacker_credited']}/{out['attacker_total']}", str(out["steps_rejected"]),
+                     ", ".join(f"{k} {v}" for k, v in sorted(out["reasons"].items())), f"{out['seconds']:.0f}"))
     print_table(["attack", "final loss", "vs honest-only", "honest rejected", "attacker credited", "steps rejected",
                  "verdicts (attackers, honest rejections)", "s"], rows,
-                title=f"honest-only final held-out loss {base.final_loss:.4f}")
+                title=f"honest-only final held-out loss {base['final_loss']:.4f}")
 
 
 if __name__ == "__main__":

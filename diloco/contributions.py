@@ -4,8 +4,9 @@ For every update that passed screening, in order:
 
 1. replay: its sha256 or its sketch's direction repeats an earlier update of the run, an earlier update of
    this round, or a public outer step (``diloco.replay``);
-2. score: the losses on its own shard's windows and on another shard's, before and after applying it to
-   the round's base weights (``diloco.scoring``), judged over the round.
+2. score: the per-window losses on its own shard's windows and on other shards', before and after applying
+   it to the round's base weights, each window's gain taken relative to the gain of the round's centre (the
+   coordinate median of the updates being scored) on the same window (``diloco.scoring``).
 
 An update that is a replay or fails its score is turned away from the aggregate (so a free-rider does not
 steer the step either), earns nothing and is blamed: both verdicts judge the update by itself (a replay is
@@ -25,8 +26,20 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
+from diloco.aggregate import aggregate
 from diloco.replay import DEFAULT_DIM, DEFAULT_THRESHOLD, Earlier, replay_check, sketch
-from diloco.scoring import DEFAULT_MIN_SHARE, DEFAULT_TOLERANCE, Gains, judge, update_gains, windows_loss
+from diloco.scoring import (
+    DEFAULT_MIN_ROUND_Z,
+    DEFAULT_MIN_Z,
+    DEFAULT_TOLERANCE,
+    MIN_CENTRE,
+    Gains,
+    applied,
+    judge,
+    score_windows,
+    update_gains,
+    window_losses,
+)
 
 REPLAY = "replay"
 SCORE = "score"
@@ -37,8 +50,8 @@ CODES = frozenset({REPLAY, SCORE})
 class ContributionCheck:
     """What the caller knows about a round to judge its updates.
 
-    ``own[id]`` and ``other[id]`` name the window sets (keys of ``windows``) an update is scored on: its own
-    shard's and another shard's (or held-out text). ``sha256[id]`` is the stored update's digest. ``earlier``
+    ``own[id]`` names the window set (a key of ``windows``) of an update's own shard, ``other[id]`` the
+    window set, or a list of them, of the shards it was not given: the score compares the two. ``sha256[id]`` is the stored update's digest. ``earlier``
     holds the run's earlier updates and public outer steps. ``sketch_seed`` should stay the same for a whole
     run and be unknown to the workers.
     """
@@ -52,13 +65,43 @@ class ContributionCheck:
     sha256: dict[Hashable, str] = dataclasses.field(default_factory=dict)
     earlier: list[Earlier] = dataclasses.field(default_factory=list)
     scale: float = 1.0
-    tolerance: float = DEFAULT_TOLERANCE
-    min_share: float = DEFAULT_MIN_SHARE
+    min_z: float = DEFAULT_MIN_Z
+    tolerance: float = DEFAULT_TOLERANCE  # without a centre (see ``diloco.scoring.judge``)
+    min_round_z: float = DEFAULT_MIN_ROUND_Z
+    centre: bool = True  # judge each window's gain against the round centre's (with MIN_CENTRE updates or more)
     replay_threshold: float = DEFAULT_THRESHOLD
     sketch_dim: int = DEFAULT_DIM
     score: bool = True  # False: replay checks only
     device: str | torch.device = "cpu"
     autocast_dtype: torch.dtype | None = None
+
+
+OTHER = "other"
+# Other-data windows are drawn from up to this many other shards (the next ones round the ring of shards), so
+# the comparison averages over several shards' text instead of resting on how easy one shard happens to be.
+OTHER_SHARDS = 7
+
+
+def shard_windows(tokens: dict[int, Tensor], *, count: int, seq_len: int, seed: int,
+                  other_shards: int = OTHER_SHARDS) -> dict[Hashable, Tensor]:
+    """The round's window sets: for every shard ``s`` of ``tokens`` (shard index -> token ids) with more
+    than ``seq_len`` tokens, ``count`` own windows under key ``s`` and ``ceil(count / other_shards)`` windows
+    under ``("other", s)`` for the updates of other shards. ``seed`` is the round's secret."""
+    n_other = max(1, math.ceil(count / max(1, other_shards)))
+    windows: dict[Hashable, Tensor] = {}
+    for s, t in sorted(tokens.items()):
+        if t.numel() > seq_len:
+            windows[s] = score_windows(t, count=count, seq_len=seq_len, seed=seed + 2 * s)
+            windows[(OTHER, s)] = score_windows(t, count=n_other, seq_len=seq_len, seed=seed + 2 * s + 1)
+    return windows
+
+
+def other_keys(shard: int, count: int, windows: dict[Hashable, Tensor], *,
+               other_shards: int = OTHER_SHARDS) -> list[Hashable]:
+    """The other-data window keys of an update of ``shard`` (of ``count`` shards): the next
+    ``other_shards`` shards round the ring that have windows."""
+    keys = [(OTHER, (shard + j) % count) for j in range(1, count)]
+    return [k for k in keys if k in windows][:other_shards]
 
 
 def _finite(tensors: dict[str, Tensor]) -> bool:
@@ -93,21 +136,49 @@ def check_contributions(base_state: dict[str, Tensor], updates: Sequence, verdic
     if not scored:
         return sketches
     kw = {"device": check.device, "autocast_dtype": check.autocast_dtype}
-    before: dict[Hashable, float] = {}
+    before: dict[Hashable, Tensor] = {}
 
-    def loss_before(key: Hashable) -> float:
+    def losses_before(key: Hashable) -> Tensor:
         if key not in before:
-            before[key] = windows_loss(check.arch, check.config, base_state, check.windows[key], **kw)
+            before[key] = window_losses(check.arch, check.config, base_state, check.windows[key], **kw)
         return before[key]
+
+    def others(update_id: Hashable) -> list[Hashable]:
+        keys = check.other[update_id]
+        return list(keys) if isinstance(keys, list | tuple) else [keys]
+
+    def windows_of(keys: list[Hashable]) -> Tensor:
+        return torch.cat([check.windows[key] for key in keys])
+
+    def before_of(keys: list[Hashable]) -> Tensor:
+        return torch.cat([losses_before(key) for key in keys])
 
     gains: list[Gains] = []
     for u, _v in scored:
-        own, other = check.own[u.id], check.other[u.id]
+        own, other = check.own[u.id], others(u.id)
         gains.append(update_gains(arch=check.arch, config=check.config, base=base_state, update=u.tensors,
-                                  own=check.windows[own], other=check.windows[other], own_before=loss_before(own),
-                                  other_before=loss_before(other), scale=check.scale, **kw))
-    for (_u, v), score in zip(scored, judge(gains, tolerance=check.tolerance, min_share=check.min_share),
-                              strict=True):
+                                  own=check.windows[own], other=windows_of(other), own_before=losses_before(own),
+                                  other_before=before_of(other), scale=check.scale, **kw))
+    centre_gains: list[Gains | None] = [None] * len(scored)
+    if check.centre and len(scored) >= MIN_CENTRE:
+        # The round's consensus step, measured on every window set once: per window, how much any step
+        # teaches that text. A minority cannot move a coordinate median.
+        centre = aggregate([u.tensors for u, _v in scored], "median")
+        keys = sorted({check.own[u.id] for u, _v in scored} | {k for u, _v in scored for k in others(u.id)},
+                      key=repr)
+        after = window_losses(check.arch, check.config, applied(base_state, centre, check.scale),
+                              windows_of(keys), **kw)
+        per_key, at = {}, 0
+        for key in keys:
+            n = check.windows[key].shape[0]
+            per_key[key] = losses_before(key) - after[at : at + n]
+            at += n
+        centre_gains = []
+        for u, _v in scored:
+            own, other = per_key[check.own[u.id]], torch.cat([per_key[k] for k in others(u.id)])
+            centre_gains.append(Gains(0.0, -float(own.mean()), 0.0, -float(other.mean()), own=own, other=other))
+    for (_u, v), score in zip(scored, judge(gains, centre=centre_gains, min_z=check.min_z,
+                                                  tolerance=check.tolerance, min_round_z=check.min_round_z), strict=True):
         v.score = score.as_json()
         v.score["replay_max_cosine"] = v.extra.get("replay_max_cosine")
         if not score.passed:

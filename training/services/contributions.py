@@ -3,9 +3,10 @@
 The checks run inside ``diloco.round.outer_round`` between screening and aggregation; this module builds
 their input from the database and storage:
 
-- the windows each update is scored on: a few windows of its own shard and of the next shard, drawn from
-  a seed the workers cannot know (derived from ``SECRET_KEY``, the run and the round), over the same
-  documents the agents train on (the train split after the data-filter guardrails in force);
+- the windows each update is scored on: a few windows of its own shard and a few of each of the other
+  shards (``diloco.contributions.shard_windows``), drawn from a seed the workers cannot know (derived from
+  ``SECRET_KEY``, the run and the round), over the same documents the agents train on (the train split
+  after the data-filter guardrails in force);
 - what it may not repeat: the sha256 and sketch of every earlier update of the run and the sketch of every
   accepted public outer step. Sketches use one secret seed per run, so they compare across rounds.
 """
@@ -19,11 +20,10 @@ import json
 
 from django.conf import settings
 
-from diloco.contributions import ContributionCheck
+from diloco.contributions import ContributionCheck, other_keys, shard_windows
 from diloco.data import encode_documents, load_documents, shard_documents, split_documents
 from diloco.guardrails import filter_documents
 from diloco.replay import Earlier, sketch_from_json
-from diloco.scoring import score_windows
 from governance.selectors import guardrails_active
 from training import blobs
 from training.models import Round, Task, TrainingRun
@@ -112,29 +112,25 @@ def contribution_check(*, run: TrainingRun, rnd: Round, tasks: list[Task], devic
     d = run.diloco
     count = int(d["workers_per_round"])
     seq_len = int(d["seq_len"])
-    n_windows = int(getattr(settings, "AGORA_SCORE_WINDOWS", 16))
+    n_windows = int(getattr(settings, "AGORA_SCORE_WINDOWS", 32))
     guardrails = guardrails_active(kind="data_filter")
     own = {t.pk: t.shard_index for t in tasks}
-    other = {t.pk: (t.shard_index + 1) % count for t in tasks}
-    seed = windows_seed(run.pk, rnd.index)
-    windows = {}
     prepared = datasets.run_dataset(run)
-    for s in sorted(set(own.values()) | set(other.values())):
-        tokens = (shard_tokens(run.spec["dataset"], s, count, guardrails) if prepared is None
-                  else datasets.run_shard_tokens(run, prepared, s, guardrails))
-        if tokens.numel() > seq_len:
-            windows[s] = score_windows(tokens, count=n_windows, seq_len=seq_len, seed=seed + s)
-    # A shard too small to score (a tiny corpus split many ways) is scored against itself: the own-shard
-    # gain still decides, the comparison with other data does not.
-    for task_id in own:
-        if other[task_id] not in windows:
-            other[task_id] = own[task_id]
+    tokens = {s: (shard_tokens(run.spec["dataset"], s, count, guardrails) if prepared is None
+                  else datasets.run_shard_tokens(run, prepared, s, guardrails)) for s in range(count)}
+    windows = shard_windows(tokens, count=n_windows, seq_len=seq_len, seed=windows_seed(run.pk, rnd.index))
+    other = {task_id: other_keys(s, count, windows) for task_id, s in own.items()}
     check = ContributionCheck(
         arch=run.spec["model"]["arch"], config=run.spec["model"]["config"], windows=windows, own=own, other=other,
         sketch_seed=sketch_seed(run.pk), sha256={t.pk: t.update_sha256 for t in tasks},
         replay_threshold=float(getattr(settings, "AGORA_REPLAY_COSINE", 0.99)),
         device=device, autocast_dtype=autocast_dtype)
     check.earlier = _earlier(run, rnd, check.sketch_dim)
-    if any(own[t] not in windows for t in own):
-        check.score = False  # some shard has too few tokens for one window: replay checks only
+    if run.spec["model"].get("lora"):
+        # Scoring builds full models from the update; a LoRA update is adapters over a frozen base: replay
+        # checks only (screening, aggregation and the evaluation gate still judge the round).
+        check.score = False
+    if any(own[t] not in windows or not other[t] for t in own):
+        # Some shard has too few tokens for one window, or no other shard has any: replay checks only.
+        check.score = False
     return check
