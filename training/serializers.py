@@ -14,6 +14,21 @@ from training.models import Checkpoint, PreparedDataset, Round, Task, TrainingRu
 from training.services.replicas import task_optimizer
 
 
+def _task_model(run: TrainingRun, request) -> dict:
+    """The task's model: arch and config, and for a LoRA run the adapters' spec and the frozen base weights
+    (the task's checkpoint then holds the adapters only)."""
+    from training.services.versions import run_lora, run_lora_base_sha256
+
+    spec = run.spec["model"]
+    model = {"arch": spec["arch"], "config": spec["config"]}
+    lora = run_lora(run)
+    if lora is not None:
+        base = run_lora_base_sha256(run)
+        model.update(lora=lora.to_dict(), lora_base_sha256=base,
+                     lora_base_url=request.build_absolute_uri(reverse("api-checkpoint", args=[base])))
+    return model
+
+
 def task_payload(task: Task, *, request, guardrails: list[dict], max_upload_bytes: int) -> dict:
     """The task JSON of worker protocol v1 (see contracts: the agent relies on every key)."""
     rnd = task.round
@@ -26,7 +41,7 @@ def task_payload(task: Task, *, request, guardrails: list[dict], max_upload_byte
         "round": rnd.index,
         "checkpoint_sha256": rnd.checkpoint_in_id,
         "checkpoint_url": request.build_absolute_uri(reverse("api-checkpoint", args=[rnd.checkpoint_in_id])),
-        "model": {"arch": spec["model"]["arch"], "config": spec["model"]["config"]},
+        "model": _task_model(run, request),
         "dataset": {
             "source": ds["source"],
             "sha256": ds.get("sha256"),

@@ -146,3 +146,73 @@ def test_agents_train_a_llama_with_a_bpe_tokenizer_on_jsonl_and_the_export_loads
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def test_an_imported_model_is_fine_tuned_with_lora_by_agents_sending_only_adapter_updates(process_env, live_server,
+                                                                                          settings, tmp_path):
+    import statistics
+
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from diloco.codecs import encode_update
+    from ledger.selectors import ledger_verify
+    from tests.training.test_import_export import save_tiny_llama
+    from training import services
+    from training.models import ModelVersion, Round, Task, TrainingRun
+
+    env = agents_env(process_env, settings, tmp_path / "data")
+    original = save_tiny_llama(tmp_path / "data" / "tiny-llama")
+    base = services.model_import(directory=tmp_path / "data" / "tiny-llama", slug="tiny-llama")
+    workers = 2
+    spec = {
+        "model": {"name": "tiny-llama", "arch": "llama", "init": "latest", "config": base.config,
+                  "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "dataset": {"source": "builtin:python-docs", "heldout_fraction": 0.1},
+        "tokenizer": {"kind": "model"},
+        "diloco": {"rounds": 2, "workers_per_round": workers, "min_workers": workers, "inner_steps": 10,
+                   "inner_lr": 0.01, "batch_size": 8, "seq_len": 64, "warmup": 0, "compression": "int8",
+                   "aggregator": "mean", "round_timeout_s": 120},
+        "hardware": {"min_vram_mb": 0, "allow_cpu": True},
+    }
+    procs: list[Proc] = []
+    try:
+        procs.append(celery_worker(env, tmp_path / "celery.log", beat=True))
+        proposal = approve(settings, spec, "LoRA on the imported tiny Llama")
+        run = wait_for(lambda: TrainingRun.objects.filter(proposal=proposal).first(), 120,
+                       what="the run to be created", procs=procs)
+        assert run.base_version == base
+        procs += start_agents(env, tmp_path, live_server.url, ("lora-1", "lora-2"))
+        wait_finished(run, procs)
+
+        rounds = list(Round.objects.filter(run=run).order_by("index"))
+        accepted = [r for r in rounds if r.accepted]
+        assert accepted, [(r.index, r.status, r.reason) for r in rounds]
+        sizes = list(Task.objects.filter(round__run=run, update_size__isnull=False).values_list("update_size",
+                                                                                                flat=True))
+        lora_update = statistics.median(sizes)
+        full_state = {k: torch.randn(v.shape) for k, v in original.state_dict().items()}
+        full_update = len(encode_update(full_state, "int8"))
+        print(f"\n{'':24}{'bytes/update':>14}{'bytes/round':>14}  ({workers} workers, int8)"
+              f"\n{'LoRA r=4 q_proj,v_proj':24}{lora_update:>14,.0f}{lora_update * workers:>14,.0f}"
+              f"\n{'full fine-tuning':24}{full_update:>14,}{full_update * workers:>14,}"
+              f"\nLoRA sends {full_update / lora_update:.1f}x fewer bytes per update")
+        assert lora_update * 10 < full_update
+
+        versions = list(ModelVersion.objects.filter(run=run).order_by("number"))
+        assert versions and all(v.lora and v.lora_base == base for v in versions)
+        latest = versions[-1]
+        response = httpx.get(f"{live_server.url}/models/tiny-llama/v{latest.number}.tar.gz", timeout=120)
+        assert response.status_code == 200
+        with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:gz") as tar:
+            tar.extractall(tmp_path / "export", filter="data")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / f"tiny-llama-v{latest.number}").eval()
+        idx = torch.tensor([[5, 17, 42, 7, 99]])
+        with torch.no_grad():
+            assert not torch.allclose(merged(idx).logits, original(idx).logits, atol=1e-6)  # the adapters merged in
+            assert merged.generate(idx, max_new_tokens=4, do_sample=False).shape[1] == 9
+        assert ledger_verify().ok
+    finally:
+        for proc in reversed(procs):
+            proc.stop()

@@ -29,7 +29,6 @@ from django.utils import timezone
 from diloco.codecs import CodecError, decode_update
 from diloco.contributions import check_contributions, step_sketch
 from diloco.evaluate import eval_dtype, evaluate_loss
-from diloco.models import model_with_weights
 from diloco.outer import OuterOptimizer
 from diloco.replay import sketch_to_json
 from diloco.round import AggregatorSpec, OuterSpec, ScreenSpec, Update, Verdict, outer_round
@@ -58,7 +57,7 @@ from training.services.rounds import (
     aggregation_lease_s,
 )
 from training.services.runs import _run_finish
-from training.services.versions import _version_publish
+from training.services.versions import _version_publish, run_model_with_weights, run_reference
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +146,8 @@ def eval_precision() -> torch.dtype | None:
 
 
 def _eval(state: dict, run: TrainingRun, tokens) -> float:
-    m = run.spec["model"]
     device = eval_device()
-    model = model_with_weights(m["arch"], m["config"], state).to(device)
+    model = run_model_with_weights(run, state).to(device)  # a LoRA run's state is its adapters
     d = run.diloco
     return evaluate_loss(model, tokens, batch_size=int(d["batch_size"]), seq_len=int(d["seq_len"]),
                          batches=EVAL_BATCHES, seed=0, device=device, autocast_dtype=eval_precision())
@@ -168,7 +166,7 @@ def _aggregate_compute(rnd: Round, token: str, tasks: list[Task], *, lease: _Lea
     t0 = time.perf_counter()
     state_in, _meta_in = blobs.checkpoint_state(rnd.checkpoint_in_id)
     m = run.spec["model"]
-    reference = blobs.model_reference(m["arch"], m["config"])
+    reference = run_reference(run)
     updates = []
     for task in tasks:
         try:

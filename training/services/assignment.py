@@ -27,6 +27,7 @@ from training.errors import (
 from training.models import Round, Task, TrainingRun
 from training.services.replicas import replica_claim_filter, replica_claimable
 from training.services.rounds import _task_replace, _tell_stopped, round_expire_late_tasks
+from training.services.versions import run_reference
 from training.signals import round_result_stored
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,7 @@ _CLAIM_CANDIDATES = 8
 
 
 def max_upload_bytes(run: TrainingRun) -> int:
-    m = run.spec["model"]
-    reference = blobs.model_reference(m["arch"], m["config"])
+    reference = run_reference(run)  # a LoRA run's updates cover its adapters only
     return (payload_nbytes(reference, run.diloco["compression"], density=run.diloco.get("density", DENSITY))
             + 256 * len(reference) + _UPLOAD_HEADER_ALLOWANCE)
 
@@ -212,9 +212,8 @@ def update_validate(*, run: TrainingRun, data: bytes) -> dict[str, torch.Tensor]
     limit = max_upload_bytes(run)
     if len(data) > limit:
         raise UploadTooLarge(f"update is {len(data)} bytes; this task accepts at most {limit}")
-    m = run.spec["model"]
     try:
-        return decode_update(data, blobs.model_reference(m["arch"], m["config"]))
+        return decode_update(data, run_reference(run))
     except CodecError as exc:
         raise InvalidUpdate(str(exc), code=_classify_codec_error(str(exc))) from None
 

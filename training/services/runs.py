@@ -46,7 +46,16 @@ def run_start(*, proposal_id: int) -> TrainingRun | None:
     model = CommunityModel.objects.filter(slug=mspec["name"]).first()
     base_version, problem = _run_base_version(model, mspec)
     base_sha, base_size = None, 0
-    if base_version is not None:
+    if base_version is not None and mspec.get("lora") and not problem:
+        # A LoRA run trains adapters over the version's frozen weights: its checkpoints are the adapters,
+        # starting from fresh ones (B = 0, so the run's first state is the version itself).
+        from diloco.lora import LoraSpec, init_adapter_state
+
+        version_base_checkpoint(base_version)  # the frozen base, written once when the version is a LoRA's
+        lora = LoraSpec.from_dict(mspec["lora"], arch=arch)
+        base_sha, base_size = _checkpoint_blob(init_adapter_state(arch, config, lora, proposal.pk),
+                                               _model_meta(arch, config, seed=proposal.pk, lora=lora.to_dict()))
+    elif base_version is not None:
         base_sha = version_base_checkpoint(base_version).sha256
     else:
         base_sha, base_size = _checkpoint_blob(init_state(arch, config, proposal.pk),

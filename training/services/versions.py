@@ -235,3 +235,58 @@ def model_import(*, directory, slug: str, name: str = "", by=None) -> ModelVersi
     return _import_commit(slug=slug, name=name.strip() or slug, arch=arch, config=config, sha=sha, size=size,
                           tokenizer_sha256=tokenizer_sha256, vocab_size=config["vocab_size"], params=params,
                           source=path.name, by=by)
+
+
+# --- LoRA runs ----------------------------------------------------------------------------------------
+# A LoRA run's checkpoints, updates and outer steps cover only the adapter weights; the frozen base is the
+# full weights of the version it started from (``lora_base_sha256`` in its tasks).
+
+_adapter_references = blobs.LRU(4)
+
+
+def run_lora(run: TrainingRun):
+    """The run's ``diloco.lora.LoraSpec``, or None for full fine-tuning."""
+    lora = run.spec["model"].get("lora")
+    if not lora:
+        return None
+    from diloco.lora import LoraSpec
+
+    return LoraSpec.from_dict(lora, arch=run.spec["model"]["arch"])
+
+
+def run_lora_base_sha256(run: TrainingRun) -> str | None:
+    """The checkpoint of full weights a LoRA run's adapters sit on (None for full fine-tuning)."""
+    if run_lora(run) is None or run.base_version_id is None:
+        return None
+    version = run.base_version
+    return version.checkpoint_id if not version.lora else version_base_checkpoint(version).sha256
+
+
+def run_reference(run: TrainingRun) -> dict:
+    """``{name: (shape, dtype)}`` every update of the run must match: the model's, or a LoRA run's adapters'."""
+    m = run.spec["model"]
+    spec = run_lora(run)
+    if spec is None:
+        return blobs.model_reference(m["arch"], m["config"])
+
+    def adapters():
+        from diloco.codecs import reference_of
+        from diloco.lora import init_adapter_state
+
+        return reference_of(init_adapter_state(m["arch"], m["config"], spec, 0))
+
+    return _adapter_references.get_or_load(("adapters", m["arch"], repr(sorted(m["config"].items())), spec), adapters)
+
+
+def run_model_with_weights(run: TrainingRun, state: dict) -> torch.nn.Module:
+    """The run's model with ``state`` (a LoRA run's state is its adapters, over the frozen base)."""
+    from diloco.models import model_with_weights
+
+    m = run.spec["model"]
+    spec = run_lora(run)
+    if spec is None:
+        return model_with_weights(m["arch"], m["config"], state)
+    from diloco.lora import lora_model
+
+    base = blobs.checkpoint_state(run_lora_base_sha256(run))[0]
+    return lora_model(m["arch"], m["config"], base, spec, adapter_state=state)
