@@ -137,11 +137,12 @@ def encode_pseudo_gradient(runner, task: dict, delta: dict) -> bytes:
     if compression not in SPARSE_BITS:
         return encode_update(delta, compression)
     from diloco.codecs import DENSITY
-    from diloco.sparse import ErrorFeedback
+    from diloco.sparse import BETA, ErrorFeedback
 
     density = task.get("density", DENSITY)
     path = error_feedback_file(runner, task["run_id"])
-    ef = ErrorFeedback(codec=compression, density=density)
+    beta = task.get("error_feedback_beta")
+    ef = ErrorFeedback(codec=compression, density=density, beta=BETA if beta is None else beta)
     if path.exists():
         try:
             kept = ErrorFeedback.load(path.read_bytes(), reference_of(delta))

@@ -107,3 +107,16 @@ def test_delta_download_is_capped_in_size(fake_server):
         assert client.download_delta(sha, max_bytes=5000) == b"d" * 5000
         with pytest.raises(DownloadError):
             client.download_delta(sha, max_bytes=4999)
+
+
+def test_the_cli_takes_a_link_cap_from_the_flag_or_the_environment(monkeypatch):
+    from workers.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--max-mbps", "100"])
+    assert args.max_mbps == 100.0
+    monkeypatch.setenv("AGORA_WORKER_MAX_MBPS", "12.5")
+    assert build_parser().parse_args(["run"]).max_mbps == 12.5
+    monkeypatch.delenv("AGORA_WORKER_MAX_MBPS")
+    assert build_parser().parse_args(["run"]).max_mbps is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--max-mbps", "fast"])
