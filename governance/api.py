@@ -19,6 +19,8 @@ from governance.serializers import (
     CommentOutput,
     DelegationInput,
     DelegationOutput,
+    NotificationOutput,
+    NotificationReadInput,
     ProposalCreateInput,
     ProposalDetailOutput,
     ProposalListOutput,
@@ -246,3 +248,33 @@ class DelegationRevokeApi(APIView):
         if not services.delegation_revoke(delegator=request.user, kind="" if topic == "all" else topic):
             return Response({"error": "not_found", "detail": "You have no delegation for this topic."}, status=404)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class NotificationListApi(APIView):
+    """Your notifications, newest first (``?unread=1`` for the unread ones only)."""
+
+    permission_classes = [IsAuthenticated]
+    pagination_class = ProposalPagination
+
+    @extend_schema(parameters=[OpenApiParameter("unread", bool)], responses=NotificationOutput(many=True))
+    def get(self, request):
+        qs = selectors.notifications_for(user=request.user)
+        if request.query_params.get("unread") in ("1", "true"):
+            qs = qs.filter(read_at__isnull=True)
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(qs, request, view=self)
+        return paginator.get_paginated_response(NotificationOutput(page, many=True).data)
+
+
+class NotificationReadApi(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(request=NotificationReadInput, responses=inline_serializer("NotificationsRead", {
+        "marked_read": serializers.IntegerField()}))
+    def post(self, request):
+        from governance.notifications import notifications_mark_read
+
+        data = NotificationReadInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        marked = notifications_mark_read(user=request.user, ids=data.validated_data.get("ids"))
+        return Response({"marked_read": marked})

@@ -14,5 +14,7 @@ urlpatterns = [
     path("proposals/<int:pk>/close", api.ProposalCloseApi.as_view(), name="api-proposal-close"),
     path("guardrails/", api.GuardrailListApi.as_view(), name="api-guardrail-list"),
     path("delegations/", api.DelegationListApi.as_view(), name="api-delegation-list"),
+    path("notifications/", api.NotificationListApi.as_view(), name="api-notification-list"),
+    path("notifications/read", api.NotificationReadApi.as_view(), name="api-notification-read"),
     path("delegations/<str:topic>", api.DelegationRevokeApi.as_view(), name="api-delegation-revoke"),
 ]

@@ -148,3 +148,17 @@ class CommentOutput(serializers.Serializer):
     @extend_schema_field(OpenApiTypes.STR)
     def get_body_html(self, obj) -> str:
         return render_markdown(obj.body)
+
+
+class NotificationOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    kind = serializers.CharField()
+    text = serializers.CharField()
+    url = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    read_at = serializers.DateTimeField(allow_null=True)
+
+
+class NotificationReadInput(serializers.Serializer):
+    ids = serializers.ListField(child=serializers.IntegerField(min_value=1), required=False, max_length=1000,
+                                help_text="The notifications to mark read; omitted: all of yours.")

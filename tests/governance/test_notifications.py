@@ -142,3 +142,21 @@ def test_a_worker_going_offline_tells_its_owner(member, settings):
     assert worker_sweep_offline()["went_offline"] == [worker.pk]
     note = Notification.objects.get(user=member)
     assert note.kind == "worker_offline" and "laptop" in note.text
+
+
+def test_notifications_api_lists_mine_and_marks_them_read(member, other_member, member_client, api_client):
+    notify_users(user_ids=[member.pk], kind="mention", text="One", url="/")
+    notify_users(user_ids=[member.pk], kind="delegation", text="Two", url="/delegations/")
+    notify_users(user_ids=[other_member.pk], kind="mention", text="Theirs")
+    assert api_client.get("/api/v1/notifications/").status_code in (401, 403)
+    body = member_client.get("/api/v1/notifications/").json()
+    assert [n["text"] for n in body["results"]] == ["Two", "One"]
+    one = Notification.objects.get(text="One")
+    theirs = Notification.objects.get(text="Theirs")
+    response = member_client.post("/api/v1/notifications/read", {"ids": [one.pk, theirs.pk]}, format="json")
+    assert response.json() == {"marked_read": 1}
+    assert [n["text"] for n in member_client.get("/api/v1/notifications/?unread=1").json()["results"]] == ["Two"]
+    assert Notification.objects.get(pk=theirs.pk).read_at is None
+    response = member_client.post("/api/v1/notifications/read", {"ids": ["x"]}, format="json")
+    assert response.status_code == 400 and "ids" in response.json()["detail"]
+    assert member_client.post("/api/v1/notifications/read", {}, format="json").json() == {"marked_read": 1}
