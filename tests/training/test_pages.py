@@ -53,6 +53,9 @@ def test_run_page_shows_progress_curve_contributors_and_ledger(client):
         assert task.worker.name in html
     took = run.rounds.get(index=1).timings["aggregation_s"]
     assert f"{floatformat(took, 2)} s" in html  # how long the coordinator took over the round
+    assert "Trained from fresh weights" in html  # tiny_spec's init is scratch
+    for version in run.versions.all():
+        assert f"/models/{run.model.slug}/v{version.number}.tar.gz" in html
     partial = client.get(f"/runs/{run.pk}/progress", HTTP_HX_REQUEST="true")
     assert partial.status_code == 200 and "<html" not in partial.content.decode()
 
