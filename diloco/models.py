@@ -499,6 +499,9 @@ def load_hf_directory(path) -> tuple[str, dict, dict[str, Tensor]]:
     state = _read_hf_weights(path)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in _hf_model(arch, config, vocab_size=None, seed=None).state_dict().items()}
+    if arch == "gpt2":  # OpenAI's GPT-2 checkpoints: no "transformer." prefix, causal-mask buffers saved
+        state = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v
+                 for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     if "lm_head.weight" not in state and tied:
         embed = "model.embed_tokens.weight" if arch == "llama" else "transformer.wte.weight"
         if embed in state:

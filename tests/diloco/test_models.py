@@ -274,3 +274,22 @@ def test_cached_sampling_matches_full_recomputation_past_the_context(monkeypatch
     cached = list(generate_tokens(model, [1, 2, 3], max_new_tokens=45, temperature=0))  # context is 32
     monkeypatch.delattr(type(model), "logits_with_cache")
     assert list(generate_tokens(model, [1, 2, 3], max_new_tokens=45, temperature=0)) == cached
+
+
+def test_load_hf_directory_reads_openai_style_gpt2_checkpoints(tmp_path):
+    """distilgpt2 / gpt2 on the hub: keys without the ``transformer.`` prefix and saved causal-mask buffers."""
+    from safetensors.torch import load_file, save_file
+
+    from diloco.models import load_hf_directory
+
+    saved = _save_hf(tmp_path, "gpt2", GPT2, tie=True)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    legacy = {k.removeprefix("transformer."): v for k, v in weights.items()}
+    legacy["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    save_file(legacy, str(tmp_path / "model.safetensors"))
+    arch, config, state = load_hf_directory(tmp_path)
+    ours = build_model(arch, config, seed=None)
+    ours.load_state_dict(state)
+    x = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x), saved.eval()(x).logits, atol=1e-5)
