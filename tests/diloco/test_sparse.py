@@ -263,3 +263,44 @@ def test_outer_momentum_is_error_feedback_for_sparse_codecs():
     assert momentum_roles("int8", 0.9) == (0.9, None)
     with pytest.raises(ValueError, match="beta"):
         momentum_roles("topk2", 1.5)
+
+
+# --- the outer round on sparse updates ----------------------------------------------------------------------
+
+
+def _sparse_round_updates(k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"w": (64, 128), "b": (128,)}
+    direction = {n: torch.randn(s, generator=g) * 1e-2 for n, s in shapes.items()}
+    updates = []
+    for _ in range(k):
+        ef = ErrorFeedback(codec="topk2", chunk=1024, density=0.02)
+        noisy = {n: d + 2 * torch.randn(d.shape, generator=g) * 1e-2 for n, d in direction.items()}
+        updates.append(decode_update(ef.encode(noisy), reference_of(noisy)))
+    return direction, updates
+
+
+def _flat(d):
+    return torch.cat([d[n].reshape(-1) for n in sorted(d)])
+
+
+def test_screening_accepts_honest_sparse_updates():
+    from diloco.round import Update, screen
+
+    _, updates = _sparse_round_updates(k=6)
+    verdicts = screen([Update(i, u) for i, u in enumerate(updates)])
+    assert all(v.accepted for v in verdicts), [(v.code, v.reason) for v in verdicts]
+
+
+def test_mean_keeps_the_signal_of_sparse_updates_where_a_trimmed_mean_loses_it():
+    """Why a sparse run refuses trimmed mean and median: each coordinate is non-zero in few updates, so the
+    per-value trimmed mean (here of 4, dropping the largest and smallest) mostly returns zero."""
+    from diloco.aggregate import aggregate
+
+    direction, updates = _sparse_round_updates(k=4)
+    mean, clipped = (_flat(aggregate(updates, m)) for m in ("mean", "norm_clipped_mean"))
+    trimmed = _flat(aggregate(updates, "trimmed_mean", trim_fraction=0.25))
+    d = _flat(direction)
+    assert torch.dot(mean, d) > 0 and torch.dot(clipped, d) > 0
+    assert torch.dot(trimmed, d) < 0.5 * torch.dot(mean, d)
+    assert (trimmed != 0).sum() < 0.5 * (mean != 0).sum()
