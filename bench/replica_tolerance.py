@@ -84,7 +84,7 @@ def main(argv=None) -> None:
         ("honest", "same seed, same machine", lambda: _train(arch, config, theta1, shards[0], cfg, 7)),
         ("honest", f"same seed, {other_threads} thread(s) instead of {threads}",
          lambda: _train(arch, config, theta1, shards[0], cfg, 7, threads=other_threads)),
-        ("honest (bound)", "same seed, bfloat16 autocast", lambda: _train(arch, config, theta1, shards[0], cfg, 7,
+        ("other precision", "same seed, bfloat16 autocast", lambda: _train(arch, config, theta1, shards[0], cfg, 7,
                                                                           bf16=True)),
         ("other work", "same shard, another seed", lambda: _train(arch, config, theta1, shards[0], cfg, 8)),
         ("other work", "another shard, same seed", lambda: _train(arch, config, theta1, shards[1], cfg, 7)),
