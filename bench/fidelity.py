@@ -24,6 +24,13 @@ the held-out text (for bytes, loss / ln 2), so byte-level and BPE models compare
 - FedAvg: DiLoCo with outer lr 1 and no momentum (the average of the workers' models).
 - single worker: one worker doing the same number of inner steps on its own shard and batch (k× fewer
   tokens), the DiLoCo paper's baseline.
+- SparseLoCo (byte-gpt family; ``bench.fidelity_sparse``): the DiLoCo inner loop and inner lr; each worker
+  sends the top 2% of every chunk of 4096 values of its error-feedback buffer in 2 bits (β 0.95) and the
+  server steps with plain SGD on the mean, outer lr swept over {1, 2}; variants: with overlap (every round
+  starts from the checkpoint one round older: one-step-delayed pseudo-gradients), 1% and 3% density,
+  4 bits, and Nesterov momentum 0.9 on top at the same effective step. Workers download the exact
+  published step (``diloco.sparse``), not the weights; the bench checks it rebuilds the server's weights
+  bitwise every round.
 
 Runs use a constant lr after warmup, so a run's loss at step L is the loss of a run of length L: every
 run goes to the longest length and is evaluated every H steps, which gives all run lengths at once. The
@@ -36,11 +43,13 @@ Communication, bytes per worker, sent + received (both directions are counted fo
   encoded with the same codec. For int8 the server broadcasts the int8-quantised outer update and keeps
   the dequantised parameters itself, so server and workers hold the same weights (this is simulated,
   not just counted). Byte counts are the real encoded (safetensors) sizes.
+- SparseLoCo: the encoded sparse update up and the encoded published step down.
 Simulated time over a 100 Mbit/s link per worker = steps × the compute time of one training step
 (one micro-batch forward/backward + AdamW step on this CPU, one thread; workers run in parallel) + bytes
 sent and received / 100 Mbit/s (a half-duplex budget; latency is ignored). The step time is the median
 of 30 steps, measured before the runs and again after them; the lower of the two medians is used, since
-other load on a shared machine only ever makes a step slower.
+other load on a shared machine only ever makes a step slower. With overlap a round's traffic travels
+while the next round trains: a round takes the longer of its compute and its link time.
 """
 
 from __future__ import annotations
@@ -220,6 +229,10 @@ def run_diloco(p: dict) -> dict:
 
 
 def _run(p: dict) -> dict:
+    if p["kind"] == "sparse":
+        from bench.fidelity_sparse import run_sparse
+
+        return run_sparse(p)
     return run_dp(p) if p["kind"] == "dp" else run_diloco(p)
 
 
@@ -319,6 +332,13 @@ def run_family(family: str, args, pool) -> dict:
     int8 = diloco_arm(best_inner, best_outer, codec="int8", name="DiLoCo int8")
     if not args.core:
         done[int8["name"]] = pool.submit(_run, int8).result()
+    # SparseLoCo arms (bench.fidelity_sparse): top-k 2-bit updates with error feedback, published steps.
+    sparse, best_sparse = [], None
+    if not args.core and family == "byte-gpt":
+        from bench.fidelity_sparse import sparse_arms
+
+        sparse, sparse_done, best_sparse = sparse_arms(pool, common, best_inner, quick=args.quick)
+        done.update(sparse_done)
 
     sweep = [j for j in first + second if j["name"] not in ("FedAvg fp32", "single worker")]
     if len(sweep) > 2:
@@ -328,10 +348,12 @@ def run_family(family: str, args, pool) -> dict:
                           f"{best_inner:g}, outer lr {best_outer:g}); the chosen settings are used at every length")
     arms = [dp_arm(best_dp, name="data-parallel"), diloco_arm(best_inner, best_outer, name="DiLoCo fp32")]
     arms += [] if args.core else [int8, *baselines]
+    arms += sparse
     results = {
         "data-parallel": done[dp_arm(best_dp)["name"]],
         "DiLoCo fp32": done[diloco_arm(best_inner, best_outer)["name"]],
         **{name: done[name] for name in ("DiLoCo int8", "FedAvg fp32", "single worker") if name in done},
+        **{a["name"]: done[a["name"]] for a in sparse},
     }
 
     step_after = _step_seconds(arch, model, batch, seq_len, repeat=30, vocab=vocab)
@@ -343,7 +365,9 @@ def run_family(family: str, args, pool) -> dict:
         return point["bytes"] * scale * 8 / LINK_BITS_PER_S
 
     def sim_time(point, per_step=step_s, scale=1.0):
-        return point["step"] * per_step + link_s(point, scale)
+        from bench.fidelity_sparse import sim_time as overlapped_time  # overlap arms hide their link time
+
+        return overlapped_time(point, per_step, LINK_BITS_PER_S, H, scale)
 
     def at(name, length):
         return _at(results[name], length)
@@ -379,7 +403,7 @@ def run_family(family: str, args, pool) -> dict:
     def speedups(per_step, scale):
         dp = hits["data-parallel"]
         out = {}
-        for name in ("DiLoCo fp32", "DiLoCo int8"):
+        for name in ("DiLoCo fp32", "DiLoCo int8", *(a["name"] for a in sparse)):
             if dp and hits.get(name):
                 out[name] = sim_time(dp, per_step, scale) / sim_time(hits[name], per_step, scale)
         return out
@@ -415,6 +439,13 @@ def run_family(family: str, args, pool) -> dict:
                  f"FedAvg {_final(results['FedAvg fp32']):.4f}, single worker {_final(results['single worker']):.4f}, "
                  f"DiLoCo fp32 {fp32_final:.4f}")
     print(line, flush=True)
+    for arm in sparse:
+        pt, hit = results[arm["name"]]["curve"][-1], measured.get(arm["name"])
+        print(f"{arm['name']} (outer lr {arm['outer_lr']:g} from the sweep's {best_sparse:g}, momentum "
+              f"{arm['momentum']:g}, error feedback {arm['beta']:g}): loss {100 * (pt['loss'] / fp32_final - 1):+.2f}% vs "
+              f"DiLoCo fp32 [target <= 0]; {dp_b / pt['bytes']:.0f}x fewer bytes than DP, downloads included "
+              f"[target >= 1000x]; " + (f"{hit:.1f}x sooner to the target than DP" if hit else "target not reached")
+              + " [target >= 20x]", flush=True)
     last = {name: results[name]["curve"][-1] for name in results}
     return {"family": family, "params": n_params, "steps": steps, "tokens": steps * batch * seq_len * K,
             "bytes_per_token": bytes_per_token, **{f"{name} bpb": last[name]["bpb"] for name in last},

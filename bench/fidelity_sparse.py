@@ -1,0 +1,185 @@
+"""SparseLoCo arms of ``bench.fidelity``: sparse low-bit pseudo-gradients with error feedback, the exact
+published step downloaded instead of the weights, with and without overlap.
+
+    python -m bench.fidelity_sparse            # 3000 steps: DP, DiLoCo fp32 and the sparse arms, tuned lrs
+    python -m bench.fidelity_sparse --quick    # 200 steps
+
+``bench.fidelity`` runs these arms beside its own (``kind: "sparse"``); this module's ``main`` runs just DP,
+DiLoCo fp32 and the sparse arms with the lrs the full sweep of ``bench.fidelity`` chose (DP 2e-3; DiLoCo
+inner 1e-3, outer 0.7), for a shorter run on a busy machine. Bytes, tokens, links and time to target are
+counted as in ``bench.fidelity``; the sparse arms count every worker's upload (the encoded sparse update)
+and download (the encoded published step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import fmt_bytes, print_table
+
+SPARSE_OUTER_GRID = (1.0, 2.0)
+SPARSE_BETA = 0.95
+SPARSE_MAIN = "SparseLoCo topk2 2%"
+
+
+def run_sparse(p: dict) -> dict:
+    """SparseLoCo: k workers × H inner steps; each sends the top-k of its error-feedback buffer (2 or 4
+    bits) and keeps the rest; the server takes a plain SGD step (or a momentum one) on the mean of the
+    decoded updates, rounded to the published step, which the workers download and apply instead of the
+    weights. With ``overlap`` each round's workers start from the checkpoint one round older than the
+    server's (they trained while the last round's step travelled): one-step-delayed pseudo-gradients,
+    applied to the newer checkpoint."""
+    from bench.fidelity import WARMUP, H, K, _bpb, _eval, _setup
+    from diloco.aggregate import aggregate
+    from diloco.codecs import decode_update, reference_of
+    from diloco.inner import InnerConfig, inner_train
+    from diloco.models import build_model, init_state
+    from diloco.outer import OuterOptimizer
+    from diloco.sparse import ErrorFeedback, apply_published_delta, encode_published_delta
+
+    shards, held, bytes_per_token, vocab = _setup(p)
+    arch = p.get("arch", "byte-gpt")
+    params = init_state(arch, p["model"], seed=0, vocab_size=vocab)
+    ref = reference_of(params)
+    outer = OuterOptimizer(params, lr=p["outer_lr"], momentum=p["momentum"], nesterov=p["momentum"] > 0,
+                           publish="fp16")
+    cfg = InnerConfig(steps=H, lr=p["lr"], batch_size=p["batch"], seq_len=p["seq_len"], warmup=WARMUP)
+    model = build_model(arch, p["model"], vocab_size=vocab)
+    feedback = [ErrorFeedback(codec=p["codec"], beta=p["beta"], density=p["density"]) for _ in range(K)]
+    states = [None] * K
+    curve, moved, previous = [], 0, params
+    for rnd in range(p["steps"] // H):
+        start = previous if p["overlap"] else params
+        updates = []
+        for w in range(K):
+            model.load_state_dict(start)
+            result = inner_train(model, shards[w], cfg, seed=1000 * rnd + w, optimizer_state=states[w])
+            states[w] = result.optimizer_state
+            data = feedback[w].encode(result.pseudo_gradient)
+            moved += len(data) if w == 0 else 0  # upload of worker 0 (all workers send the same size)
+            updates.append(decode_update(data, ref))
+        outer.step(aggregate(updates, p.get("aggregator", "mean")))
+        published = encode_published_delta(outer.last_delta)
+        moved += len(published)  # every worker downloads the step, not the weights
+        previous, params = params, apply_published_delta(params, published)  # what the workers rebuild
+        if not all(torch.equal(params[n], outer.params[n]) for n in params):
+            raise AssertionError("the published step does not rebuild the server's weights bitwise")
+        step = (rnd + 1) * H
+        if step in p["eval_at"]:
+            model.load_state_dict(params)
+            loss = _eval(model, held, p["seq_len"])
+            curve.append({"step": step, "loss": loss, "bpb": _bpb(loss, bytes_per_token), "syncs": rnd + 1,
+                          "bytes": moved, "overlap": p["overlap"]})
+    return {"name": p["name"], "curve": curve}
+
+
+def sparse_arm(common: dict, lr: float, olr: float, *, codec="topk2", density=0.02, overlap=False, mom=0.0,
+               name=None) -> dict:
+    return {**common, "kind": "sparse", "name": name or f"SparseLoCo {codec} {density:.0%} outer lr={olr:g}",
+            "lr": lr, "outer_lr": olr, "momentum": mom, "codec": codec, "density": density, "beta": SPARSE_BETA,
+            "overlap": overlap}
+
+
+def sparse_arms(pool, common: dict, inner_lr: float, *, quick: bool, momentum: float = 0.9):
+    """Run the sparse arms in ``pool``: the 2% topk2 arm's outer lr is swept (the mean of sparse updates is
+    smaller than a dense mean where the workers' kept coordinates differ); the variants reuse the winner.
+    Returns ``(arms, results by name, chosen outer lr)``."""
+    from bench.fidelity import _final, _run
+
+    grid = (1.0,) if quick else SPARSE_OUTER_GRID
+    first = [sparse_arm(common, inner_lr, olr) for olr in grid]
+    done = dict(zip((j["name"] for j in first), pool.map(_run, first), strict=True))
+    best = min(grid, key=lambda olr: _final(done[sparse_arm(common, inner_lr, olr)["name"]]))
+    arms = [sparse_arm(common, inner_lr, best, name=SPARSE_MAIN)]
+    done[SPARSE_MAIN] = done[sparse_arm(common, inner_lr, best)["name"]]
+    variants = [sparse_arm(common, inner_lr, best, overlap=True, name=f"{SPARSE_MAIN} + overlap")]
+    if not quick:
+        variants += [sparse_arm(common, inner_lr, best, density=0.01, name="SparseLoCo topk2 1%"),
+                     sparse_arm(common, inner_lr, best, density=0.03, name="SparseLoCo topk2 3%"),
+                     sparse_arm(common, inner_lr, best, codec="topk4", name="SparseLoCo topk4 2%"),
+                     # Nesterov momentum on top of error feedback, at the same effective step size
+                     sparse_arm(common, inner_lr, best * (1 - momentum), mom=momentum,
+                                name=f"{SPARSE_MAIN} + outer momentum")]
+    done.update(zip((j["name"] for j in variants), pool.map(_run, variants), strict=True))
+    return arms + variants, done, best
+
+
+def sim_time(point: dict, per_step: float, link_bits_per_s: float, h: int, scale: float = 1.0) -> float:
+    """Simulated seconds to reach ``point``: compute plus link time; with overlap each round's traffic travels
+    while the next round trains (a round takes the longer of the two; the last round's traffic is waited for)."""
+    link = point["bytes"] * scale * 8 / link_bits_per_s
+    if point.get("overlap"):
+        rounds = point["syncs"]
+        per_round = link / rounds
+        return rounds * max(h * per_step, per_round) + per_round
+    return point["step"] * per_step + link
+
+
+def main(argv=None) -> None:
+    from bench.fidelity import FAMILIES, LINK_BITS_PER_S, H, K, _at, _final, _pool, _run, _step_seconds
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="200 steps, no outer lr sweep")
+    ap.add_argument("--jobs", type=int, default=2, help="arms run in parallel, one thread each")
+    ap.add_argument("--lengths", default="750,1500,3000", help="run lengths in steps, comma separated (multiples of H)")
+    args = ap.parse_args(argv)
+    started = time.perf_counter()
+    family = FAMILIES["byte-gpt"]
+    batch, seq_len = 8, 64
+    lengths = [100, 200] if args.quick else [int(n) for n in args.lengths.split(",")]
+    dp_lr, inner_lr, outer_lr = (4e-3, 4e-3, 0.7) if args.quick else (2e-3, 1e-3, 0.7)
+    steps = lengths[-1]
+    common = {"arch": family["arch"], "model": family["model"], "batch": batch, "seq_len": seq_len, "steps": steps,
+              "eval_at": list(range(H, steps + 1, H))}
+    step_before = _step_seconds(family["arch"], family["model"], batch, seq_len, repeat=30)
+    dense = [{**common, "kind": "dp", "name": "data-parallel", "lr": dp_lr},
+             {**common, "kind": "diloco", "name": "DiLoCo fp32", "lr": inner_lr, "outer_lr": outer_lr,
+              "momentum": 0.9, "codec": "fp32", "workers": K}]
+    with _pool(args.jobs) as pool:
+        futures = {j["name"]: pool.submit(_run, j) for j in dense}
+        arms, results, best = sparse_arms(pool, common, inner_lr, quick=args.quick)
+        results.update({name: f.result() for name, f in futures.items()})
+    print(f"all arms done after {time.perf_counter() - started:.0f} s", flush=True)
+    arms = dense + arms
+    step_s = min(step_before, _step_seconds(family["arch"], family["model"], batch, seq_len, repeat=30))
+    print(f"byte-gpt {family['model']}; k={K}, H={H}, batch {batch}x{seq_len} per worker; DP lr {dp_lr:g}, DiLoCo "
+          f"inner {inner_lr:g} outer {outer_lr:g} (Nesterov 0.9); sparse outer lr {best:g} (from "
+          f"{list(SPARSE_OUTER_GRID)}), error feedback beta {SPARSE_BETA}; compute {1e3 * step_s:.1f} ms/step")
+
+    def t(point):
+        return sim_time(point, step_s, LINK_BITS_PER_S, H)
+
+    for length in lengths:
+        dp_point = _at(results["data-parallel"], length)
+        rows = []
+        for arm in arms:
+            pt = _at(results[arm["name"]], length)
+            rows.append((arm["name"], f"{pt['loss']:.4f}", f"{100 * (pt['loss'] / dp_point['loss'] - 1):+.2f}%",
+                         f"{length * batch * seq_len * K:,}", pt["syncs"], fmt_bytes(pt["bytes"]),
+                         f"{dp_point['bytes'] / pt['bytes']:.0f}x", f"{t(pt):.1f}"))
+        print_table(["arm", "held-out loss", "vs DP", "tokens", "syncs", "bytes/worker (sent+recv)",
+                     "fewer bytes than DP", "sim. time @100Mbit/s (s)"], rows,
+                    title=f"{length} steps per worker ({length // H} outer rounds)")
+    target = max(_final(results["data-parallel"]), _final(results["DiLoCo fp32"]))
+    hits = {a["name"]: next((pt for pt in results[a["name"]]["curve"] if pt["loss"] <= target), None) for a in arms}
+    dp_time = t(hits["data-parallel"]) if hits["data-parallel"] else None
+    rows = [(a["name"], h["step"] if h else "not reached", f"{t(h):.1f}" if h else "-",
+             f"{dp_time / t(h):.1f}x" if h and dp_time else "-") for a in arms for h in [hits[a["name"]]]]
+    print_table(["arm", "step reached", "sim. time (s)", "sooner than DP"], rows,
+                title=f"time to held-out loss {target:.4f} over a simulated 100 Mbit/s link per worker")
+    fp32_final = _final(results["DiLoCo fp32"])
+    dp_bytes = results["data-parallel"]["curve"][-1]["bytes"]
+    for arm in arms[2:]:
+        pt = results[arm["name"]]["curve"][-1]
+        hit = hits[arm["name"]]
+        print(f"{arm['name']}: loss {100 * (pt['loss'] / fp32_final - 1):+.2f}% vs DiLoCo fp32 [target <= 0]; "
+              f"{dp_bytes / pt['bytes']:.0f}x fewer bytes than DP [target >= 1000x]; time to target "
+              + (f"{dp_time / t(hit):.1f}x sooner than DP" if hit and dp_time else "not reached") + " [target >= 20x]")
+    print(f"bench wall time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
