@@ -2,6 +2,7 @@
 
     python -m bench.attacks                      # 10 rounds x H=50, int8, trimmed mean, every attack
     python -m bench.attacks --rounds 4 --inner-steps 20 --attacks noise,replay
+    python -m bench.attacks --jobs 5 --threads 1  # the arms in 5 processes at once
 
 Every round goes through ``diloco.round.outer_round`` (screen -> replay and score checks -> aggregate ->
 outer step -> evaluation gate) with the contribution checks of ``diloco.contributions``, as
