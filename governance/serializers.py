@@ -160,5 +160,5 @@ class NotificationOutput(serializers.Serializer):
 
 
 class NotificationReadInput(serializers.Serializer):
-    ids = serializers.ListField(child=serializers.IntegerField(min_value=1), required=False, max_length=1000,
+    ids = serializers.ListField(child=serializers.IntegerField(min_value=1), required=False, max_length=100,
                                 help_text="The notifications to mark read; omitted: all of yours.")
