@@ -579,7 +579,8 @@ def bits_per_byte(loss: float, *, tokens: int, nbytes: int) -> float | None:
     that encodes to ``tokens`` tokens: what compares models whose tokenizers differ."""
     if not nbytes or not tokens or loss is None or not math.isfinite(loss):
         return None
-    return float(loss) * tokens / nbytes / math.log(2)
+    bpb = float(loss) * tokens / nbytes / math.log(2)
+    return bpb if math.isfinite(bpb) else None
 
 
 # --- pre-tokenized shards -------------------------------------------------------------------------

@@ -267,8 +267,11 @@ def run_bits_per_byte(run: TrainingRun, loss: float | None) -> float | None:
         return None
     prepared = run_dataset(run)
     if prepared is None:
-        return loss / math.log(2)
-    return bits_per_byte(loss, tokens=int(prepared.heldout["tokens"]), nbytes=int(prepared.heldout["bytes"]))
+        bpb = loss / math.log(2)
+    else:
+        bpb = bits_per_byte(loss, tokens=int(prepared.heldout["tokens"]), nbytes=int(prepared.heldout["bytes"]))
+    # A diverged loss near the float limit overflows the conversion: no figure rather than infinity.
+    return bpb if bpb is not None and math.isfinite(bpb) else None
 
 
 def clear_caches() -> None:
