@@ -118,8 +118,12 @@ def annotated_tally(proposal: Proposal) -> Tally:
     )
 
 
-def proposal_tally(*, proposal: Proposal) -> Tally:
-    sums = Vote.objects.filter(proposal=proposal).aggregate(
+def proposal_tally(*, proposal: Proposal, direct_only: bool = False) -> Tally:
+    """The proposal's tally; with ``direct_only``, of the votes members cast themselves (not their delegates)."""
+    votes = Vote.objects.filter(proposal=proposal)
+    if direct_only:
+        votes = votes.filter(via__isnull=True)
+    sums = votes.aggregate(
         yes=Sum("weight", filter=Q(choice=Vote.Choice.YES), default=ZERO),
         no=Sum("weight", filter=Q(choice=Vote.Choice.NO), default=ZERO),
         abstain=Sum("weight", filter=Q(choice=Vote.Choice.ABSTAIN), default=ZERO),

@@ -10,6 +10,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Sum
 from django.utils import timezone
 from rest_framework import serializers
 
@@ -442,8 +443,15 @@ def remaining_weight(*, proposal: Proposal) -> Decimal:
 
 
 def outcome_decided(*, proposal: Proposal) -> bool:
-    """Whether the outcome is settled whatever the members without a vote do (``Tally.settled``)."""
-    return proposal_tally(proposal=proposal).settled(remaining=remaining_weight(proposal=proposal))
+    """Whether the outcome is settled whatever the members without a vote do (``Tally.settled``).
+
+    A vote a delegate cast for a member is not final: the member may override it or revoke the delegation
+    while voting is open. So only direct votes are taken as cast, and delegated weight counts as still open
+    (it could go either way, or nowhere)."""
+    delegated = Vote.objects.filter(proposal=proposal, via__isnull=False).aggregate(
+        w=Sum("weight", default=Decimal(0)))["w"]
+    return proposal_tally(proposal=proposal, direct_only=True).settled(
+        remaining=remaining_weight(proposal=proposal) + delegated)
 
 
 def _close_if_decided(locked: Proposal, *, now) -> bool:

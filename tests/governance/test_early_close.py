@@ -179,3 +179,23 @@ def test_settled_agrees_with_trying_every_way_the_rest_could_vote(quorum, thresh
                       quorum=Decimal(quorum), threshold=Decimal(threshold))
         assert tally.settled(remaining=Decimal(rest)) == (len(_outcomes(yes, no, abstain, rest, quorum, threshold)) == 1), (
             yes, no, abstain, rest)
+
+
+@override_settings(AGORA_QUORUM_MIN=3, AGORA_QUORUM_FRACTION=0, AGORA_PASS_THRESHOLD=0.5)
+def test_votes_cast_by_a_delegate_do_not_close_a_vote_early_since_their_members_may_still_override_them():
+    author, delegate, *delegators = UserFactory.create_batch(5)
+    for member in delegators[:2]:
+        services.delegation_set(delegator=member, delegate=delegate)
+    proposal = services.proposal_submit(author=author, kind="training", title="Delegated", spec={}, open_now=True)
+    services.vote_cast(proposal=proposal, voter=delegate, choice="yes")
+    proposal.refresh_from_db()
+    # 3 yes (one direct, two through the delegate) of 5 would look settled, but the two delegators may still
+    # vote no themselves: 1 yes against up to 4 no is not decided.
+    assert proposal.status == "active"
+    assert services.proposal_tally(proposal=proposal).yes == 3
+    services.vote_cast(proposal=proposal, voter=delegators[0], choice="no")
+    services.vote_cast(proposal=proposal, voter=delegators[1], choice="no")
+    services.vote_cast(proposal=proposal, voter=delegators[2], choice="no")
+    proposal.refresh_from_db()
+    # 1 yes, 3 no of 5: settled as a defeat however the author votes.
+    assert proposal.status == "defeated" and proposal.close_reason == "decided"
