@@ -403,6 +403,8 @@ AGORA_MAX_DATASET_BYTES = env.int("AGORA_MAX_DATASET_BYTES", default=256 * 1024 
 AGORA_MAX_MODEL_PARAMS = env.int("AGORA_MAX_MODEL_PARAMS", default=2_000_000_000)
 # ... and in what precision: auto (bf16 where the device runs it natively, else fp32), fp32, or bf16.
 AGORA_EVAL_PRECISION = env("AGORA_EVAL_PRECISION", default="auto")
+# The prompt of the text sample the run page shows for each accepted round.
+AGORA_SAMPLE_PROMPT = env("AGORA_SAMPLE_PROMPT", default="The ")
 # Contribution checks before each aggregate (diloco.contributions): replays (same sha256, or a count sketch
 # with cosine above AGORA_REPLAY_COSINE against an earlier update or public outer step) and updates that do not
 # do not learn their own shard better than other data (scored on AGORA_SCORE_WINDOWS windows of it and as many of
