@@ -24,7 +24,7 @@ env = environ.Env()
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 # Management commands that only read and sign nothing run without the production secret (a throwaway key),
 # so `python manage.py verify_ledger` works in any shell on the server.
-READ_ONLY_COMMANDS = {"verify_ledger", "check_guardrails", "showmigrations", "help", "version"}
+READ_ONLY_COMMANDS = {"verify_ledger", "export_ledger", "check_guardrails", "showmigrations", "help", "version"}
 if DEBUG:
     SECRET_KEY = env("DJANGO_SECRET_KEY", default="insecure-development-key-do-not-use-in-production")
 elif "DJANGO_SECRET_KEY" not in os.environ and len(sys.argv) > 1 and Path(sys.argv[0]).name == "manage.py" \
