@@ -22,10 +22,11 @@ def test_seed_demo_creates_members_proposals_a_guardrail_and_a_run(settings):
     assert Guardrail.objects.filter(active=True, kind="output_filter").exists()
     assert Proposal.objects.filter(status=Proposal.Status.ACTIVE).count() == 2
     assert Proposal.objects.filter(status=Proposal.Status.DRAFT).count() == 1
+    assert Proposal.objects.filter(status=Proposal.Status.SUCCEEDED).count() == 2  # waiting for staff
     run = TrainingRun.objects.get()
     assert run.proposal.status == Proposal.Status.ENACTED
     assert CommunityModel.objects.get(slug="byte-gpt-demo").current_checkpoint is not None
     assert ledger_verify().ok
 
     call_command("seed_demo")  # a second run changes nothing
-    assert TrainingRun.objects.count() == 1 and Proposal.objects.count() == 5
+    assert TrainingRun.objects.count() == 1 and Proposal.objects.count() == 7

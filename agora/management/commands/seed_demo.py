@@ -1,6 +1,11 @@
-"""Seed a demo: members, an admin, a guardrail in force, open proposals, a community model and an approved
-training proposal that becomes a run as soon as Celery picks it up. Safe to run again: it does nothing
-when the demo is already there.
+"""Seed a demo: members, an admin, a guardrail in force, open proposals, a draft, two passed training
+proposals waiting for staff (one to approve, one to veto), a community model and an approved training
+proposal that becomes a run as soon as Celery picks it up. Safe to run again: it does nothing when the
+demo is already there.
+
+The ids are part of the README (its curl examples and "What the demo seeds"), checked by
+tests/docs/test_readme_examples.py: #1 the guardrail in force, #2 the approved run, #3 and #4 open, #5 the
+draft, #6 and #7 waiting for staff.
 
 The demo's people are eligible voters under any account-age rule: their e-mail addresses are verified and
 their accounts date from long ago. Members who sign up in the browser verify through the console mail."""
@@ -41,6 +46,16 @@ LONGER_SPEC = {
     **TRAINING_SPEC,
     "diloco": {**TRAINING_SPEC["diloco"], "rounds": 200, "workers_per_round": 4, "aggregator": "trimmed_mean"},
     "hardware": {"min_vram_mb": 8000, "allow_cpu": False},
+}
+LOWER_LR_SPEC = {
+    **TRAINING_SPEC,
+    "diloco": {**TRAINING_SPEC["diloco"], "rounds": 20, "inner_lr": 0.001},
+}
+# A source nobody can check the licence of: the README's veto example turns it down.
+FORUM_DUMP_SPEC = {
+    **TRAINING_SPEC,
+    "dataset": {"source": "https://forum.example.org/exports/all-posts.txt",
+                "sha256": "9f2c1a8e4b7d3f6a0c5e8b1d4a7f2c9e6b3d0a5f8c1e4b7a2d9f6c3e0b5a8d1f", "heldout_fraction": 0.05},
 }
 GUARDRAIL_SPEC = {
     "action": "adopt",
@@ -107,6 +122,20 @@ class Command(BaseCommand):
                             spec=LONGER_SPEC, open_now=True)
         gov.proposal_submit(author=alice, kind=Proposal.Kind.TRAINING, title="Draft: a wider model",
                             body="Still a draft: try `hidden_size` 256.", spec=TRAINING_SPEC)
+
+        # Passed, waiting for staff: three yes votes of five settle each at once (the early close).
+        waiting = [
+            gov.proposal_submit(author=carol, kind=Proposal.Kind.TRAINING,
+                                title="Twenty more rounds at a lower learning rate",
+                                body="Continue the demo model from its latest version with half the inner "
+                                     "learning rate.", spec=LOWER_LR_SPEC, open_now=True),
+            gov.proposal_submit(author=dave, kind=Proposal.Kind.TRAINING, title="Fine-tune on a forum dump",
+                                body="A dump of a programming forum's posts. Its licence is not stated.",
+                                spec=FORUM_DUMP_SPEC, open_now=True),
+        ]
+        for proposal in waiting:
+            for voter in (alice, bob, dave):
+                gov.vote_cast(proposal=Proposal.objects.get(pk=proposal.pk), voter=voter, choice="yes")
         self.stdout.write(self.style.SUCCESS(
             f"demo seeded: users admin, alice, bob, carol, dave (password {PASSWORD}); "
-            f"training proposal #{training.pk} approved"))
+            f"training proposal #{training.pk} approved; #{waiting[0].pk} and #{waiting[1].pk} wait for staff"))
