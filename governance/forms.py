@@ -3,6 +3,8 @@ serializers as the API (via the service), so the messages are identical and land
 
 from __future__ import annotations
 
+import re
+
 from django import forms
 from django.conf import settings
 
@@ -12,8 +14,10 @@ from governance.specs import (
     DilocoSpec,
     GuardrailSpec,
     HardwareSpec,
+    LoraSpec,
     ModelConfigSpec,
     ModelSpec,
+    TokenizerSpec,
     spec_normalise,
 )
 
@@ -21,10 +25,18 @@ from governance.specs import (
 TRAINING_FIELDS: dict[str, tuple[str, type]] = {
     "model_name": ("model.name", ModelSpec),
     "model_init": ("model.init", ModelSpec),
+    "arch": ("model.arch", ModelSpec),
+    "lora_rank": ("model.lora.rank", LoraSpec),
+    "lora_alpha": ("model.lora.alpha", LoraSpec),
     "n_layer": ("model.config.n_layer", ModelConfigSpec),
     "n_embd": ("model.config.n_embd", ModelConfigSpec),
     "n_head": ("model.config.n_head", ModelConfigSpec),
     "block_size": ("model.config.block_size", ModelConfigSpec),
+    **{name: (f"model.config.{name}", None) for name in (
+        "n_positions", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "vocab_size")},
+    "tokenizer_kind": ("tokenizer.kind", TokenizerSpec),
+    "tokenizer_vocab_size": ("tokenizer.vocab_size", TokenizerSpec),
     "dataset_source": ("dataset.source", DatasetSpec),
     "dataset_sha256": ("dataset.sha256", DatasetSpec),
     "heldout_fraction": ("dataset.heldout_fraction", DatasetSpec),
@@ -35,9 +47,39 @@ TRAINING_FIELDS: dict[str, tuple[str, type]] = {
     "min_vram_mb": ("hardware.min_vram_mb", HardwareSpec),
     "allow_cpu": ("hardware.allow_cpu", HardwareSpec),
 }
+# Which architectures read each model.config input; the spec carries only the chosen architecture's keys.
+CONFIG_ARCHES: dict[str, tuple[str, ...]] = {
+    "n_layer": ("byte-gpt", "gpt2"), "n_embd": ("byte-gpt", "gpt2"), "n_head": ("byte-gpt", "gpt2"),
+    "block_size": ("byte-gpt",), "n_positions": ("gpt2",), "vocab_size": ("llama", "gpt2"),
+    **{name: ("llama",) for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings")},
+}
+# Help for the Hugging Face config keys, which no serializer field documents: the model zoo checks them (its
+# bounds are in the error it raises, named by the key, the same message the API gives). Empty: its default.
+HF_CONFIG_HELP = {
+    "n_positions": "GPT-2: context length in tokens. Empty: 256.",
+    "hidden_size": "Llama: model width, divisible by the attention heads. Empty: 64.",
+    "intermediate_size": "Llama: width of each MLP. Empty: 176.",
+    "num_hidden_layers": "Llama: decoder layers. Empty: 2.",
+    "num_attention_heads": "Llama: attention heads. Empty: 4.",
+    "num_key_value_heads": "Llama: key/value heads (grouped-query attention); must divide the attention heads. "
+                           "Empty: as many as the attention heads.",
+    "max_position_embeddings": "Llama: context length in tokens. Empty: 256.",
+    "vocab_size": "Llama and GPT-2: token ids the model has, at least the tokenizer's (256 for bytes, the BPE "
+                  "vocabulary size for bpe). Empty: 256.",
+}
 TRAINING_GROUPS = [
-    ("Model", "Which community model this run trains, and its shape.",
-     ["model_name", "model_init", "n_layer", "n_embd", "n_head", "block_size"]),
+    ("Model", "Which community model this run trains, its architecture, and whether it trains every weight or "
+              "low-rank (LoRA) adapters.",
+     ["model_name", "model_init", "arch", "lora_rank", "lora_alpha"]),
+    ("Shape: byte-gpt and GPT-2", "Read when the architecture is byte-gpt or gpt2; a Llama ignores them.",
+     ["n_layer", "n_embd", "n_head", "block_size", "n_positions"]),
+    ("Shape: Llama", "Read when the architecture is llama (a Hugging Face Llama config); the others ignore them.",
+     ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+      "max_position_embeddings"]),
+    ("Tokenizer", "How text becomes token ids. byte-gpt reads bytes; a Llama or GPT-2 can also read a byte-level "
+                  "BPE trained on the run's training split, or the tokenizer imported with the model.",
+     ["tokenizer_kind", "tokenizer_vocab_size", "vocab_size"]),
     ("Data", "The corpus the workers train on; a slice is held out to evaluate every round.",
      ["dataset_source", "dataset_sha256", "heldout_fraction", "dataset_format", "dataset_field", "dataset_column"]),
     ("DiLoCo", "Each round, every worker runs H inner AdamW steps on its shard and sends back one compressed "
@@ -49,8 +91,10 @@ GUARDRAIL_FIELDS: dict[str, str] = {
     "action": "action", "kind": "kind", "patterns": "patterns", "guardrail_id": "guardrail_id",
     "description": "description",
 }
-CHOICE_FIELDS = {"model_init", "compression", "aggregator", "dataset_format"}
-FLOAT_FIELDS = {"heldout_fraction", "inner_lr", "weight_decay", "grad_clip", "outer_lr", "outer_momentum"}
+CHOICE_FIELDS = {"model_init", "compression", "aggregator", "dataset_format", "arch", "tokenizer_kind"}
+FLOAT_FIELDS = {"heldout_fraction", "inner_lr", "weight_decay", "grad_clip", "outer_lr", "outer_momentum",
+                "lora_alpha"}
+INTEGER_RE = re.compile(r"[+-]?\d+")
 
 
 def _spec_field(path: str, serializer_class: type):
@@ -71,7 +115,12 @@ LABELS = {
     "round_timeout_s": "Round deadline (seconds)", "max_round_extensions": "Deadline extensions per round",
     "max_failed_rounds": "Failed rounds survived", "replica_fraction": "Re-computed share of tasks",
     "density": "Sparse density", "overlap": "Overlap rounds", "min_vram_mb": "Least GPU memory (MB)",
-    "allow_cpu": "Allow CPU workers",
+    "allow_cpu": "Allow CPU workers", "arch": "Architecture", "lora_rank": "LoRA rank",
+    "lora_alpha": "LoRA scale (alpha)", "n_positions": "Context length (GPT-2)", "hidden_size": "Hidden width",
+    "intermediate_size": "MLP width", "num_hidden_layers": "Decoder layers",
+    "num_attention_heads": "Attention heads (Llama)", "num_key_value_heads": "Key/value heads",
+    "max_position_embeddings": "Context length (Llama)", "vocab_size": "Model vocabulary size",
+    "tokenizer_kind": "Tokenizer", "tokenizer_vocab_size": "BPE vocabulary size",
 }
 
 
@@ -189,12 +238,18 @@ class TrainingProposalForm(ProposalBaseForm):
         defaults = {}
         default_spec = spec_normalise(kind="training", spec={})
         for name, (path, serializer_class) in TRAINING_FIELDS.items():
-            spec_field = _spec_field(path, serializer_class)
-            value = default_spec
-            for key in path.split("."):
-                value = value[key]
+            if serializer_class is None:  # a Hugging Face config key: empty means the architecture's default
+                spec_field, value = None, None
+                help_text = HF_CONFIG_HELP[name]
+            else:
+                spec_field = _spec_field(path, serializer_class)
+                value = _get_path(default_spec, path)  # None under model.lora: no LoRA by default
+                help_text = spec_field.help_text
+            if name == "lora_rank":
+                help_text = ("Empty: train every weight. A rank (1–256) trains low-rank adapters over the frozen "
+                             "weights of an existing version instead (not with Start from: scratch).")
             defaults[name] = value
-            common = {"label": _label(name), "help_text": spec_field.help_text, "required": False, "initial": value}
+            common = {"label": _label(name), "help_text": help_text, "required": False, "initial": value}
             if name == "allow_cpu":
                 self.fields[name] = forms.BooleanField(**common)
             elif name in CHOICE_FIELDS:
@@ -208,10 +263,25 @@ class TrainingProposalForm(ProposalBaseForm):
     def groups(self):
         return [(title, text, [self[name] for name in names]) for title, text, names in TRAINING_GROUPS]
 
+    def clean(self):
+        data = super().clean()
+        if data.get("lora_alpha") not in (None, "") and data.get("lora_rank") in (None, ""):
+            self.add_error("lora_alpha", "Only used with a LoRA rank; set the rank too, or leave this empty.")
+        return data
+
     def spec(self) -> dict:
         spec: dict = {}
+        arch = self.cleaned_data.get("arch") or "byte-gpt"
         for name, (path, _) in TRAINING_FIELDS.items():
             value = self.cleaned_data.get(name)
+            if name in CONFIG_ARCHES and arch not in CONFIG_ARCHES[name]:
+                continue  # another architecture's key: the model zoo would refuse it as unknown
+            if name == "lora_alpha" and self.cleaned_data.get("lora_rank") in (None, ""):
+                continue
+            if name in CONFIG_ARCHES and arch != "byte-gpt" and isinstance(value, str):
+                # The model zoo reads JSON numbers, as the API sends them; anything else reaches it as written
+                # so its error names the key.
+                value = int(value) if INTEGER_RE.fullmatch(value.strip()) else value
             if name == "allow_cpu":
                 _set_path(spec, path, bool(value))
             elif name == "dataset_sha256":
@@ -224,6 +294,8 @@ class TrainingProposalForm(ProposalBaseForm):
         for field, (path, _) in TRAINING_FIELDS.items():
             if name == f"spec.{path}":
                 return field
+        if name.startswith("spec.model.lora"):  # LoRA as a whole (from scratch, no target modules)
+            return "lora_rank"
         return super().field_for_error(name)
 
 
