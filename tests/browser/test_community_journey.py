@@ -1,6 +1,8 @@
 """A newcomer's governance journey in Chromium: sign up, verify the e-mail, delegate, get notified, see the
 delegate's vote count for them, override it with their own vote (which settles the outcome: the vote closes
-early in place), and hear that staff approved. Screenshots at 1280 and 390 pixels wide."""
+early in place), hear that staff approved, and, once volunteers have trained the run, follow the "run
+finished" notification to the run page: its summary and a sample of each round's text. Screenshots at 1280
+and 390 pixels wide."""
 
 from __future__ import annotations
 
@@ -8,11 +10,17 @@ import re
 from pathlib import Path
 
 import pytest
+from rest_framework.test import APIRequestFactory
 
 from governance import services
 from governance.models import Notification, Proposal, Vote
 from tests.browser.pages import log_in, new_page, screenshot_dir, shoot
 from tests.factories import UserFactory
+from tests.marketplace.factories import WorkerFactory
+from tests.training.factories import tiny_spec, train_update
+from training import services as training
+from training.models import TrainingRun
+from training.serializers import task_payload
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -22,7 +30,7 @@ def bell_count(page) -> int:
     return int(badge.inner_text()) if badge.count() else 0
 
 
-def test_newcomer_delegates_is_notified_votes_and_sees_the_early_close(browser, live_server, monkeypatch, settings):
+def test_newcomer_delegates_is_notified_votes_sees_the_early_close_and_the_finished_run(browser, live_server, monkeypatch, settings):
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     (Path(settings.VAR_DIR) / "celery" / "queue").mkdir(parents=True, exist_ok=True)
     settings.AGORA_VOTER_ELIGIBILITY = "verified_email"
@@ -58,8 +66,9 @@ def test_newcomer_delegates_is_notified_votes_and_sees_the_early_close(browser, 
     assert Notification.objects.filter(user=bob, kind="delegation").exists()
 
     # Alice opens a vote: the newcomer is told in the app.
-    proposal = services.proposal_submit(author=alice, kind="training", title="Train on the Python docs", spec={},
-                                        body="Three rounds on the built-in corpus.", open_now=True)
+    spec = tiny_spec(diloco={"rounds": 2, "workers_per_round": 1, "min_workers": 1})
+    proposal = services.proposal_submit(author=alice, kind="training", title="Train on the Python docs", spec=spec,
+                                        body="Two rounds on the built-in corpus.", open_now=True)
     page.goto("/")
     assert bell_count(page) == 1
     assert "Train on the Python docs" in page.locator("#needs-me").inner_text()
@@ -109,6 +118,39 @@ def test_newcomer_delegates_is_notified_votes_and_sees_the_early_close(browser, 
     assert kinds == ["proposal_approved", "proposal_closed", "mention", "proposal_opened"]
     assert bell_count(page) == 3
     shoot(page, "community-notifications-after")
+
+    # Celery turns the approval into a run and a volunteer's agent trains each round (here in-process: the
+    # same task JSON, training and upload as the agent's; the volunteer journey runs the real agent).
+    run = training.run_start(proposal_id=proposal.pk)
+    worker = WorkerFactory(gpus=[], name="attic-cpu")
+    for _ in range(run.total_rounds):
+        task = training.task_claim(worker=worker)
+        body = task_payload(task, request=APIRequestFactory().get("/"), guardrails=[], max_upload_bytes=0)
+        data, metrics = train_update(body)
+        training.task_submit_result(task_id=task.pk, worker=worker, data=data, metrics=metrics)
+        training.round_aggregate(round_id=task.round_id)
+    run.refresh_from_db()
+    assert run.status == TrainingRun.Status.FINISHED, run.status
+
+    # The newcomer voted for it, so the bell says it finished; the link leads to the run's summary and samples.
+    page.goto("/")
+    assert bell_count(page) == 4
+    page.click("#bell")
+    page.wait_for_url("**/notifications/")
+    first = page.locator("#notification-list li").first
+    assert first.get_attribute("data-kind") == "run_finished"
+    first.locator("button").click()
+    page.wait_for_url(f"**/runs/{run.pk}/")
+    summary = page.locator(".run-summary").inner_text()
+    assert "this run finished" in summary, summary
+    assert "2 rounds accepted, 0 rejected" in summary and "1 worker contributed" in summary, summary
+    assert "try it in the playground" in summary
+    for index in (2, 1):  # each sample loads when it scrolls into view
+        page.locator(f"#sample-{index}").scroll_into_view_if_needed()
+        sample = page.locator(f"#sample-{index} pre.sample")
+        sample.wait_for()
+        assert len(sample.inner_text()) > len("The "), sample.inner_text()
+    shoot(page, "community-run-finished")
 
     # The phone layout: the navigation folds behind a Menu button.
     phone = log_in(browser, live_server.url, alice.username, width=390)
