@@ -24,6 +24,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import URLValidator
 from rest_framework import serializers
 
+from core.fields import FiniteFloatField, StrictIntegerField
 from ledger.chain import canonical_json
 
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
@@ -45,27 +46,6 @@ LOCAL_HOST_SUFFIXES = (".localhost", ".local", ".internal", ".intranet", ".lan",
 def content_hash(spec: dict) -> str:
     """sha256 hex of the spec's canonical JSON (sorted keys, compact separators)."""
     return hashlib.sha256(canonical_json(spec).encode("utf-8")).hexdigest()
-
-
-class FiniteFloatField(serializers.FloatField):
-    default_error_messages = {"finite": "Must be a finite number."}
-
-    def to_internal_value(self, data):
-        if isinstance(data, bool):
-            self.fail("invalid")
-        value = super().to_internal_value(data)
-        if not math.isfinite(value):
-            self.fail("finite")
-        return value
-
-
-class StrictIntegerField(serializers.IntegerField):
-    def to_internal_value(self, data):
-        if isinstance(data, bool):
-            self.fail("invalid")
-        if isinstance(data, float) and not data.is_integer():
-            self.fail("invalid")
-        return super().to_internal_value(data)
 
 
 class StrictSerializer(serializers.Serializer):

@@ -6,19 +6,8 @@ import math
 
 from rest_framework import serializers
 
+from core.fields import FiniteFloatField
 from marketplace.models import Worker
-
-
-class FiniteFloatField(serializers.FloatField):
-    default_error_messages = {"finite": "Must be a finite number.", "invalid": "A number is required."}
-
-    def to_internal_value(self, data):
-        if isinstance(data, bool):
-            self.fail("invalid")
-        value = super().to_internal_value(data)
-        if not math.isfinite(value):
-            self.fail("finite")
-        return value
 
 
 class GpuIn(serializers.Serializer):

@@ -7,9 +7,9 @@ import math
 from django.urls import reverse
 from rest_framework import serializers
 
+from core.fields import FiniteFloatField, StrictIntegerField
 from diloco.codecs import DENSITY
 from diloco.sparse import momentum_roles
-from governance.specs import FiniteFloatField, StrictIntegerField
 from training.models import Checkpoint, PreparedDataset, Round, Task, TrainingRun
 from training.services.replicas import task_optimizer
 
