@@ -112,6 +112,7 @@ def test_newcomer_delegates_is_notified_votes_sees_the_early_close_and_the_finis
     admin_page.click("#approve-button")
     admin_page.wait_for_load_state()
     assert admin_page.locator("#proposal-status").inner_text() == "Approved"
+    shoot(admin_page, "staff-approved")
     assert Proposal.objects.get(pk=proposal.pk).status == "approved"
     page.goto("/notifications/")
     kinds = page.locator("#notification-list li").evaluate_all("items => items.map(i => i.dataset.kind)")
