@@ -219,3 +219,26 @@ def test_the_run_page_and_api_show_spot_checks_once_the_round_is_aggregated(monk
     assert tasks[first.pk]["replica_check"]["other_task"] == replica.pk
     page = client.get(reverse("training:run_detail", args=[run.pk])).content.decode()
     assert f"task {replica.pk}: replica of task {first.pk}: agreed" in page
+
+
+def test_claiming_steps_trained_ahead_does_not_dodge_the_spot_check(monkeypatch):
+    """Both tasks of a checked shard start AdamW afresh, which an agent never trains ahead of, so an overlap
+    run's replica that says it trained ahead is still compared with its twin and turned away when it differs."""
+    run = _run(monkeypatch, shards=[0], k=3, aggregator="mean", overlap=True)
+    honest, other1, other2, lazy = _cpu(), _cpu(), _cpu(), _cpu()
+    tasks = [services.task_claim(worker=w) for w in (honest, other1, other2, lazy)]
+    assert tasks[3].replica_of_id == tasks[0].pk and _payload(tasks[3])["optimizer"] == "fresh"
+    for t, w in zip(tasks[:3], (honest, other1, other2), strict=True):
+        data, metrics = train_update(_payload(t))
+        services.task_submit_result(task_id=t.pk, worker=w, data=data, metrics=metrics)
+    gen = torch.Generator().manual_seed(5)
+    fake = {k: 0.1 * torch.randn(v.shape, generator=gen) * v.norm() / max(v.numel(), 1) ** 0.5
+            for k, v in _decode(train_update(_payload(tasks[1]))[0], _payload(tasks[1])).items()}
+    services.task_submit_result(task_id=tasks[3].pk, worker=lazy, data=encode_update(fake, "int8"),
+                                metrics=json.loads(metrics_json(overlap_steps=4, overlap_from_round=0)))
+    rnd = services.round_aggregate(round_id=Round.objects.get(run=run).pk)
+    assert rnd is not None and rnd.accepted, rnd.reason
+    dropped = Task.objects.get(pk=tasks[3].pk)
+    assert dropped.status == Task.Status.REJECTED and dropped.credit is None, dropped.reason
+    assert dropped.replica_check["agreed"] is False
+    assert not CreditGrant.objects.filter(worker=lazy).exists()

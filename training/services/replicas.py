@@ -15,9 +15,10 @@
 - Aggregate (``ReplicaPlan``): a pair that agrees (``diloco.replica.compare``) enters the round once, and the
   replica earns what its twin earns. A pair that disagrees goes through screening and the contribution
   checks side by side; the one the round favours (``diloco.replica.favoured``) is kept and the other is
-  turned away with code ``replica_mismatch``, no credit, and blame once the step is accepted. Pairs where
-  either worker trained ahead of the task (``overlap_steps``) are not the same computation and are treated
-  as two ordinary updates.
+  turned away with code ``replica_mismatch``, no credit, and blame once the step is accepted. Both tasks of a
+  pair start AdamW afresh, and an agent never trains ahead of such a task (a head start carries the resumed
+  state), so a pair whose metrics claim steps trained ahead (``overlap_steps``) is compared like any other:
+  a worker cannot dodge the check by claiming them.
 - Record (``replicas_record``, in the aggregation's transaction): both tasks keep ``replica_check``; the
   ledger gets ``round.replicas`` (the sampled shards and every pair's outcome) and ``task.replica_mismatch``
   per disagreement.
@@ -205,10 +206,6 @@ def _check_json(pair: _Pair, other: int, *, kept: int | None) -> dict:
     return out
 
 
-def _overlapped(task: Task) -> bool:
-    return bool((task.metrics or {}).get("overlap_steps"))
-
-
 def replica_plan(tasks: Sequence[Task], updates: list[Update]) -> ReplicaPlan:
     """Pair each completed replica with its shard's other completed task and compare them."""
     plan = ReplicaPlan(updates=list(updates))
@@ -226,10 +223,6 @@ def replica_plan(tasks: Sequence[Task], updates: list[Update]) -> ReplicaPlan:
         ua, ub = by_id.get(a.pk), by_id.get(b.pk)
         if ua is None or ub is None or ua.tensors is None or ub.tensors is None:
             plan.uncompared.append((a.pk, b.pk, "an update could not be read"))
-            continue
-        if _overlapped(a) or _overlapped(b):
-            plan.uncompared.append((a.pk, b.pk, "a worker trained ahead of the task (overlap), so the two are "
-                                                "not the same computation"))
             continue
         pair = _Pair(a.pk, b.pk, compare(ua.tensors, ub.tensors, tolerance=tolerance()))
         if pair.agreement.agreed:
