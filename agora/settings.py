@@ -405,6 +405,10 @@ AGORA_MAX_MODEL_PARAMS = env.int("AGORA_MAX_MODEL_PARAMS", default=2_000_000_000
 AGORA_EVAL_PRECISION = env("AGORA_EVAL_PRECISION", default="auto")
 # The prompt of the text sample the run page shows for each accepted round.
 AGORA_SAMPLE_PROMPT = env("AGORA_SAMPLE_PROMPT", default="The ")
+# Exported Hugging Face directories (training.export): the most recently downloaded versions kept, and how long
+# an unused one stays; the beat's training.sweep_blobs enforces both.
+AGORA_EXPORT_CACHE_KEEP = env.int("AGORA_EXPORT_CACHE_KEEP", default=8)
+AGORA_EXPORT_CACHE_MAX_AGE_H = env.float("AGORA_EXPORT_CACHE_MAX_AGE_H", default=24.0)
 # Contribution checks before each aggregate (diloco.contributions): replays (same sha256, or a count sketch
 # with cosine above AGORA_REPLAY_COSINE against an earlier update or public outer step) and updates that do not
 # do not learn their own shard better than other data (scored on AGORA_SCORE_WINDOWS windows of it and as many of

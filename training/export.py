@@ -2,6 +2,8 @@
 
 The directory is written once per version into the var folder's export cache (a version never changes, so
 neither does its export) and streamed from there in 1 MiB pieces: memory stays flat for large models. The
+cache is bounded (``export_sweep``, run by the beat's ``training.sweep_blobs``): it keeps the most recently
+downloaded ``AGORA_EXPORT_CACHE_KEEP`` versions and drops any unused for ``AGORA_EXPORT_CACHE_MAX_AGE_H``. The
 model card ties the weights to the public record: the proposal and its content hash, the data, the
 guardrails, the contributors and the ledger entries the version came from.
 """
@@ -13,6 +15,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +29,9 @@ from training.services.versions import version_state, version_tokenizer_json
 
 CHUNK = 1 << 20
 EXPORT_MTIME = 1_700_000_000  # fixed, so the same version always streams the same bytes
+# A cached directory used this recently is never swept: a download in flight touches its directory as it opens
+# each file, and a half-written export is younger than this.
+EXPORT_GRACE_S = 3600
 
 
 def export_root() -> Path:
@@ -128,7 +134,11 @@ def export_directory(version: ModelVersion) -> Path:
     root = export_root()
     final = root / f"{export_name(version)}-{version.checkpoint_id[:16]}"
     if (final / "model.safetensors").exists():
-        return final
+        try:
+            os.utime(final)  # the directory's mtime is its last use, which the sweep keeps by
+            return final
+        except FileNotFoundError:  # swept just now: write it again
+            pass
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
@@ -154,6 +164,7 @@ def tar_gz_stream(directory: Path, prefix: str) -> Iterator[bytes]:
     """A gzip-compressed tar of ``directory``'s files under ``prefix/``, produced piece by piece."""
     z = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: a gzip stream
     for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        os.utime(directory)  # still in use: a long download outlives the sweep's grace by touching it
         info = tarfile.TarInfo(f"{prefix}/{path.name}")
         info.size, info.mtime, info.mode = path.stat().st_size, EXPORT_MTIME, 0o644
         yield z.compress(info.tobuf(format=tarfile.PAX_FORMAT))
@@ -165,3 +176,31 @@ def tar_gz_stream(directory: Path, prefix: str) -> Iterator[bytes]:
         yield z.compress(b"\0" * ((-info.size) % tarfile.BLOCKSIZE))
     yield z.compress(b"\0" * (2 * tarfile.BLOCKSIZE))  # the end-of-archive marker
     yield z.flush()
+
+
+def export_sweep(*, keep: int, max_age_s: float, grace_s: float = EXPORT_GRACE_S, now: float | None = None) -> int:
+    """Bound the export cache: remove every cached directory unused for ``max_age_s`` seconds and, beyond the
+    ``keep`` most recently used, every one unused for ``grace_s``; also half-written exports (``.tmp-*``) older
+    than ``grace_s``, left by a killed request. A directory in use is touched (``export_directory``,
+    ``tar_gz_stream``), so a download in flight keeps its files. A swept version is written again on its next
+    download. Returns how many directories went."""
+    root = export_root()
+    if not root.is_dir():
+        return 0
+    now = time.time() if now is None else now
+    done, temp = [], []
+    for path in root.iterdir():
+        try:
+            if not path.is_dir():
+                continue
+            used = path.stat().st_mtime
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        (temp if path.name.startswith(".tmp-") else done).append((used, path))
+    done.sort(key=lambda item: item[0], reverse=True)
+    doomed = [path for rank, (used, path) in enumerate(done)
+              if now - used > max_age_s or (rank >= keep and now - used > grace_s)]
+    doomed += [path for used, path in temp if now - used > grace_s]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(doomed)

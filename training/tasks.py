@@ -71,7 +71,12 @@ def tick() -> dict:
 @shared_task(name="training.sweep_blobs", soft_time_limit=240, time_limit=300, **_LIMITS)
 def sweep_blobs() -> int:
     """Remove the temporary files of blob writes that were killed (``blobs.blob_sweep_temp``: never a live
-    write's). Returns how many went."""
-    from training import blobs
+    write's) and bound the export cache (``export.export_sweep``). Returns how many files and export
+    directories went."""
+    from django.conf import settings
 
-    return len(blobs.blob_sweep_temp())
+    from training import blobs, export
+
+    removed = len(blobs.blob_sweep_temp())
+    return removed + export.export_sweep(keep=settings.AGORA_EXPORT_CACHE_KEEP,
+                                         max_age_s=settings.AGORA_EXPORT_CACHE_MAX_AGE_H * 3600)
