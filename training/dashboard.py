@@ -7,6 +7,7 @@ them and the server bounded), the rounds' times and held-out losses, and the mod
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -165,7 +166,9 @@ def round_sample(run: TrainingRun, index: int) -> dict | None:
     if version is None:
         return None
     prompt = sample_prompt()
-    key = f"run-sample:v1:{version.checkpoint_id}:{SAMPLE_TOKENS}:{prompt}"
+    # The prompt is hashed: a cache key must be short and hold no spaces or control characters.
+    digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+    key = f"run-sample:v2:{version.checkpoint_id}:{SAMPLE_TOKENS}:{digest}"
     cached = cache.get(key)
     if cached is not None:
         return cached
