@@ -26,6 +26,14 @@ def pretty_json(value) -> str:
 
 
 @register.filter
+def json_value(value) -> str:
+    """One spec value as its JSON reads (``true``, ``null``, ``["q_proj", "v_proj"]``), a string as it is."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+@register.filter
 def entry_json(entry) -> str:
     """A ledger entry exactly as it was hashed (``seq`` … ``prev_hash``), plus its ``hash``."""
     return pretty_json(entry.as_chain_dict())

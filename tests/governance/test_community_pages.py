@@ -78,6 +78,14 @@ def test_the_spec_and_ledger_entries_are_json_whose_hash_the_snippets_reproduce(
     assert "{&#x27;" not in ledger_html and f"&quot;hash&quot;: &quot;{entry.hash}&quot;" in ledger_html
 
 
+def test_the_spec_table_shows_json_values_not_python_ones(client, member):
+    proposal = services.proposal_submit(author=member, kind="training", title="Table", spec={}, open_now=True)
+    html = client.get(proposal.get_absolute_url()).content.decode()
+    table = html[html.index('class="spec-table"'):html.index("</table>", html.index('class="spec-table"'))]
+    assert "<td>false</td>" in table and "<td>true</td>" in table  # overlap, allow_cpu
+    assert ">False<" not in table and ">True<" not in table
+
+
 def test_the_author_edits_a_draft_and_every_revision_is_kept_and_diffable(client, member, other_member):
     proposal = services.proposal_submit(author=member, kind="training", title="First title", body="Old body",
                                         spec={"diloco": {"rounds": 3}})
