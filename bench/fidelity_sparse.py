@@ -14,6 +14,7 @@ and download (the encoded published step).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -29,9 +30,11 @@ def run_sparse(p: dict) -> dict:
     """SparseLoCo: k workers × H inner steps; each sends the top-k of its error-feedback buffer (2 or 4
     bits) and keeps the rest; the server takes a plain SGD step (or a momentum one) on the mean of the
     decoded updates, rounded to the published step, which the workers download and apply instead of the
-    weights. With ``overlap`` each round's workers start from the checkpoint one round older than the
-    server's (they trained while the last round's step travelled): one-step-delayed pseudo-gradients,
-    applied to the newer checkpoint."""
+    weights. With ``overlap`` every worker trains each round wholly ahead, as the agent does when its link
+    is slower than its GPU (``workers.overlap``): it goes on from where its last round ended while that
+    round's update travels and is aggregated, then moves that progress onto the new checkpoint. So round
+    r's update is H steps from θ_{r-1} − Δ_{r-1} (the checkpoint the worker had, plus its own last
+    progress; the others' last updates are one round late) and is applied to θ_r."""
     from bench.fidelity import WARMUP, H, K, _bpb, _eval, _setup
     from diloco.aggregate import aggregate
     from diloco.codecs import decode_update, reference_of
@@ -51,13 +54,17 @@ def run_sparse(p: dict) -> dict:
     feedback = [ErrorFeedback(codec=p["codec"], beta=p["beta"], density=p["density"]) for _ in range(K)]
     states = [None] * K
     curve, moved, previous = [], 0, params
+    last = [None] * K  # with overlap: each worker's last pseudo-gradient (dense, before compression)
     for rnd in range(p["steps"] // H):
-        start = previous if p["overlap"] else params
         updates = []
         for w in range(K):
-            model.load_state_dict(start)
+            if p["overlap"] and last[w] is not None:
+                model.load_state_dict({n: previous[n] - last[w][n] for n in previous})
+            else:
+                model.load_state_dict(params)
             result = inner_train(model, shards[w], cfg, seed=1000 * rnd + w, optimizer_state=states[w])
             states[w] = result.optimizer_state
+            last[w] = result.pseudo_gradient
             data = feedback[w].encode(result.pseudo_gradient)
             moved += len(data) if w == 0 else 0  # upload of worker 0 (all workers send the same size)
             updates.append(decode_update(data, ref))
@@ -83,28 +90,43 @@ def sparse_arm(common: dict, lr: float, olr: float, *, codec="topk2", density=0.
             "overlap": overlap}
 
 
-def sparse_arms(pool, common: dict, inner_lr: float, *, quick: bool, momentum: float = 0.9):
-    """Run the sparse arms in ``pool``: the 2% topk2 arm's outer lr is swept (the mean of sparse updates is
-    smaller than a dense mean where the workers' kept coordinates differ); the variants reuse the winner.
-    Returns ``(arms, results by name, chosen outer lr)``."""
+VARIANTS = ("overlap", "1%", "3%", "topk4", "momentum", "beta0.99")
+
+
+def sparse_arms(pool, common: dict, inner_lr: float, *, quick: bool, momentum: float = 0.9, grid=None,
+                variants=VARIANTS, extra=()):
+    """Run the sparse arms in ``pool``: the 2% topk2 arm's outer lr is swept over ``grid`` (the mean of
+    sparse updates is smaller than a dense mean where the workers' kept coordinates differ); the
+    ``variants`` reuse the winner. With a one-value grid every arm runs at once, beside the ``extra`` jobs
+    (whose futures are returned with the rest). Returns ``(arms, results by name, chosen outer lr)``."""
     from bench.fidelity import _final, _run
 
-    grid = (1.0,) if quick else SPARSE_OUTER_GRID
+    grid = tuple(grid or ((1.0,) if quick else SPARSE_OUTER_GRID))
+    variants = ("overlap",) if quick else tuple(variants)
+
+    def variant_arms(olr):
+        table = {"overlap": sparse_arm(common, inner_lr, olr, overlap=True, name=f"{SPARSE_MAIN} + overlap"),
+                 "1%": sparse_arm(common, inner_lr, olr, density=0.01, name="SparseLoCo topk2 1%"),
+                 "3%": sparse_arm(common, inner_lr, olr, density=0.03, name="SparseLoCo topk2 3%"),
+                 "topk4": sparse_arm(common, inner_lr, olr, codec="topk4", name="SparseLoCo topk4 2%"),
+                 # Nesterov momentum on top of error feedback, at the same effective step size
+                 "momentum": sparse_arm(common, inner_lr, olr * (1 - momentum), mom=momentum,
+                                        name=f"{SPARSE_MAIN} + outer momentum"),
+                 "beta0.99": {**sparse_arm(common, inner_lr, olr, name=f"{SPARSE_MAIN} β 0.99"), "beta": 0.99}}
+        return [table[v] for v in variants]
+
     first = [sparse_arm(common, inner_lr, olr) for olr in grid]
-    done = dict(zip((j["name"] for j in first), pool.map(_run, first), strict=True))
+    later = variant_arms(grid[0]) if len(grid) == 1 else []
+    futures = {j["name"]: pool.submit(_run, j) for j in [*extra, *first, *later]}
+    done = {j["name"]: futures[j["name"]].result() for j in first}
     best = min(grid, key=lambda olr: _final(done[sparse_arm(common, inner_lr, olr)["name"]]))
     arms = [sparse_arm(common, inner_lr, best, name=SPARSE_MAIN)]
     done[SPARSE_MAIN] = done[sparse_arm(common, inner_lr, best)["name"]]
-    variants = [sparse_arm(common, inner_lr, best, overlap=True, name=f"{SPARSE_MAIN} + overlap")]
-    if not quick:
-        variants += [sparse_arm(common, inner_lr, best, density=0.01, name="SparseLoCo topk2 1%"),
-                     sparse_arm(common, inner_lr, best, density=0.03, name="SparseLoCo topk2 3%"),
-                     sparse_arm(common, inner_lr, best, codec="topk4", name="SparseLoCo topk4 2%"),
-                     # Nesterov momentum on top of error feedback, at the same effective step size
-                     sparse_arm(common, inner_lr, best * (1 - momentum), mom=momentum,
-                                name=f"{SPARSE_MAIN} + outer momentum")]
-    done.update(zip((j["name"] for j in variants), pool.map(_run, variants), strict=True))
-    return arms + variants, done, best
+    if not later:
+        later = variant_arms(best)
+        futures.update({j["name"]: pool.submit(_run, j) for j in later})
+    done.update({j["name"]: futures[j["name"]].result() for j in [*extra, *later]})
+    return arms + later, done, best
 
 
 def sim_time(point: dict, per_step: float, link_bits_per_s: float, h: int, scale: float = 1.0) -> float:
@@ -119,13 +141,25 @@ def sim_time(point: dict, per_step: float, link_bits_per_s: float, h: int, scale
 
 
 def main(argv=None) -> None:
-    from bench.fidelity import FAMILIES, LINK_BITS_PER_S, H, K, _at, _final, _pool, _run, _step_seconds
+    from bench.fidelity import FAMILIES, LINK_BITS_PER_S, H, K, _at, _final, _pool, _step_seconds
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="200 steps, no outer lr sweep")
     ap.add_argument("--jobs", type=int, default=2, help="arms run in parallel, one thread each")
     ap.add_argument("--lengths", default="750,1500,3000", help="run lengths in steps, comma separated (multiples of H)")
+    ap.add_argument("--outer-lrs", default=",".join(f"{x:g}" for x in SPARSE_OUTER_GRID),
+                    help="the sparse outer lr grid, judged at the longest length; one value: no sweep")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"sparse variants beside the 2%% topk2 arm, comma separated, from {','.join(VARIANTS)} "
+                         "(or 'none')")
+    ap.add_argument("--step-ms", type=float, default=0.0,
+                    help="compute per training step for the simulated times, in ms (default: measured here)")
+    ap.add_argument("--json", default="", help="also write every arm's curve to this file")
     args = ap.parse_args(argv)
+    grid = [float(x) for x in args.outer_lrs.split(",")]
+    variants = [] if args.variants == "none" else args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        ap.error(f"--variants: unknown {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     started = time.perf_counter()
     family = FAMILIES["byte-gpt"]
     batch, seq_len = 8, 64
@@ -139,15 +173,19 @@ def main(argv=None) -> None:
              {**common, "kind": "diloco", "name": "DiLoCo fp32", "lr": inner_lr, "outer_lr": outer_lr,
               "momentum": 0.9, "codec": "fp32", "workers": K}]
     with _pool(args.jobs) as pool:
-        futures = {j["name"]: pool.submit(_run, j) for j in dense}
-        arms, results, best = sparse_arms(pool, common, inner_lr, quick=args.quick)
-        results.update({name: f.result() for name, f in futures.items()})
+        arms, results, best = sparse_arms(pool, common, inner_lr, quick=args.quick, grid=grid, variants=variants,
+                                          extra=dense)
     print(f"all arms done after {time.perf_counter() - started:.0f} s", flush=True)
     arms = dense + arms
-    step_s = min(step_before, _step_seconds(family["arch"], family["model"], batch, seq_len, repeat=30))
+    measured_s = min(step_before, _step_seconds(family["arch"], family["model"], batch, seq_len, repeat=30))
+    step_s = args.step_ms / 1e3 if args.step_ms else measured_s
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arms": arms, "results": results, "best_outer_lr": best, "measured_step_s": measured_s}, f)
     print(f"byte-gpt {family['model']}; k={K}, H={H}, batch {batch}x{seq_len} per worker; DP lr {dp_lr:g}, DiLoCo "
           f"inner {inner_lr:g} outer {outer_lr:g} (Nesterov 0.9); sparse outer lr {best:g} (from "
-          f"{list(SPARSE_OUTER_GRID)}), error feedback beta {SPARSE_BETA}; compute {1e3 * step_s:.1f} ms/step")
+          f"{grid}), error feedback beta {SPARSE_BETA}; compute {1e3 * step_s:.1f} ms/step"
+          + (f" (given; measured here {1e3 * measured_s:.1f})" if args.step_ms else " (measured)"))
 
     def t(point):
         return sim_time(point, step_s, LINK_BITS_PER_S, H)
@@ -170,6 +208,9 @@ def main(argv=None) -> None:
              f"{dp_time / t(h):.1f}x" if h and dp_time else "-") for a in arms for h in [hits[a["name"]]]]
     print_table(["arm", "step reached", "sim. time (s)", "sooner than DP"], rows,
                 title=f"time to held-out loss {target:.4f} over a simulated 100 Mbit/s link per worker")
+    dp_link_per_step = results["data-parallel"]["curve"][0]["bytes"] / H * 8 / LINK_BITS_PER_S
+    print(f"an arm that needs as many steps as DP and sends nothing is at most {1 + dp_link_per_step / step_s:.1f}x "
+          f"sooner (compute {1e3 * step_s:.1f} ms, DP's link {1e3 * dp_link_per_step:.0f} ms per step)")
     fp32_final = _final(results["DiLoCo fp32"])
     dp_bytes = results["data-parallel"]["curve"][-1]["bytes"]
     for arm in arms[2:]:
