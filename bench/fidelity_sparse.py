@@ -140,8 +140,50 @@ def sim_time(point: dict, per_step: float, link_bits_per_s: float, h: int, scale
     return point["step"] * per_step + link
 
 
+def projection(arms: list[dict], hits: dict, family: dict, batch: int, seq_len: int, big_step_s: float = 0.0) -> None:
+    """PROJECTION, not measured: the steps each arm needed to reach the target, at the compute per step of
+    ``bench.fidelity``'s 25M-parameter model (measured here, 3 steps) and with every byte count scaled by
+    the parameter ratio: with its compute per step, DP's traffic weighs relatively more than with the
+    137k-parameter model."""
+    from bench.fidelity import LINK_BITS_PER_S, PROJECTED_MODEL, H, _n_params, _step_seconds
+
+    scale = _n_params("byte-gpt", PROJECTED_MODEL) / _n_params(family["arch"], family["model"])
+    given = big_step_s > 0
+    big_step_s = big_step_s if given else _step_seconds("byte-gpt", PROJECTED_MODEL, batch, seq_len, repeat=3)
+    dp = hits["data-parallel"]
+    dp_t = sim_time(dp, big_step_s, LINK_BITS_PER_S, H, scale) if dp else None
+    rows = []
+    for arm in arms:
+        hit = hits[arm["name"]]
+        t = sim_time(hit, big_step_s, LINK_BITS_PER_S, H, scale) if hit else None
+        rows.append((arm["name"], hit["step"] if hit else "not reached", f"{t:.0f}" if t else "-",
+                     f"{dp_t / t:.1f}x" if t and dp_t else "-"))
+    print_table(["arm", "step reached (small model)", "total (s)", "sooner than DP"], rows,
+                title=f"PROJECTION, not measured: the same steps to the target with the {PROJECTED_MODEL} model's "
+                      f"compute ({big_step_s:.2f} s/step, {'given' if given else 'measured here'}) and bytes x{scale:.0f}")
+
+
+def _run_arms(args, common: dict, grid, variants, lrs) -> tuple[list[dict], dict, float, float]:
+    """DP, DiLoCo fp32 and the sparse arms; returns ``(arms, results by name, sparse outer lr, compute s/step)``,
+    the compute being the lower of the median step times measured before and after the runs."""
+    from bench.fidelity import K, _pool, _step_seconds
+
+    dp_lr, inner_lr, outer_lr = lrs
+    shape = (common["arch"], common["model"], common["batch"], common["seq_len"])
+    step_before = _step_seconds(*shape, repeat=30)
+    dense = [{**common, "kind": "dp", "name": "data-parallel", "lr": dp_lr},
+             {**common, "kind": "diloco", "name": "DiLoCo fp32", "lr": inner_lr, "outer_lr": outer_lr,
+              "momentum": 0.9, "codec": "fp32", "workers": K}]
+    started = time.perf_counter()
+    with _pool(args.jobs) as pool:
+        arms, results, best = sparse_arms(pool, common, inner_lr, quick=args.quick, grid=grid, variants=variants,
+                                          extra=dense)
+    print(f"all arms done after {time.perf_counter() - started:.0f} s", flush=True)
+    return dense + arms, results, best, min(step_before, _step_seconds(*shape, repeat=30))
+
+
 def main(argv=None) -> None:
-    from bench.fidelity import FAMILIES, LINK_BITS_PER_S, H, K, _at, _final, _pool, _step_seconds
+    from bench.fidelity import FAMILIES, LINK_BITS_PER_S, H, K, _at, _final
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="200 steps, no outer lr sweep")
@@ -154,7 +196,10 @@ def main(argv=None) -> None:
                          "(or 'none')")
     ap.add_argument("--step-ms", type=float, default=0.0,
                     help="compute per training step for the simulated times, in ms (default: measured here)")
+    ap.add_argument("--projected-step-s", type=float, default=0.0,
+                    help="compute per step of the 25M model for the projection, in s (default: measured here)")
     ap.add_argument("--json", default="", help="also write every arm's curve to this file")
+    ap.add_argument("--from-json", default="", help="print the tables of a run saved with --json (runs nothing)")
     args = ap.parse_args(argv)
     grid = [float(x) for x in args.outer_lrs.split(",")]
     variants = [] if args.variants == "none" else args.variants.split(",")
@@ -168,20 +213,19 @@ def main(argv=None) -> None:
     steps = lengths[-1]
     common = {"arch": family["arch"], "model": family["model"], "batch": batch, "seq_len": seq_len, "steps": steps,
               "eval_at": list(range(H, steps + 1, H))}
-    step_before = _step_seconds(family["arch"], family["model"], batch, seq_len, repeat=30)
-    dense = [{**common, "kind": "dp", "name": "data-parallel", "lr": dp_lr},
-             {**common, "kind": "diloco", "name": "DiLoCo fp32", "lr": inner_lr, "outer_lr": outer_lr,
-              "momentum": 0.9, "codec": "fp32", "workers": K}]
-    with _pool(args.jobs) as pool:
-        arms, results, best = sparse_arms(pool, common, inner_lr, quick=args.quick, grid=grid, variants=variants,
-                                          extra=dense)
-    print(f"all arms done after {time.perf_counter() - started:.0f} s", flush=True)
-    arms = dense + arms
-    measured_s = min(step_before, _step_seconds(family["arch"], family["model"], batch, seq_len, repeat=30))
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        arms, results, best, measured_s = (saved[k] for k in ("arms", "results", "best_outer_lr", "measured_step_s"))
+        lengths = [n for n in lengths if n <= arms[0]["steps"]]
+        grid = saved.get("grid", grid)
+    else:
+        arms, results, best, measured_s = _run_arms(args, common, grid, variants, (dp_lr, inner_lr, outer_lr))
     step_s = args.step_ms / 1e3 if args.step_ms else measured_s
-    if args.json:
+    if args.json and not args.from_json:
         with open(args.json, "w") as f:
-            json.dump({"arms": arms, "results": results, "best_outer_lr": best, "measured_step_s": measured_s}, f)
+            json.dump({"arms": arms, "results": results, "best_outer_lr": best, "measured_step_s": measured_s,
+                       "grid": grid}, f)
     print(f"byte-gpt {family['model']}; k={K}, H={H}, batch {batch}x{seq_len} per worker; DP lr {dp_lr:g}, DiLoCo "
           f"inner {inner_lr:g} outer {outer_lr:g} (Nesterov 0.9); sparse outer lr {best:g} (from "
           f"{grid}), error feedback beta {SPARSE_BETA}; compute {1e3 * step_s:.1f} ms/step"
@@ -211,6 +255,8 @@ def main(argv=None) -> None:
     dp_link_per_step = results["data-parallel"]["curve"][0]["bytes"] / H * 8 / LINK_BITS_PER_S
     print(f"an arm that needs as many steps as DP and sends nothing is at most {1 + dp_link_per_step / step_s:.1f}x "
           f"sooner (compute {1e3 * step_s:.1f} ms, DP's link {1e3 * dp_link_per_step:.0f} ms per step)")
+    if not args.quick:
+        projection(arms, hits, family, batch, seq_len, args.projected_step_s)
     fp32_final = _final(results["DiLoCo fp32"])
     dp_bytes = results["data-parallel"]["curve"][-1]["bytes"]
     for arm in arms[2:]:
