@@ -26,9 +26,10 @@ the held-out text (for bytes, loss / ln 2), so byte-level and BPE models compare
   tokens), the DiLoCo paper's baseline.
 - SparseLoCo (byte-gpt family; ``bench.fidelity_sparse``): the DiLoCo inner loop and inner lr; each worker
   sends the top 2% of every chunk of 4096 values of its error-feedback buffer in 2 bits (β 0.95) and the
-  server steps with plain SGD on the mean, outer lr swept over {1, 2}; variants: with overlap (every round
-  starts from the checkpoint one round older: one-step-delayed pseudo-gradients), 1% and 3% density,
-  4 bits, and Nesterov momentum 0.9 on top at the same effective step. Workers download the exact
+  server steps with plain SGD on the mean, outer lr swept over {1, 2, 4}; variants: with overlap (each
+  round trained wholly ahead from the worker's own last weights, then moved onto the new checkpoint, as the
+  agent does: one-step-delayed pseudo-gradients), 1% and 3% density, 4 bits, error-feedback β 0.99, and
+  Nesterov momentum 0.9 on top at the same effective step. Workers download the exact
   published step (``diloco.sparse``), not the weights; the bench checks it rebuilds the server's weights
   bitwise every round.
 
