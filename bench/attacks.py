@@ -37,6 +37,7 @@ from bench.common import print_table
 from diloco.codecs import decode_update, encode_update, reference_of
 from diloco.contributions import (
     ContributionCheck,
+    add_trained_windows,
     check_contributions,
     other_keys,
     shard_windows,
@@ -132,7 +133,7 @@ def simulate(attack: str, setup: Setup, data=None) -> Outcome:
         for w in honest_ids + ([i for i in attacker_ids if attack in ("scaled",) or (attack == "replay" and r == 1)]):
             model = build_model(arch, cfg)
             model.load_state_dict(params)
-            honest[w] = inner_train(model, shards[w], inner, seed=1000 * r + w).pseudo_gradient
+            honest[w] = inner_train(model, shards[w], inner, seed=_task_seed(r, w)).pseudo_gradient
         mean = {n: sum(honest[w][n] for w in honest_ids) / len(honest_ids) for n in params}
         median_norm = sorted(_norm(honest[w]) for w in honest_ids)[len(honest_ids) // 2]
         raw: dict[int, dict] = {w: honest[w] for w in honest_ids}
@@ -177,12 +178,17 @@ def simulate(attack: str, setup: Setup, data=None) -> Outcome:
                 first_uploads[w] = uploads[w]
         updates = [Update(w, raw[w] if uploads[w].startswith(b"nan:") else decode_update(uploads[w], ref))
                    for w in honest_ids + attacker_ids]
-        windows = shard_windows(dict(enumerate(shards)), count=setup.score_windows, seq_len=setup.seq_len,
-                                seed=7919 * r + setup.seed)
         ids = honest_ids + attacker_ids
+        # Scored as the server scores: own windows are windows each task trained on (its seed), other windows
+        # random windows of other shards, all picked by the round's secret seed.
+        windows = shard_windows(dict(enumerate(shards)), count=setup.score_windows, seq_len=setup.seq_len,
+                                seed=7919 * r + setup.seed, own=False)
+        own = add_trained_windows(windows, {w: (w, _task_seed(r, w)) for w in ids}, dict(enumerate(shards)),
+                                  steps=setup.inner_steps, batch_size=setup.batch_size, seq_len=setup.seq_len,
+                                  count=setup.score_windows, seed=7919 * r + setup.seed)
         check = ContributionCheck(
-            arch=arch, config=cfg, sketch_seed=sketch_seed, windows=windows, own={w: w for w in ids},
-            other={w: other_keys(w, k, windows) for w in ids},
+            arch=arch, config=cfg, sketch_seed=sketch_seed, windows=windows, own=own,
+            other={w: other_keys(w, k, windows) for w in ids}, public_step=previous_public,
             sha256={w: hashlib.sha256(uploads[w]).hexdigest() for w in uploads}, earlier=earlier)
         result = outer_round(base_state=params, updates=updates, evaluate=evaluate, outer_state=outer_state,
                              aggregator=AggregatorSpec(setup.aggregator), previous_norms=previous_norms,
@@ -215,6 +221,10 @@ def simulate(attack: str, setup: Setup, data=None) -> Outcome:
             stats["steps_rejected"] += 1
             eval_before = result.eval_before
     return Outcome(attack, evaluate(params), seconds=time.perf_counter() - started, reasons=reasons, **stats)
+
+
+def _task_seed(r: int, w: int) -> int:
+    return 1000 * r + w
 
 
 def statistics_median(values: list[float]) -> float | None:

@@ -338,8 +338,9 @@ def screen_updates(
     1. non-finite values (``non_finite``);
     2. a global norm more than ``max_norm_ratio`` times the median norm of the finite updates, or less
        than that median divided by it (``norm_high`` / ``norm_low``). With ``reference_norm`` (e.g. the
-       median of the last round's accepted norms, out of this round's attackers' reach) the norm must
-       also lie within the same ratio of it;
+       median of recent rounds' accepted norms, out of this round's attackers' reach) the norm must also
+       lie within the same ratio of it, unless that would refuse more than half of the finite updates (the
+       reference bounds a minority; an honest majority outside it means it is stale, and is not refused);
     3. a direction that does not agree with the others (``direction``): the cosine of the update with the
        coordinate median of the *other* updates left after 1-2 (a leave-one-out median) is compared with
        ``min_cosine_ratio`` times the median of those cosines.
@@ -374,21 +375,27 @@ def screen_updates(
             reasons[i] = (NON_FINITE, f"non-finite values in {bad}")
     ok = [i for i in range(k) if finite[i]]
 
-    def check_norm(i: int, label: str, centre: float) -> None:
+    def check_norm(i: int, label: str, centre: float, into: dict | None = None) -> None:
+        out = reasons if into is None else into
         n = norms[i]
         if centre > 0 and n > max_norm_ratio * centre:
-            reasons[i] = (NORM_HIGH, f"norm {n:.4g} is {n / centre:.1f}x {label} {centre:.4g} (limit {max_norm_ratio:g}x)")
+            out[i] = (NORM_HIGH, f"norm {n:.4g} is {n / centre:.1f}x {label} {centre:.4g} (limit {max_norm_ratio:g}x)")
         elif centre > 0 and n < centre / max_norm_ratio:
-            reasons[i] = (NORM_LOW, f"norm {n:.4g} is 1/{centre / max(n, 1e-300):.1f} of {label} {centre:.4g} "
-                                    f"(limit 1/{max_norm_ratio:g})")
+            out[i] = (NORM_LOW, f"norm {n:.4g} is 1/{centre / max(n, 1e-300):.1f} of {label} {centre:.4g} "
+                                f"(limit 1/{max_norm_ratio:g})")
         elif centre == 0 and n > 0:
-            reasons[i] = (NORM_HIGH, f"norm {n:.4g} while {label} is 0")
+            out[i] = (NORM_HIGH, f"norm {n:.4g} while {label} is 0")
 
-    # The reference first: updates far from it do not get to move this round's median either.
+    # The reference first: updates far from it do not get to move this round's median either. It may turn
+    # away a minority only: when it would refuse more than half of the finite updates, the honest majority's
+    # norms have moved away from it (or it is wrong), and refusing them would stall the run round after round.
     if reference_norm is not None and reference_norm > 0 and math.isfinite(reference_norm):
+        by_reference: dict[int, tuple[str, str]] = {}
         for i in ok:
-            check_norm(i, "the previous round's median accepted norm", float(reference_norm))
-        ok = [i for i in ok if i not in reasons]
+            check_norm(i, "the previous rounds' median accepted norm", float(reference_norm), into=by_reference)
+        if 2 * len(by_reference) <= len(ok):
+            reasons.update(by_reference)
+            ok = [i for i in ok if i not in reasons]
     if ok:
         median = statistics.median(norms[i] for i in ok)
         for i in ok:

@@ -4,9 +4,11 @@ For every update that passed screening, in order:
 
 1. replay: its sha256 or its sketch's direction repeats an earlier update of the run, an earlier update of
    this round, or a public outer step (``diloco.replay``);
-2. score: the per-window losses on its own shard's windows and on other shards', before and after applying
-   it to the round's base weights, each window's gain taken relative to the gain of the round's centre (the
-   coordinate median of the updates being scored) on the same window (``diloco.scoring``).
+2. score: the per-window losses on windows its task trained on (``trained_windows``) and on other shards',
+   before and after applying it to the round's base weights, each window's gain taken relative to the gain
+   of the round's centre (the coordinate median of the updates being scored) on the same window; in a round
+   too small or too early for that, against its own projection on the last public outer step, the part of it
+   anyone could have made from the public checkpoints (``diloco.scoring``).
 
 An update that is a replay or fails its score is turned away from the aggregate (so a free-rider does not
 steer the step either), earns nothing and is blamed: both verdicts judge the update by itself (a replay is
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -30,13 +32,16 @@ from diloco.aggregate import aggregate
 from diloco.replay import DEFAULT_DIM, DEFAULT_THRESHOLD, Earlier, replay_check, sketch
 from diloco.scoring import (
     DEFAULT_MIN_ROUND_Z,
+    DEFAULT_MIN_SHARE,
     DEFAULT_MIN_Z,
     DEFAULT_TOLERANCE,
     MIN_CENTRE,
     Gains,
     applied,
     judge,
+    round_z,
     score_windows,
+    trained_windows,
     update_gains,
     window_losses,
 )
@@ -50,10 +55,13 @@ CODES = frozenset({REPLAY, SCORE})
 class ContributionCheck:
     """What the caller knows about a round to judge its updates.
 
-    ``own[id]`` names the window set (a key of ``windows``) of an update's own shard, ``other[id]`` the
-    window set, or a list of them, of the shards it was not given: the score compares the two. ``sha256[id]`` is the stored update's digest. ``earlier``
-    holds the run's earlier updates and public outer steps. ``sketch_seed`` should stay the same for a whole
-    run and be unknown to the workers.
+    ``own[id]`` names the window set (a key of ``windows``) of an update's own data (windows its task trained
+    on, see :func:`add_trained_windows`, or of its shard), ``other[id]`` the window set, or a list of them, of
+    the shards it was not given: the score compares the two. ``sha256[id]`` is the stored update's digest.
+    ``earlier`` holds the run's earlier updates and public outer steps. ``sketch_seed`` should stay the same
+    for a whole run and be unknown to the workers. ``public_step``: the last public outer step θ_{r−1} − θ_r
+    (None in a run's first round, which the fallback rule of ``diloco.scoring`` then judges), or a callable
+    giving it (called once per round, when there are updates to score).
     """
 
     arch: str
@@ -68,10 +76,12 @@ class ContributionCheck:
     min_z: float = DEFAULT_MIN_Z
     tolerance: float = DEFAULT_TOLERANCE  # without a centre (see ``diloco.scoring.judge``)
     min_round_z: float = DEFAULT_MIN_ROUND_Z
+    min_share: float = DEFAULT_MIN_SHARE
     centre: bool = True  # judge each window's gain against the round centre's (with MIN_CENTRE updates or more)
     replay_threshold: float = DEFAULT_THRESHOLD
     sketch_dim: int = DEFAULT_DIM
     score: bool = True  # False: replay checks only
+    public_step: dict[str, Tensor] | Callable[[], dict[str, Tensor] | None] | None = None
     device: str | torch.device = "cpu"
     autocast_dtype: torch.dtype | None = None
 
@@ -83,17 +93,43 @@ OTHER_SHARDS = 7
 
 
 def shard_windows(tokens: dict[int, Tensor], *, count: int, seq_len: int, seed: int,
-                  other_shards: int = OTHER_SHARDS) -> dict[Hashable, Tensor]:
+                  other_shards: int = OTHER_SHARDS, own: bool = True) -> dict[Hashable, Tensor]:
     """The round's window sets: for every shard ``s`` of ``tokens`` (shard index -> token ids) with more
-    than ``seq_len`` tokens, ``count`` own windows under key ``s`` and ``ceil(count / other_shards)`` windows
-    under ``("other", s)`` for the updates of other shards. ``seed`` is the round's secret."""
+    than ``seq_len`` tokens, ``count`` own windows under key ``s`` (unless ``own`` is False: the updates are
+    scored on the windows they trained on, :func:`add_trained_windows`) and ``ceil(count / other_shards)``
+    windows under ``("other", s)`` for the updates of other shards. ``seed`` is the round's secret."""
     n_other = max(1, math.ceil(count / max(1, other_shards)))
     windows: dict[Hashable, Tensor] = {}
     for s, t in sorted(tokens.items()):
         if t.numel() > seq_len:
-            windows[s] = score_windows(t, count=count, seq_len=seq_len, seed=seed + 2 * s)
+            if own:
+                windows[s] = score_windows(t, count=count, seq_len=seq_len, seed=seed + 2 * s)
             windows[(OTHER, s)] = score_windows(t, count=n_other, seq_len=seq_len, seed=seed + 2 * s + 1)
     return windows
+
+
+TRAINED = "trained"
+
+
+def add_trained_windows(windows: dict[Hashable, Tensor], tasks: dict[Hashable, tuple[int, int]],
+                        tokens: dict[int, Tensor], *, steps: int, batch_size: int, seq_len: int, count: int,
+                        seed: int) -> dict[Hashable, Hashable]:
+    """Add to ``windows``, for every task ``id -> (shard, task seed)`` whose shard has more than ``seq_len``
+    tokens, ``count`` of the windows it trained on (``diloco.scoring.trained_windows``, picked by the round's
+    secret ``seed``) under ``("trained", shard, task seed)`` (a replica of a task shares its windows).
+    Returns the own-window key of every such task, by id."""
+    keys: dict[Hashable, Hashable] = {}
+    for task_id, (shard, task_seed) in tasks.items():
+        t = tokens.get(shard)
+        if t is None or t.numel() <= seq_len:
+            continue
+        key = (TRAINED, shard, int(task_seed))
+        if key not in windows:
+            pick = (int(seed) * 1_000_003 + int(task_seed)) % (1 << 63)
+            windows[key] = trained_windows(t, steps=steps, batch_size=batch_size, seq_len=seq_len,
+                                           seed=int(task_seed), count=count, pick_seed=pick)
+        keys[task_id] = key
+    return keys
 
 
 def other_keys(shard: int, count: int, windows: dict[Hashable, Tensor], *,
@@ -177,13 +213,43 @@ def check_contributions(base_state: dict[str, Tensor], updates: Sequence, verdic
         for u, _v in scored:
             own, other = per_key[check.own[u.id]], torch.cat([per_key[k] for k in others(u.id)])
             centre_gains.append(Gains(0.0, -float(own.mean()), 0.0, -float(other.mean()), own=own, other=other))
-    for (_u, v), score in zip(scored, judge(gains, centre=centre_gains, min_z=check.min_z,
-                                                  tolerance=check.tolerance, min_round_z=check.min_round_z), strict=True):
+    step = check.public_step() if callable(check.public_step) else check.public_step
+    first_round = step is None
+    public_gains: list[Gains | None] = [None] * len(scored)
+    if not first_round and round_z(gains, centre_gains) < check.min_round_z:
+        public_gains = _public_gains(base_state, step, scored, check, losses_before, others)
+    verdicts_of = judge(gains, centre=centre_gains, public=public_gains, min_z=check.min_z,
+                        tolerance=check.tolerance, min_round_z=check.min_round_z, min_share=check.min_share,
+                        first_round=first_round)
+    for (_u, v), score in zip(scored, verdicts_of, strict=True):
         v.score = score.as_json()
         v.score["replay_max_cosine"] = v.extra.get("replay_max_cosine")
         if not score.passed:
             v.accepted, v.code, v.reason = False, SCORE, f"score: {score.reason}"
     return sketches
+
+
+def _public_gains(base_state: dict[str, Tensor], step: dict[str, Tensor], scored: list, check: ContributionCheck,
+                  losses_before, others) -> list[Gains | None]:
+    """For each scored update Δ, the per-window gains on its own windows of its share of the last public outer
+    step P, applied to the round's base weights: the projection ``(⟨Δ, P⟩ / |P|²) · P``, the part of Δ that
+    anyone could have made from the public checkpoints at Δ's own scale, on its own windows and on its other
+    windows (all None when P is zero or not finite)."""
+    p_sq = sum(float(v.double().pow(2).sum()) for v in step.values())
+    if not (math.isfinite(p_sq) and p_sq > 0):
+        return [None] * len(scored)
+    out: list[Gains | None] = []
+    for u, _v in scored:
+        coef = sum(float((u.tensors[k].double() * step[k].double()).sum()) for k in step) / p_sq
+        keys = [check.own[u.id], *others(u.id)]
+        after = window_losses(check.arch, check.config, applied(base_state, step, check.scale * coef),
+                              torch.cat([check.windows[key] for key in keys]), device=check.device,
+                              autocast_dtype=check.autocast_dtype)
+        gain = torch.cat([losses_before(key) for key in keys]) - after
+        n_own = check.windows[keys[0]].shape[0]
+        own, other = gain[:n_own], gain[n_own:]
+        out.append(Gains(0.0, -float(own.mean()), 0.0, -float(other.mean()), own=own, other=other))
+    return out
 
 
 def step_sketch(base_state: dict[str, Tensor], new_state: dict[str, Tensor], *, seed: int,

@@ -122,12 +122,31 @@ class RoundResult:
         return [v for v in self.verdicts if v.credited(step_accepted=self.accepted)]
 
 
+# The norms that bound a round's (``reference_norms``): the accepted updates of this many latest accepted
+# rounds, once they number at least MIN_REFERENCE.
+REFERENCE_ROUNDS = 5
+MIN_REFERENCE = 3
+
+
+def reference_norms(rounds: Sequence[Sequence[float]], *, last: int = REFERENCE_ROUNDS,
+                    minimum: int = MIN_REFERENCE) -> list[float]:
+    """The norms whose median bounds the next round's (``screen``'s ``previous_norms``): the accepted
+    updates' norms of the ``last`` latest rounds of ``rounds`` (oldest first; each the norms of one accepted
+    round's accepted updates), pooled; none while the pool holds fewer than ``minimum``. Pooling several
+    rounds keeps one odd round (say one that accepted a single tiny update) from setting the bar for every
+    round after it."""
+    pool = [n for norms in list(rounds)[-last:] if last > 0 for n in norms
+            if n is not None and math.isfinite(n) and n > 0]
+    return pool if len(pool) >= minimum else []
+
+
 def screen(
     updates: Sequence[Update], *, spec: ScreenSpec = ScreenSpec(), previous_norms: Sequence[float] = ()
 ) -> list[Verdict]:
     """A verdict per update, in order (see ``diloco.aggregate.screen_updates``). ``previous_norms``: the
-    norms of the last round's accepted updates; their median bounds this round's norms too, so a few
-    attackers in a small round cannot drag the round's own median."""
+    norms of earlier rounds' accepted updates (``reference_norms``); their median bounds this round's norms
+    too, so a few attackers in a small round cannot drag the round's own median. It bounds a minority only:
+    where it would turn away more than half of the round, the round's own median judges alone."""
     history = [n for n in previous_norms if n is not None and math.isfinite(n) and n > 0]
     reference = statistics.median(history) if history else None
     readable = [u for u in updates if u.tensors is not None]
@@ -232,5 +251,5 @@ def outer_round(
 
 __all__ = [
     "ACCEPTED", "NON_FINITE", "STEP_REJECTED", "UNREADABLE", "AggregatorSpec", "OuterSpec", "RoundResult",
-    "ScreenSpec", "Update", "Verdict", "gate", "outer_round", "screen",
+    "ScreenSpec", "Update", "Verdict", "gate", "outer_round", "reference_norms", "screen",
 ]

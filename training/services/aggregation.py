@@ -31,7 +31,16 @@ from diloco.contributions import check_contributions, step_sketch
 from diloco.evaluate import eval_dtype, evaluate_loss
 from diloco.outer import OuterOptimizer
 from diloco.replay import sketch_to_json
-from diloco.round import AggregatorSpec, OuterSpec, ScreenSpec, Update, Verdict, outer_round
+from diloco.round import (
+    REFERENCE_ROUNDS,
+    AggregatorSpec,
+    OuterSpec,
+    ScreenSpec,
+    Update,
+    Verdict,
+    outer_round,
+    reference_norms,
+)
 from diloco.sparse import momentum_roles
 from ledger.services import entry_append
 from marketplace.services import credit_grant, worker_record_outcome
@@ -130,14 +139,16 @@ def eval_device() -> str:
 
 
 def _previous_accepted_norms(rnd: Round) -> list[float]:
-    """The norms of the updates accepted in the latest earlier round that accepted any."""
-    norms = list(Task.objects.filter(round__run_id=rnd.run_id, round__index__lt=rnd.index, status=Task.Status.ACCEPTED,
-                                     update_norm__isnull=False)
-                 .order_by("-round__index").values_list("round__index", "update_norm")[:256])
-    if not norms:
-        return []
-    latest = norms[0][0]
-    return [n for index, n in norms if index == latest]
+    """The norms that bound this round's (``diloco.round.reference_norms``): those of the updates accepted
+    in the run's latest ``REFERENCE_ROUNDS`` accepted rounds before it, pooled."""
+    indices = list(Round.objects.filter(run_id=rnd.run_id, index__lt=rnd.index, accepted=True)
+                   .order_by("-index").values_list("index", flat=True)[:REFERENCE_ROUNDS])
+    by_round: dict[int, list[float]] = {index: [] for index in indices}
+    for index, norm in (Task.objects.filter(round__run_id=rnd.run_id, round__index__in=indices,
+                                            status=Task.Status.ACCEPTED, update_norm__isnull=False)
+                        .values_list("round__index", "update_norm")):
+        by_round[index].append(norm)
+    return reference_norms([by_round[index] for index in sorted(by_round)])
 
 
 def eval_precision() -> torch.dtype | None:

@@ -3,10 +3,13 @@
 The checks run inside ``diloco.round.outer_round`` between screening and aggregation; this module builds
 their input from the database and storage:
 
-- the windows each update is scored on: a few windows of its own shard and a few of each of the other
-  shards (``diloco.contributions.shard_windows``), drawn from a seed the workers cannot know (derived from
+- the windows each update is scored on: a few of the windows its task trained on (redrawn from the task's
+  seed, ``diloco.contributions.add_trained_windows``) and a few of each of the other shards
+  (``diloco.contributions.shard_windows``), picked by a seed the workers cannot know (derived from
   ``SECRET_KEY``, the run and the round), over the same documents the agents train on (the train split
   after the data-filter guardrails in force);
+- the last public outer step θ_{r−1} − θ_r, which a round too small or too early for the centre judges
+  updates against (read from the checkpoints only when such a round needs it);
 - what it may not repeat: the sha256 and sketch of every earlier update of the run and the sketch of every
   accepted public outer step. Sketches use one secret seed per run, so they compare across rounds.
 """
@@ -20,7 +23,7 @@ import json
 
 from django.conf import settings
 
-from diloco.contributions import ContributionCheck, other_keys, shard_windows
+from diloco.contributions import ContributionCheck, add_trained_windows, other_keys, shard_windows
 from diloco.data import encode_documents, load_documents, shard_documents, split_documents
 from diloco.guardrails import filter_documents
 from diloco.replay import Earlier, sketch_from_json
@@ -106,6 +109,20 @@ def _sketch_or_none(values, dim: int):
         return None
 
 
+def _public_step(run: TrainingRun, rnd: Round) -> dict | None:
+    """θ_{r−1} − θ_r: the outer step that made this round's checkpoint, as anyone can compute it from the
+    published checkpoints (None when the round starts from the run's first checkpoint)."""
+    prev = (Round.objects.filter(run_id=run.pk, index__lt=rnd.index, accepted=True, checkpoint_out_id=rnd.checkpoint_in_id)
+            .exclude(checkpoint_in_id=rnd.checkpoint_in_id).order_by("-index").first())
+    if prev is None or prev.checkpoint_in_id is None:
+        return None
+    before = blobs.checkpoint_state(prev.checkpoint_in_id)[0]
+    after = blobs.checkpoint_state(rnd.checkpoint_in_id)[0]
+    if set(before) != set(after):
+        return None
+    return {k: before[k].float() - after[k].float() for k in after}
+
+
 def contribution_check(*, run: TrainingRun, rnd: Round, tasks: list[Task], device: str,
                        autocast_dtype) -> ContributionCheck:
     """The ``ContributionCheck`` of a round about to be aggregated (update ids are task ids)."""
@@ -114,23 +131,26 @@ def contribution_check(*, run: TrainingRun, rnd: Round, tasks: list[Task], devic
     seq_len = int(d["seq_len"])
     n_windows = int(getattr(settings, "AGORA_SCORE_WINDOWS", 32))
     guardrails = guardrails_active(kind="data_filter")
-    own = {t.pk: t.shard_index for t in tasks}
     prepared = datasets.run_dataset(run)
     tokens = {s: (shard_tokens(run.spec["dataset"], s, count, guardrails) if prepared is None
                   else datasets.run_shard_tokens(run, prepared, s, guardrails)) for s in range(count)}
-    windows = shard_windows(tokens, count=n_windows, seq_len=seq_len, seed=windows_seed(run.pk, rnd.index))
-    other = {task_id: other_keys(s, count, windows) for task_id, s in own.items()}
+    seed = windows_seed(run.pk, rnd.index)
+    windows = shard_windows(tokens, count=n_windows, seq_len=seq_len, seed=seed, own=False)
+    own = add_trained_windows(windows, {t.pk: (t.shard_index, t.seed) for t in tasks}, tokens,
+                              steps=int(d["inner_steps"]), batch_size=int(d["batch_size"]), seq_len=seq_len,
+                              count=n_windows, seed=seed)
+    other = {t.pk: other_keys(t.shard_index, count, windows) for t in tasks}
     check = ContributionCheck(
         arch=run.spec["model"]["arch"], config=run.spec["model"]["config"], windows=windows, own=own, other=other,
         sketch_seed=sketch_seed(run.pk), sha256={t.pk: t.update_sha256 for t in tasks},
         replay_threshold=float(getattr(settings, "AGORA_REPLAY_COSINE", 0.99)),
-        device=device, autocast_dtype=autocast_dtype)
+        public_step=functools.partial(_public_step, run, rnd), device=device, autocast_dtype=autocast_dtype)
     check.earlier = _earlier(run, rnd, check.sketch_dim)
     if run.spec["model"].get("lora"):
         # Scoring builds full models from the update; a LoRA update is adapters over a frozen base: replay
         # checks only (screening, aggregation and the evaluation gate still judge the round).
         check.score = False
-    if any(own[t] not in windows or not other[t] for t in own):
+    if any(t.pk not in own or not other[t.pk] for t in tasks):
         # Some shard has too few tokens for one window, or no other shard has any: replay checks only.
         check.score = False
     return check
