@@ -99,6 +99,21 @@ def test_a_worker_never_gets_the_replica_of_its_own_shard(monkeypatch):
     assert services.task_claim(worker=a) is None  # free again, but the replica repeats its own shard
 
 
+def test_a_worker_that_lost_its_shard_takes_it_again_before_a_replica(monkeypatch):
+    # Two workers, two shards, shard 0 sampled: b's download fails during a web outage, a has delivered
+    # shard 0. If b took shard 0's replica it would hold its one live task of the round, a has its result
+    # in, and shard 1 would wait for nobody until the round's deadline.
+    run = _run(monkeypatch, shards=[0], k=2)
+    a, b = _cpu(), _cpu()
+    first = services.task_claim(worker=a)
+    lost = services.task_claim(worker=b)
+    assert (first.shard_index, lost.shard_index) == (0, 1)
+    services.task_fail(task_id=lost.pk, worker=b, reason="checkpoint download failed")
+    again = services.task_claim(worker=b)
+    assert again.replica_of_id is None and again.shard_index == 1 and again.replaces_id == lost.pk
+    assert Task.objects.filter(round__run=run, replica_of__isnull=False, status=Task.Status.PENDING).count() == 1
+
+
 def test_a_replica_waits_for_its_first_task_and_a_worker_with_the_same_device(monkeypatch):
     _run(monkeypatch, shards=[0], k=1)
     gpu = WorkerFactory(gpus=[{"name": "NVIDIA H100", "memory_mb": 81920}])

@@ -68,8 +68,10 @@ def task_claim(*, worker) -> Task | None:
     k workers it still gets its own shard back. The replacement is a new task with its own credit, so
     credits stay at most one grant per task.
 
-    Replicas (spot re-computation, ``training.services.replicas``) come after every first task, and never go
-    to a worker that holds or held the same shard's task in the other role.
+    Replicas (spot re-computation, ``training.services.replicas``) come after every first task, even one of a
+    shard the worker lost (a round needs each shard's first task and can finish without its replicas; a
+    worker that took a replica instead would hold its one live task of the round while the lost shard waits
+    for nobody), and never go to a worker that holds or held the same shard's task in the other role.
     """
     from marketplace.models import Worker
 
@@ -94,7 +96,7 @@ def task_claim(*, worker) -> Task | None:
         .filter(replica_claim_filter(worker.pk))
         .annotate(lost_before=Exists(lost_shard),
                   is_replica=ExpressionWrapper(Q(replica_of__isnull=False), output_field=BooleanField()))
-        .order_by("lost_before", "is_replica", "created_at", "id")
+        .order_by("is_replica", "lost_before", "created_at", "id")
         .select_for_update(skip_locked=True, of=("self",))
     )
     # One row locked at a time, so racing claims skip only the rows really taken.
