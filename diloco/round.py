@@ -123,9 +123,10 @@ class RoundResult:
 
 
 # The norms that bound a round's (``reference_norms``): the accepted updates of this many latest accepted
-# rounds, once they number at least MIN_REFERENCE.
+# rounds, once they number at least MIN_REFERENCE (two: a two-worker run's first round is reference enough,
+# a round that accepted a single update is not).
 REFERENCE_ROUNDS = 5
-MIN_REFERENCE = 3
+MIN_REFERENCE = 2
 
 
 def reference_norms(rounds: Sequence[Sequence[float]], *, last: int = REFERENCE_ROUNDS,

@@ -23,7 +23,7 @@ def test_one_round_that_accepted_a_tiny_update_does_not_set_the_bar():
     assert sorted(pooled) == sorted([*honest_rounds[0], *honest_rounds[1], 0.001])
     verdicts = screen(_updates([1.0, 1.1, 0.9, 1.05, 0.95, 1.0]), previous_norms=pooled)
     assert all(v.accepted for v in verdicts), [v.reason for v in verdicts]
-    # Fewer than three norms to go by (a run whose only accepted round accepted one update): no reference.
+    # A single norm to go by (a run whose only accepted round accepted one update): no reference.
     assert reference_norms([[0.001]]) == []
     assert reference_norms([[1.0], [1.1], [0.9]]) == [1.0, 1.1, 0.9]
     # Only the latest rounds count.
