@@ -33,6 +33,11 @@ the held-out text (for bytes, loss / ln 2), so byte-level and BPE models compare
   published step (``diloco.sparse``), not the weights; the bench checks it rebuilds the server's weights
   bitwise every round.
 
+A sweep whose best value lies on the edge of its grid (full grids only) then tries the next value past that
+edge, up to twice: an lr doubled or halved, an outer lr the next of 0.1, 0.15, 0.25, 0.4, 0.7, 1.0, 1.3, 1.6.
+An optimum on the edge is a grid too narrow, not an optimum (the llama family's outer lr chose 0.4, the lowest
+of {0.4, 0.7, 1.0}).
+
 Runs use a constant lr after warmup, so a run's loss at step L is the loss of a run of length L: every
 run goes to the longest length and is evaluated every H steps, which gives all run lengths at once. The
 sweeps are judged at the longest length (where the targets are) and the chosen lrs are used at every
@@ -69,6 +74,8 @@ K = 4
 H = 50
 WARMUP = 20
 LINK_BITS_PER_S = 100e6
+OUTER_LADDER = (0.1, 0.15, 0.25, 0.4, 0.7, 1.0, 1.3, 1.6)
+EDGE_EXTENSIONS = 2
 
 
 LLAMA = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -245,6 +252,18 @@ def _final(res: dict) -> float:
     return res["curve"][-1]["loss"]
 
 
+def _past_edge(grid: list[float], best: float, ladder: tuple[float, ...] | None = None) -> float | None:
+    """The value past the edge of ``grid`` that ``best`` sits on (an lr doubled or halved, or the next rung of
+    ``ladder``), or None when ``best`` is inside the grid or the grid is too small to have an inside."""
+    if len(grid) < 3 or min(grid) < best < max(grid):
+        return None
+    lower = best == min(grid)
+    if ladder is None:
+        return best / 2 if lower else best * 2
+    rungs = [v for v in ladder if (v < best if lower else v > best)]
+    return (rungs[-1] if lower else rungs[0]) if rungs else None
+
+
 def _at(res: dict, step: int) -> dict:
     return next(pt for pt in res["curve"] if pt["step"] == step)
 
@@ -323,6 +342,21 @@ def run_family(family: str, args, pool) -> dict:
     done = dict(zip((j["name"] for j in first), pool.map(_run, first), strict=True))
     best_dp = min(dp_grid, key=lambda lr: _final(done[dp_arm(lr)["name"]]))
     best_inner = min(inner_grid, key=lambda lr: _final(done[diloco_arm(lr, outer_lr)["name"]]))
+    for _ in range(EDGE_EXTENSIONS):  # an optimum on the edge of its grid: try the value past it
+        more = []
+        if (lr := _past_edge(dp_grid, best_dp)) is not None:
+            dp_grid.append(lr)
+            more.append(dp_arm(lr))
+        if (lr := _past_edge(inner_grid, best_inner)) is not None:
+            inner_grid.append(lr)
+            more.append(diloco_arm(lr, outer_lr))
+        if not more:
+            break
+        print("on the edge of its grid, so also: " + ", ".join(j["name"] for j in more), flush=True)
+        first += more
+        done.update(zip((j["name"] for j in more), pool.map(_run, more), strict=True))
+        best_dp = min(dp_grid, key=lambda lr: _final(done[dp_arm(lr)["name"]]))
+        best_inner = min(inner_grid, key=lambda lr: _final(done[diloco_arm(lr, outer_lr)["name"]]))
     # Then the outer lr with the chosen inner lr, alongside the baselines that only need the inner lr.
     second = [diloco_arm(best_inner, olr) for olr in outer_grid if olr != outer_lr]
     baselines = [diloco_arm(best_inner, 1.0, mom=0.0, name="FedAvg fp32"),
@@ -330,6 +364,16 @@ def run_family(family: str, args, pool) -> dict:
     second += [] if args.core else baselines
     done.update(zip((j["name"] for j in second), pool.map(_run, second), strict=True))
     best_outer = min(outer_grid, key=lambda olr: _final(done[diloco_arm(best_inner, olr)["name"]]))
+    for _ in range(EDGE_EXTENSIONS):
+        olr = _past_edge(outer_grid, best_outer, OUTER_LADDER)
+        if olr is None:
+            break
+        outer_grid.append(olr)
+        more = diloco_arm(best_inner, olr)
+        print(f"on the edge of its grid, so also: {more['name']}", flush=True)
+        second.append(more)
+        done[more["name"]] = pool.submit(_run, more).result()
+        best_outer = min(outer_grid, key=lambda olr: _final(done[diloco_arm(best_inner, olr)["name"]]))
     int8 = diloco_arm(best_inner, best_outer, codec="int8", name="DiLoCo int8")
     if not args.core:
         done[int8["name"]] = pool.submit(_run, int8).result()
