@@ -327,7 +327,7 @@ def screen_updates(
     updates: list[dict[str, Tensor]],
     *,
     max_norm_ratio: float = 5.0,
-    min_cosine_ratio: float = 0.5,
+    min_cosine_ratio: float = 0.4,
     opposed_cosine: float = -0.5,
     reference_norm: float | None = None,
 ) -> list[Screen]:
@@ -349,9 +349,11 @@ def screen_updates(
     the same vector, and leaving the judged update out means neither noise nor a colluder is judged
     against a centre it pulls on. Why this threshold: honest updates of one round are the same signal plus
     shard noise, so their cosines with the centre cluster around the median cosine (a majority is honest);
-    half of it leaves room for a shard twice as noisy as the typical one, while noise orthogonal to the
-    centre (cosine ~ 1/sqrt(parameters)) and anything opposed fall below it whenever the honest updates
-    agree. When they do not agree (median cosine under ``4/sqrt(parameters)``, the noise level, or fewer
+    0.4 of it leaves room for a shard 2.5 times as noisy as the typical one (at half, the drill of
+    ``bench.attacks`` saw an honest update at 0.49 of the median turned away once two colluders pulled the
+    median up), while noise orthogonal to the centre (cosine ~ 1/sqrt(parameters)) and anything opposed fall
+    below it whenever the honest updates agree; what a noisier copy of the consensus slips in is then judged
+    by the contribution score (``diloco.contributions``). When they do not agree (median cosine under ``4/sqrt(parameters)``, the noise level, or fewer
     than three updates left) direction cannot tell noise from work, and only a clearly opposed update
     (cosine below ``opposed_cosine``) is rejected; two updates that oppose each other are then both
     rejected (nothing tells which is honest).

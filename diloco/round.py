@@ -54,7 +54,7 @@ class ScreenSpec:
     """Screening limits (see ``diloco.aggregate.screen_updates`` for why these values)."""
 
     max_norm_ratio: float = 5.0
-    min_cosine_ratio: float = 0.5
+    min_cosine_ratio: float = 0.4
     opposed_cosine: float = -0.5
 
 
