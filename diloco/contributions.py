@@ -111,22 +111,27 @@ def shard_windows(tokens: dict[int, Tensor], *, count: int, seq_len: int, seed: 
 TRAINED = "trained"
 
 
-def add_trained_windows(windows: dict[Hashable, Tensor], tasks: dict[Hashable, tuple[int, int]],
+def add_trained_windows(windows: dict[Hashable, Tensor], tasks: dict[Hashable, tuple],
                         tokens: dict[int, Tensor], *, steps: int, batch_size: int, seq_len: int, count: int,
                         seed: int) -> dict[Hashable, Hashable]:
     """Add to ``windows``, for every task ``id -> (shard, task seed)`` whose shard has more than ``seq_len``
     tokens, ``count`` of the windows it trained on (``diloco.scoring.trained_windows``, picked by the round's
-    secret ``seed``) under ``("trained", shard, task seed)`` (a replica of a task shares its windows).
-    Returns the own-window key of every such task, by id."""
+    secret ``seed``) under ``("trained", shard, task seed, steps)`` (a replica of a task shares its windows).
+
+    ``id -> (shard, task seed, seed steps)`` says a task drew only its first ``seed steps`` batches from its
+    seed (1..``steps``): an overlapping agent trains the rest ahead, on the previous task's batches, before
+    the task arrives. Returns the own-window key of every such task, by id."""
     keys: dict[Hashable, Hashable] = {}
-    for task_id, (shard, task_seed) in tasks.items():
+    for task_id, spec in tasks.items():
+        shard, task_seed = spec[0], spec[1]
+        task_steps = min(max(int(spec[2]), 1), steps) if len(spec) > 2 and spec[2] is not None else steps
         t = tokens.get(shard)
         if t is None or t.numel() <= seq_len:
             continue
-        key = (TRAINED, shard, int(task_seed))
+        key = (TRAINED, shard, int(task_seed), task_steps)
         if key not in windows:
             pick = (int(seed) * 1_000_003 + int(task_seed)) % (1 << 63)
-            windows[key] = trained_windows(t, steps=steps, batch_size=batch_size, seq_len=seq_len,
+            windows[key] = trained_windows(t, steps=task_steps, batch_size=batch_size, seq_len=seq_len,
                                            seed=int(task_seed), count=count, pick_seed=pick)
         keys[task_id] = key
     return keys

@@ -123,6 +123,18 @@ def _public_step(run: TrainingRun, rnd: Round) -> dict | None:
     return {k: before[k].float() - after[k].float() for k in after}
 
 
+def _seed_steps(task: Task, diloco: dict) -> int:
+    """How many of the task's inner steps drew their batches from its seed. An overlapping agent trains the
+    first ``overlap_steps`` ahead, on the previous task's batches, so only the rest came from this task's seed;
+    they are the ones its own windows are drawn from. A claim is bounded to 0..H-1 and only counts in an
+    overlap run; claiming more leaves fewer windows to score, never an easier test."""
+    steps = int(diloco["inner_steps"])
+    ahead = (task.metrics or {}).get("overlap_steps") if diloco.get("overlap") else None
+    if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead <= 0:
+        return steps
+    return steps - min(ahead, steps - 1)
+
+
 def contribution_check(*, run: TrainingRun, rnd: Round, tasks: list[Task], device: str,
                        autocast_dtype) -> ContributionCheck:
     """The ``ContributionCheck`` of a round about to be aggregated (update ids are task ids)."""
@@ -136,7 +148,7 @@ def contribution_check(*, run: TrainingRun, rnd: Round, tasks: list[Task], devic
                   else datasets.run_shard_tokens(run, prepared, s, guardrails)) for s in range(count)}
     seed = windows_seed(run.pk, rnd.index)
     windows = shard_windows(tokens, count=n_windows, seq_len=seq_len, seed=seed, own=False)
-    own = add_trained_windows(windows, {t.pk: (t.shard_index, t.seed) for t in tasks}, tokens,
+    own = add_trained_windows(windows, {t.pk: (t.shard_index, t.seed, _seed_steps(t, d)) for t in tasks}, tokens,
                               steps=int(d["inner_steps"]), batch_size=int(d["batch_size"]), seq_len=seq_len,
                               count=n_windows, seed=seed)
     other = {t.pk: other_keys(t.shard_index, count, windows) for t in tasks}
