@@ -29,3 +29,13 @@ def test_counts_agree_with_their_noun():
     assert count(3, "guardrail") == "3 guardrails"
     assert count([1, 2], "entry,entries") == "2 entries"
     assert count(1200, "vote") == "1,200 votes"
+
+
+def test_every_template_shows_credits_through_the_credits_filters():
+    import re
+    from pathlib import Path
+
+    raw = re.compile(r"credit[a-z_.]*\s*\|\s*(floatformat|stringformat|intcomma)")
+    offenders = [f"{path}:{n}" for path in (Path(__file__).resolve().parents[2] / "templates").rglob("*.html")
+                 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if raw.search(line)]
+    assert offenders == [], "credits shown without |credits or |credits_number: " + ", ".join(offenders)
