@@ -124,8 +124,8 @@ def _summary(run: TrainingRun, rounds: list[Round], dash: Dashboard) -> dict:
     heldout = [p.heldout for p in dash.points if p.heldout is not None]
     first, last = (heldout[0], heldout[-1]) if heldout else (None, None)
     accepted = sum(1 for r in rounds if r.accepted)
-    credited = Task.objects.filter(round__run=run, credit__isnull=False)
-    credits = sum((t.credit for t in credited), start=0)
+    # The rounds' tasks are already loaded (prefetched with the rounds); no second query over every task.
+    credits = sum((t.credit for rnd in rounds for t in rnd.tasks.all() if t.credit is not None), start=0)
     final_version = (ModelVersion.objects.filter(run=run).select_related("model").order_by("-number").first())
     wall = (run.finished_at - run.created_at) if run.finished_at else None
     return {
