@@ -206,3 +206,19 @@ class CpuThrottle(threading.Thread):
     def stop(self) -> None:
         self.done.set()
         self.join(5)
+
+
+def enroll_agent(env, tmp_path: Path, name: str, server: str) -> tuple[dict, Path]:
+    """Enroll a real ``agora-worker`` named ``name`` with ``server`` (its own config and cache folder under
+    ``tmp_path``); returns the agent's environment and config path."""
+    from marketplace.services import enrollment_token_create
+    from tests.factories import UserFactory
+
+    secret = enrollment_token_create(owner=UserFactory(), name=name)
+    # One directory per agent: the agent keeps its pause flag and task state next to its config file.
+    config = tmp_path / name / "worker.json"
+    agent_env = {**env, "AGORA_WORKER_CONFIG": str(config), "AGORA_WORKER_CACHE": str(tmp_path / name / "cache")}
+    done = subprocess.run([str(BIN / "agora-worker"), "enroll", "--server", server, "--token", secret.token,
+                           "--name", name], env=agent_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return agent_env, config

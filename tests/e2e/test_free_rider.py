@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from tests.e2e.test_training_run import _enroll_agent
-from tests.procs import BIN, Proc, celery_worker, wait_for
+from tests.procs import BIN, Proc, celery_worker, enroll_agent, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -151,7 +150,7 @@ def test_a_free_rider_earns_nothing_and_is_suspended_while_honest_agents_are_cre
                           tmp_path / "free-rider.log"))
         honest = []
         for name in ("honest-1", "honest-2"):
-            agent_env, config = _enroll_agent(env, tmp_path, name, live_server.url)
+            agent_env, config = enroll_agent(env, tmp_path, name, live_server.url)
             honest.append(name)
             procs.append(Proc([str(BIN / "agora-worker"), "run", "--allow-cpu"], agent_env, tmp_path / f"{name}.log"))
 

@@ -12,8 +12,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from tests.e2e.test_training_run import _enroll_agent
-from tests.procs import BIN, Proc, celery_worker, wait_for
+from tests.procs import BIN, Proc, celery_worker, enroll_agent, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -80,7 +79,7 @@ def agents_env(process_env, settings, data_root) -> dict:
 def start_agents(env, tmp_path, server: str, names) -> list[Proc]:
     procs = []
     for name in names:
-        agent_env, _ = _enroll_agent(env, tmp_path, name, server)
+        agent_env, _ = enroll_agent(env, tmp_path, name, server)
         procs.append(Proc([str(BIN / "agora-worker"), "run", "--allow-cpu"], agent_env, tmp_path / f"{name}.log"))
     return procs
 

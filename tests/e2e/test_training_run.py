@@ -9,12 +9,11 @@ from __future__ import annotations
 import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from django.utils import timezone
 
-from tests.procs import BIN, Proc, celery_worker, wait_for
+from tests.procs import BIN, Proc, celery_worker, enroll_agent, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -78,22 +77,6 @@ def _approved_proposal(settings):
     return proposal_approve(proposal=proposal, by=staff)
 
 
-def _enroll_agent(env, tmp_path: Path, name: str, server: str) -> tuple[dict, Path]:
-    import subprocess
-
-    from marketplace.services import enrollment_token_create
-    from tests.factories import UserFactory
-
-    secret = enrollment_token_create(owner=UserFactory(), name=name)
-    # One directory per agent: the agent keeps its pause flag and task state next to its config file.
-    config = tmp_path / name / "worker.json"
-    agent_env = {**env, "AGORA_WORKER_CONFIG": str(config), "AGORA_WORKER_CACHE": str(tmp_path / name / "cache")}
-    done = subprocess.run([str(BIN / "agora-worker"), "enroll", "--server", server, "--token", secret.token,
-                           "--name", name], env=agent_env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return agent_env, config
-
-
 def test_approved_proposal_trains_three_rounds_with_agents_and_survives_a_poisoner(process_env, live_server,
                                                                                      settings, tmp_path):
     from ledger.selectors import ledger_verify
@@ -116,7 +99,7 @@ def test_approved_proposal_trains_three_rounds_with_agents_and_survives_a_poison
                        what="the run to be created from the approved proposal", procs=procs)
 
         for name in ("honest-1", "honest-2"):
-            agent_env, _ = _enroll_agent(env, tmp_path, name, live_server.url)
+            agent_env, _ = enroll_agent(env, tmp_path, name, live_server.url)
             procs.append(Proc([str(BIN / "agora-worker"), "run", "--allow-cpu"], agent_env, tmp_path / f"{name}.log"))
 
         garbage = worker_enroll(
