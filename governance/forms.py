@@ -3,10 +3,12 @@ serializers as the API (via the service), so the messages are identical and land
 
 from __future__ import annotations
 
+import json
 import re
 
 from django import forms
 from django.conf import settings
+from rest_framework import serializers
 
 from governance.models import Guardrail, Proposal
 from governance.specs import (
@@ -95,6 +97,8 @@ CHOICE_FIELDS = {"model_init", "compression", "aggregator", "dataset_format", "a
 FLOAT_FIELDS = {"heldout_fraction", "inner_lr", "weight_decay", "grad_clip", "outer_lr", "outer_momentum",
                 "lora_alpha"}
 INTEGER_RE = re.compile(r"[+-]?\d+")
+RENDERED_PATHS = frozenset(path for path, _ in TRAINING_FIELDS.values())
+_MISSING = object()
 
 
 def _spec_field(path: str, serializer_class: type):
@@ -197,6 +201,67 @@ def _get_path(spec: dict, path: str):
     return spec
 
 
+def _leaves(spec: dict, prefix: str = "") -> dict:
+    """Every leaf of a nested spec by dotted path; a list, a null or an empty section is a leaf."""
+    out: dict = {}
+    for key, value in spec.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def _rendered(path: str) -> bool:
+    """Whether the training form decides this path: it has an input for it, or for something under it (the form
+    decides whether ``model.lora`` exists at all)."""
+    return path in RENDERED_PATHS or any(shown.startswith(f"{path}.") for shown in RENDERED_PATHS)
+
+
+def _lookup(spec, path: str):
+    for key in path.split("."):
+        if not isinstance(spec, dict) or key not in spec:
+            return _MISSING
+        spec = spec[key]
+    return spec
+
+
+def draft_extras(spec: dict) -> dict:
+    """The settings of a stored training spec that the form has no input for and that differ from what the
+    serializer fills in when the form alone saves the draft unchanged: the ones the member chose (through the
+    API). Defaults and values derived from shown inputs (a Llama's head_dim from its width and heads) are left
+    out, so they follow those inputs again. If the shown part alone no longer validates (a shown value only
+    works with a hidden one), every hidden setting counts as chosen: keeping too much is safe, losing is not."""
+    hidden = {path: value for path, value in _leaves(spec).items() if not _rendered(path)}
+    if not hidden:
+        return {}
+    shown: dict = {}
+    for path in RENDERED_PATHS:
+        value = _get_path(spec, path)
+        if value is not None:
+            _set_path(shown, path, value)
+    try:
+        baseline = spec_normalise(kind="training", spec=shown)
+    except serializers.ValidationError:
+        return dict(sorted(hidden.items()))
+    return {path: value for path, value in sorted(hidden.items()) if _lookup(baseline, path) != value}
+
+
+def _config_keys(arch: str) -> set[str]:
+    """The model.config keys the server accepts for ``arch`` (the model zoo's, through the spec serializer)."""
+    try:
+        spec = spec_normalise(kind="training", spec={"model": {"arch": arch, "init": "scratch"}})
+    except serializers.ValidationError:
+        return set()
+    return set(spec["model"]["config"])
+
+
+def setting_text(path: str, value) -> str:
+    """``model.config.rope_theta = 500000.0``: the path and the JSON value, as the spec shows it."""
+    return f"{path} = {json.dumps(value, ensure_ascii=False)}"
+
+
 def initial_from(proposal: Proposal) -> dict:
     """Form values that reproduce a stored proposal, for editing a draft."""
     initial = {"title": proposal.title, "body": proposal.body, "open_now": False}
@@ -231,10 +296,25 @@ def _flatten(detail, prefix: str = "") -> dict[str, list[str]]:
 
 
 class TrainingProposalForm(ProposalBaseForm):
+    """``draft_spec``: the stored spec of the draft being edited. The settings it holds that the form has no
+    input for are kept (``kept``) under the form's values, unless the member ticks them off or they belong to
+    the architecture the form switched away from (``dropped`` after ``spec()``, for the member to be told)."""
+
     kind = Proposal.Kind.TRAINING
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, draft_spec: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.kept = draft_extras(draft_spec) if draft_spec else {}
+        self.draft_arch = _get_path(draft_spec or {}, "model.arch")
+        self.dropped: dict = {}
+        if self.kept:
+            self.fields["drop_kept"] = forms.MultipleChoiceField(
+                choices=[(path, setting_text(path, value)) for path, value in self.kept.items()],
+                required=False, widget=forms.CheckboxSelectMultiple, label="Also kept from the draft",
+                help_text="Settings this form has no input for, kept as the draft has them. Tick one to drop it "
+                          "(it goes back to its default). Switching the architecture drops the model settings "
+                          "the new one does not read.",
+            )
         defaults = {}
         default_spec = spec_normalise(kind="training", spec={})
         for name, (path, serializer_class) in TRAINING_FIELDS.items():
@@ -288,12 +368,34 @@ class TrainingProposalForm(ProposalBaseForm):
                 _set_path(spec, path, value or None)
             elif value not in (None, ""):
                 _set_path(spec, path, value)
+        self._merge_kept(spec, arch)
         return spec
+
+    def _merge_kept(self, spec: dict, arch: str) -> None:
+        self.dropped = {}
+        ticked_off = set(self.cleaned_data.get("drop_kept") or ())
+        accepted = None
+        for path, value in self.kept.items():
+            if path in ticked_off:
+                continue
+            if path.startswith("model.lora.") and _get_path(spec, "model.lora") is None:
+                continue  # the rank was cleared: no LoRA, so none of its settings
+            if arch != self.draft_arch and path.startswith("model.config."):
+                accepted = _config_keys(arch) if accepted is None else accepted
+                if path.split(".")[2] not in accepted:  # the model zoo would refuse it as unknown
+                    self.dropped[path] = value
+                    continue
+            if arch != self.draft_arch and path == "model.lora.target_modules":
+                self.dropped[path] = value  # module names of the previous architecture's layers
+                continue
+            _set_path(spec, path, value)
 
     def field_for_error(self, name: str) -> str | None:
         for field, (path, _) in TRAINING_FIELDS.items():
             if name == f"spec.{path}":
                 return field
+        if name.removeprefix("spec.") in self.kept:
+            return "drop_kept"
         if name.startswith("spec.model.lora"):  # LoRA as a whole (from scratch, no target modules)
             return "lora_rank"
         return super().field_for_error(name)

@@ -24,6 +24,7 @@ from governance.forms import (
     TrainingProposalForm,
     VetoForm,
     initial_from,
+    setting_text,
 )
 from governance.models import Guardrail, Notification, Proposal, Vote
 from governance.notifications import notifications_mark_read, preferences_for, preferences_set
@@ -234,7 +235,7 @@ def proposal_edit(request, pk: int):
     guardrails = list(Guardrail.objects.filter(active=True).order_by("id"))
     initial = initial_from(proposal)
     if proposal.kind == Proposal.Kind.TRAINING:
-        form = TrainingProposalForm(request.POST or None, initial=initial)
+        form = TrainingProposalForm(request.POST or None, initial=initial, draft_spec=proposal.spec)
     else:
         form = GuardrailProposalForm(request.POST or None, guardrails=guardrails, initial=initial)
     if request.method == "POST" and form.is_valid():
@@ -243,6 +244,11 @@ def proposal_edit(request, pk: int):
                 proposal=proposal, by=request.user, title=form.cleaned_data["title"],
                 body=form.cleaned_data["body"], spec=form.spec(), voting_hours=form.cleaned_data.get("voting_hours"),
             )
+            dropped = getattr(form, "dropped", None)
+            if dropped:
+                messages.warning(request, f"Not carried over to {proposal.spec['model']['arch']}, which does not "
+                                 "read them: " + "; ".join(setting_text(p, v) for p, v in dropped.items())
+                                 + ". The previous revision still has them.")
             if form.cleaned_data["open_now"]:
                 services.proposal_open(proposal=proposal, by=request.user)
         except serializers.ValidationError as exc:
