@@ -56,6 +56,8 @@ def run_sparse(p: dict) -> dict:
     r's update is H steps from θ_{r-1} − Δ_{r-1} (the checkpoint the worker had, plus its own last
     progress; the others' last updates are one round late) and is applied to θ_r."""
     from bench.fidelity import WARMUP, H, K, _bpb, _eval, _setup
+
+    H = p.get("h", H)  # noqa: N806 - a variant may sync more often at the same tokens
     from diloco.aggregate import aggregate
     from diloco.codecs import decode_update, reference_of
     from diloco.inner import InnerConfig, inner_train
@@ -104,13 +106,15 @@ def run_sparse(p: dict) -> dict:
 
 
 def sparse_arm(common: dict, lr: float, olr: float, *, codec="topk2", density=0.02, overlap=False, mom=0.0,
-               name=None) -> dict:
+               name=None, beta=SPARSE_BETA, h=None) -> dict:
+    from bench.fidelity import H
+
     return {**common, "kind": "sparse", "name": name or f"SparseLoCo {codec} {density:.0%} outer lr={olr:g}",
-            "lr": lr, "outer_lr": olr, "momentum": mom, "codec": codec, "density": density, "beta": SPARSE_BETA,
-            "overlap": overlap}
+            "lr": lr, "outer_lr": olr, "momentum": mom, "codec": codec, "density": density, "beta": beta,
+            "overlap": overlap, "h": h or H}
 
 
-VARIANTS = ("overlap", "1%", "3%", "topk4", "momentum", "beta0.99")
+VARIANTS = ("overlap", "1%", "3%", "topk4", "momentum", "beta0.99", "beta0.8", "h25", "h10", "dense-defaults")
 
 
 def sparse_arms(pool, common: dict, inner_lr: float, *, quick: bool, momentum: float = 0.9, grid=None,
@@ -132,7 +136,16 @@ def sparse_arms(pool, common: dict, inner_lr: float, *, quick: bool, momentum: f
                  # Nesterov momentum on top of error feedback, at the same effective step size
                  "momentum": sparse_arm(common, inner_lr, olr * (1 - momentum), mom=momentum,
                                         name=f"{SPARSE_MAIN} + outer momentum"),
-                 "beta0.99": {**sparse_arm(common, inner_lr, olr, name=f"{SPARSE_MAIN} β 0.99"), "beta": 0.99}}
+                 "beta0.99": sparse_arm(common, inner_lr, olr, beta=0.99, name=f"{SPARSE_MAIN} β 0.99"),
+                 # a shorter memory with a larger step (the best pair of a 3000-step β × outer lr trial)
+                 "beta0.8": sparse_arm(common, inner_lr, 1.5 * olr, beta=0.8,
+                                       name=f"{SPARSE_MAIN} β 0.8, outer lr {1.5 * olr:g}"),
+                 # more rounds at the same tokens: fresher errors, more bytes
+                 "h25": sparse_arm(common, inner_lr, olr, h=25, name="SparseLoCo topk2 2%, H=25"),
+                 "h10": sparse_arm(common, inner_lr, olr, density=0.01, h=10, name="SparseLoCo topk2 1%, H=10"),
+                 # what a sparse run got from the dense defaults (outer lr 0.7, outer momentum 0.9 as β)
+                 "dense-defaults": sparse_arm(common, inner_lr, 0.7, beta=0.9,
+                                              name="topk2 2%, dense defaults (outer lr 0.7, β 0.9)")}
         return [table[v] for v in variants]
 
     first = [sparse_arm(common, inner_lr, olr) for olr in grid]
@@ -175,7 +188,7 @@ def projection(arms: list[dict], hits: dict, family: dict, batch: int, seq_len: 
     rows = []
     for arm in arms:
         hit = hits[arm["name"]]
-        t = sim_time(hit, big_step_s, LINK_BITS_PER_S, H, scale) if hit else None
+        t = sim_time(hit, big_step_s, LINK_BITS_PER_S, arm.get("h", H), scale) if hit else None
         rows.append((arm["name"], hit["step"] if hit else "not reached", f"{t:.0f}" if t else "-",
                      f"{dp_t / t:.1f}x" if t and dp_t else "-"))
     print_table(["arm", "step reached (small model)", "total (s)", "sooner than DP"], rows,

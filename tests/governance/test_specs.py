@@ -46,7 +46,8 @@ HTTPS = {"source": "https://example.org/corpus.txt"}
         ({"diloco": {"min_workers": 3, "workers_per_round": 2}}, "spec.diloco.min_workers"),
         ({"diloco": {"warmup": 50, "inner_steps": 10}}, "spec.diloco.warmup"),
         ({"diloco": {"compression": "zip"}}, "spec.diloco.compression"),
-        ({"diloco": {"compression": "topk2"}}, "spec.diloco.aggregator"),  # trimmed mean of sparse updates
+        ({"diloco": {"compression": "topk2", "aggregator": "trimmed_mean"}}, "spec.diloco.aggregator"),
+        ({"diloco": {"compression": "topk2", "outer_lr": 4.5}}, "spec.diloco.outer_lr"),
         ({"diloco": {"compression": "topk4", "aggregator": "median"}}, "spec.diloco.aggregator"),
         ({"diloco": {"compression": "topk2", "aggregator": "mean", "density": 0.5}}, "spec.diloco.density"),
         ({"diloco": {"compression": "topk2", "aggregator": "mean", "density": 0}}, "spec.diloco.density"),
@@ -110,6 +111,28 @@ def test_a_sparse_compression_takes_a_density_and_a_sparse_friendly_aggregator()
                                                               "aggregator": "norm_clipped_mean"}})["diloco"]
     assert diloco["compression"] == "topk2" and diloco["density"] == 0.02
     assert spec_normalise(kind="training", spec={})["diloco"]["compression"] == "int8"
+
+
+@pytest.mark.parametrize("codec", ["topk2", "topk4"])
+def test_a_sparse_run_gets_the_sparse_defaults_for_what_it_leaves_out(codec):
+    """Asking only for a sparse codec gives the settings measured for it (outer lr 2, error-feedback β 0.95,
+    a norm-clipped mean), not the dense defaults that left such a run far behind in bench.fidelity_sparse."""
+    diloco = spec_normalise(kind="training", spec={"diloco": {"compression": codec}})["diloco"]
+    assert (diloco["outer_lr"], diloco["outer_momentum"], diloco["aggregator"]) == (2.0, 0.95, "norm_clipped_mean")
+    small = spec_normalise(kind="training", spec={"diloco": {"compression": codec, "workers_per_round": 2,
+                                                             "min_workers": 1}})["diloco"]
+    assert small["aggregator"] == "mean"  # a norm-clipped mean needs three updates to resist one
+    dense = spec_normalise(kind="training", spec={"diloco": {"compression": "int8"}})["diloco"]
+    assert (dense["outer_lr"], dense["outer_momentum"], dense["aggregator"]) == (0.7, 0.9, "trimmed_mean")
+
+
+def test_what_a_sparse_proposal_sets_itself_is_kept():
+    diloco = spec_normalise(kind="training", spec={"diloco": {
+        "compression": "topk2", "outer_lr": 0.7, "outer_momentum": 0.9, "aggregator": "mean"}})["diloco"]
+    assert (diloco["outer_lr"], diloco["outer_momentum"], diloco["aggregator"]) == (0.7, 0.9, "mean")
+    # a stored spec normalised again is unchanged
+    again = spec_normalise(kind="training", spec={"diloco": diloco})["diloco"]
+    assert again == diloco
 
 
 @pytest.mark.parametrize(("given", "frozen"), [("latest", "latest"), ("current", "current"), ("scratch", "scratch"),
