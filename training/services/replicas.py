@@ -50,6 +50,7 @@ from ledger.services import entry_append
 from training.models import Round, Task, TrainingRun
 
 REPLICA_MISMATCH = "replica_mismatch"
+REPLICA_UNCLAIMED = "no other worker with the same device was free to re-compute this shard before the round closed"
 
 
 def replica_fraction(run: TrainingRun) -> float:
@@ -279,6 +280,15 @@ def replicas_record(*, run: TrainingRun, rnd: Round, verdicts: Sequence[Verdict]
                                                  check["replica_task"], "shard": task.shard_index,
                                                  "agreed": check["agreed"], "cosine": check["cosine"],
                                                  "norm_rel": check["norm_rel"], "kept": check.get("kept")})
+    # A replica nobody claimed is not a missing upload: no other worker with the same device came free to take
+    # it (a worker holds one task per round, so with k equal to the workers taking part none ever does).
+    for task in Task.objects.filter(round=rnd, replica_of__isnull=False, worker__isnull=True,
+                                    status=Task.Status.PENDING):
+        task.replica_check = {"agreed": None, "cosine": None, "norm_rel": None, "reason": REPLICA_UNCLAIMED,
+                              "other_task": None, "first_task": task.replica_of_id, "replica_task": task.pk}
+        task.save(update_fields=["replica_check"])
+        pairs[task.pk] = {"first_task": task.replica_of_id, "replica_task": task.pk, "shard": task.shard_index,
+                          "agreed": None, "cosine": None, "norm_rel": None, "kept": None, "reason": REPLICA_UNCLAIMED}
     for pair in pairs.values():
         if pair["agreed"] or pair["kept"] is None:
             continue
