@@ -18,10 +18,14 @@ from governance.specs import (
     HardwareSpec,
     LoraSpec,
     ModelConfigSpec,
+    SPARSE_COMPRESSIONS,
     ModelSpec,
     TokenizerSpec,
+    sparse_defaults,
     spec_normalise,
 )
+
+SPARSE_DEFAULT_FIELDS = frozenset(sparse_defaults(4))  # form fields named as their spec keys
 
 # form field name -> (path inside the spec, serializer class that documents it)
 TRAINING_FIELDS: dict[str, tuple[str, type]] = {
@@ -366,10 +370,24 @@ class TrainingProposalForm(ProposalBaseForm):
                 _set_path(spec, path, bool(value))
             elif name == "dataset_sha256":
                 _set_path(spec, path, value or None)
-            elif value not in (None, ""):
+            elif value not in (None, "") and not self._sparse_default_applies(name, value):
                 _set_path(spec, path, value)
         self._merge_kept(spec, arch)
         return spec
+
+    def _sparse_default_applies(self, name: str, value) -> bool:
+        """True for a setting left at its dense default in a proposal that turns a sparse compression on: the
+        spec then gets the sparse default (``governance.specs.sparse_defaults``), as the API does when the key
+        is left out. A draft that was already sparse keeps what its form shows."""
+        if name not in SPARSE_DEFAULT_FIELDS or self.cleaned_data.get("compression") not in SPARSE_COMPRESSIONS:
+            return False
+        if self.initial.get("compression") in SPARSE_COMPRESSIONS:
+            return False
+        default = self.defaults.get(name)
+        try:
+            return value == default if isinstance(default, str) else float(value) == float(default)
+        except (TypeError, ValueError):
+            return False  # not a number: the serializer's error names the field
 
     def _merge_kept(self, spec: dict, arch: str) -> None:
         self.dropped = {}
