@@ -48,7 +48,7 @@ from diloco.evaluate import evaluate_loss
 from diloco.inner import InnerConfig, inner_train
 from diloco.models import build_model, init_state, model_with_weights
 from diloco.replay import Earlier
-from diloco.round import AggregatorSpec, Update, outer_round, screen
+from diloco.round import AggregatorSpec, Update, outer_round, reference_norms, screen
 
 ATTACKS = ("none", "scaled", "noise", "nan", "lie", "collude", "max-noise", "public-step", "replay", "median-noise")
 FREE_RIDERS = ("public-step", "replay", "median-noise")
@@ -114,7 +114,8 @@ def simulate(attack: str, setup: Setup, data=None) -> Outcome:
                         seq_len=setup.seq_len, warmup=min(5, setup.inner_steps))
     outer_state = None
     earlier: list[Earlier] = []
-    previous_norms: list[float] = []
+    previous_norms: list[float] = []  # the pooled reference, as the server builds it (diloco.round.reference_norms)
+    accepted_norms: list[list[float]] = []  # per accepted round, its accepted updates' norms
     previous_public: dict | None = None
     first_uploads: dict[int, bytes] = {}
     gen = torch.Generator().manual_seed(setup.seed + 99)
@@ -213,7 +214,8 @@ def simulate(attack: str, setup: Setup, data=None) -> Outcome:
             if s is not None:
                 earlier.append(Earlier(f"outer step of round {r}", s))
             previous_public = {n: params[n] - result.new_state[n] for n in params}
-            previous_norms = [v.norm for v in result.verdicts if v.accepted and v.norm is not None]
+            accepted_norms.append([v.norm for v in result.verdicts if v.accepted and v.norm is not None])
+            previous_norms = reference_norms(accepted_norms)
             params = result.new_state
             outer_state = result.optimizer.state_tensors()
             eval_before = result.eval_after
