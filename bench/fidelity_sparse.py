@@ -231,6 +231,8 @@ def main(argv=None) -> None:
                     help="compute per training step for the simulated times, in ms (default: measured here)")
     ap.add_argument("--projected-step-s", type=float, default=0.0,
                     help="compute per step of the 25M model for the projection, in s (default: measured here)")
+    ap.add_argument("--model", default="",
+                    help="byte-gpt shape overrides, e.g. n_embd=128,n_layer=4 (the lrs stay those tuned at 137k)")
     ap.add_argument("--json", default="", help="also write every arm's curve to this file")
     ap.add_argument("--from-json", default="", help="print the tables of a run saved with --json (runs nothing)")
     args = ap.parse_args(argv)
@@ -239,7 +241,15 @@ def main(argv=None) -> None:
     if unknown := set(variants) - set(VARIANTS):
         ap.error(f"--variants: unknown {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     started = time.perf_counter()
-    family = FAMILIES["byte-gpt"]
+    family = dict(FAMILIES["byte-gpt"])
+    if args.model:
+        try:
+            shape = {k.strip(): int(v) for k, v in (item.split("=") for item in args.model.split(","))}
+        except ValueError:
+            ap.error("--model: give name=integer pairs, e.g. n_embd=128,n_layer=4")
+        if unknown := set(shape) - set(family["model"]):
+            ap.error(f"--model: unknown {sorted(unknown)}; known: {', '.join(family['model'])}")
+        family["model"] = {**family["model"], **shape}
     batch, seq_len = 8, 64
     lengths = [100, 200] if args.quick else [int(n) for n in args.lengths.split(",")]
     dp_lr, inner_lr, outer_lr = (4e-3, 4e-3, 0.7) if args.quick else (2e-3, 1e-3, 0.7)
@@ -259,7 +269,9 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump({"arms": arms, "results": results, "best_outer_lr": best, "measured_step_s": measured_s,
                        "grid": grid}, f)
-    print(f"byte-gpt {family['model']}; k={K}, H={H}, batch {batch}x{seq_len} per worker; DP lr {dp_lr:g}, DiLoCo "
+    from bench.fidelity import _n_params
+
+    print(f"byte-gpt {family['model']} ({_n_params('byte-gpt', family['model']):,} parameters); k={K}, H={H}, batch {batch}x{seq_len} per worker; DP lr {dp_lr:g}, DiLoCo "
           f"inner {inner_lr:g} outer {outer_lr:g} (Nesterov 0.9); sparse outer lr {best:g} (from "
           f"{grid}), error feedback beta {SPARSE_BETA}; compute {1e3 * step_s:.1f} ms/step"
           + (f" (given; measured here {1e3 * measured_s:.1f})" if args.step_ms else " (measured)"))

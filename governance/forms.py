@@ -12,13 +12,13 @@ from rest_framework import serializers
 
 from governance.models import Guardrail, Proposal
 from governance.specs import (
+    SPARSE_COMPRESSIONS,
     DatasetSpec,
     DilocoSpec,
     GuardrailSpec,
     HardwareSpec,
     LoraSpec,
     ModelConfigSpec,
-    SPARSE_COMPRESSIONS,
     ModelSpec,
     TokenizerSpec,
     sparse_defaults,
