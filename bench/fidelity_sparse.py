@@ -5,6 +5,7 @@ published step downloaded instead of the weights, with and without overlap.
     python -m bench.fidelity_sparse --quick    # 200 steps
     python -m bench.fidelity_sparse --outer-lrs 2 --variants overlap,3%,momentum,beta0.99 --jobs 7 --json run.json
     python -m bench.fidelity_sparse --from-json run.json --step-ms 8.9   # the tables again, at another compute
+    python -m bench.fidelity_sparse --model n_embd=128 --lengths 1500,3000 --outer-lrs 2 --variants h25   # 470k
 
 ``bench.fidelity`` runs these arms beside its own (``kind: "sparse"``); this module's ``main`` runs just DP,
 DiLoCo fp32 and the sparse arms with the lrs the full sweep of ``bench.fidelity`` chose (DP 2e-3; DiLoCo
@@ -19,6 +20,11 @@ Choices, and why:
   feedback sends each value once (it never amplifies a direction the way outer momentum does), and the mean
   of four updates with mostly different kept coordinates carries about a quarter of each, so the step wants
   an lr above 1.
+- Variants (``--variants``): overlap; 1% and 3% density; 4 bits; Nesterov momentum 0.9 on top at the same
+  effective step; error-feedback β 0.99, and β 0.8 with outer lr ×1.5 (the best pair of a 3000-step trial of
+  β in {0.7, 0.8, 0.9, 0.95} × outer lr in {2, 2.5, 3, 4}: all within about 2% of one another); H=25 at 2% and
+  H=10 at 1% (more rounds at the same tokens, more bytes); and ``dense-defaults``, what a sparse run got from
+  the dense spec defaults (outer lr 0.7, outer momentum 0.9 as β) before a sparse codec brought its own.
 - Overlap: the arm trains each round wholly ahead, as ``workers.overlap`` does when the link is the slower
   part (see :func:`run_sparse`). An earlier version restarted every round from the checkpoint one round old,
   dropping the worker's own last progress: not what the agent does.
