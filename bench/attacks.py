@@ -16,8 +16,8 @@ credit (an update earns credit when it enters an accepted step). Attackers:
 - collude: both send the same update, opposite to the honest mean, at 4x the median norm;
 - max-noise: noise at the largest norm (of 4.9x, 4x, 3x, 2x, 1.5x, 1x, 0.5x the median) screening lets in;
 - free-riders: public-step (upload θ_{r−1} − θ_r from the public checkpoints; zeros in round 1),
-  replay (honest in round 1, then that upload again), median-noise (noise at the last round's median
-  accepted norm, which the ledger publishes). Free-riders are counted from the round they stop working.
+  replay (honest in round 1, then that upload again), median-noise (noise at the median of the accepted
+  norms the server's reference pools, over the last five accepted rounds, which the ledger publishes). Free-riders are counted from the round they stop working.
 """
 
 from __future__ import annotations
