@@ -21,11 +21,11 @@ Choices, and why:
   of four updates with mostly different kept coordinates carries about a quarter of each, so the step wants
   an lr above 1.
 - Variants (``--variants``): overlap; 1% and 3% density; 4 bits; Nesterov momentum 0.9 on top at the same
-  effective step; error-feedback β 0.99, and β 0.8 with outer lr ×1.5 (an exploratory 3000-step trial of eight pairs of β in
-  {0.7, 0.8, 0.9, 0.95} and outer lr in {2, 2.5, 3, 4} ended between 1.456 and 1.540, β 0.95 with 2 at 1.496:
-  no pair moves the loss by more than the spread between neighbours); H=25 at 2% and
-  H=10 at 1% (more rounds at the same tokens, more bytes); and ``dense-defaults``, what a sparse run got from
-  the dense spec defaults (outer lr 0.7, outer momentum 0.9 as β) before a sparse codec brought its own.
+  effective step; error-feedback β 0.99, and β 0.8 with outer lr ×1.5 (in an exploratory 3000-step trial,
+  eight pairs of β in {0.7, 0.8, 0.9, 0.95} and outer lr in {2, 2.5, 3, 4} ended between 1.456 and 1.540,
+  β 0.95 with 2 at 1.496: no pair moves the loss by more than the spread between neighbours); H=25 at 2%
+  and H=10 at 1% (more rounds at the same tokens, more bytes); and ``dense-defaults``, what a sparse run got
+  from the dense spec defaults (outer lr 0.7, outer momentum 0.9 as β) before a sparse codec brought its own.
 - Overlap: the arm trains each round wholly ahead, as ``workers.overlap`` does when the link is the slower
   part (see :func:`run_sparse`). An earlier version restarted every round from the checkpoint one round old,
   dropping the worker's own last progress: not what the agent does.
