@@ -24,7 +24,7 @@ Choices, and why:
   effective step; error-feedback β 0.99, and β 0.8 with outer lr ×1.5 (in an exploratory 3000-step trial,
   eight pairs of β in {0.7, 0.8, 0.9, 0.95} and outer lr in {2, 2.5, 3, 4} ended between 1.456 and 1.540,
   β 0.95 with 2 at 1.496: no pair moves the loss by more than the spread between neighbours); H=25 at 2%
-  and H=10 at 1% (more rounds at the same tokens, more bytes); and ``dense-defaults``, what a sparse run got
+  and at 1%, and H=10 at 1% (more rounds at the same tokens; the same bytes as H=50 at 2%, or more); and ``dense-defaults``, what a sparse run got
   from the dense spec defaults (outer lr 0.7, outer momentum 0.9 as β) before a sparse codec brought its own.
 - Overlap: the arm trains each round wholly ahead, as ``workers.overlap`` does when the link is the slower
   part (see :func:`run_sparse`). An earlier version restarted every round from the checkpoint one round old,
@@ -121,7 +121,8 @@ def sparse_arm(common: dict, lr: float, olr: float, *, codec="topk2", density=0.
             "overlap": overlap, "h": h or H}
 
 
-VARIANTS = ("overlap", "1%", "3%", "topk4", "momentum", "beta0.99", "beta0.8", "h25", "h10", "dense-defaults")
+VARIANTS = ("overlap", "1%", "3%", "topk4", "momentum", "beta0.99", "beta0.8", "h25", "h25-1%", "h10",
+            "dense-defaults")
 
 
 def sparse_arms(pool, common: dict, inner_lr: float, *, quick: bool, momentum: float = 0.9, grid=None,
@@ -149,6 +150,7 @@ def sparse_arms(pool, common: dict, inner_lr: float, *, quick: bool, momentum: f
                                        name=f"{SPARSE_MAIN} β 0.8, outer lr {1.5 * olr:g}"),
                  # more rounds at the same tokens: fresher errors, more bytes
                  "h25": sparse_arm(common, inner_lr, olr, h=25, name="SparseLoCo topk2 2%, H=25"),
+                 "h25-1%": sparse_arm(common, inner_lr, olr, density=0.01, h=25, name="SparseLoCo topk2 1%, H=25"),
                  "h10": sparse_arm(common, inner_lr, olr, density=0.01, h=10, name="SparseLoCo topk2 1%, H=10"),
                  # what a sparse run got from the dense defaults (outer lr 0.7, outer momentum 0.9 as β)
                  "dense-defaults": sparse_arm(common, inner_lr, 0.7, beta=0.9,
