@@ -13,12 +13,6 @@ from tests.governance.factories import GuardrailFactory, ProposalFactory
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def logged_in(client, member):
-    client.force_login(member)
-    return client
-
-
 XSS = [
     "<script>alert('x')</script>",
     "[click](javascript:alert(1))",

@@ -15,12 +15,6 @@ FORM = {"kind": "training", "title": "Sparse run", "body": "Less traffic.", "mod
         "outer_lr": "0.7", "outer_momentum": "0.9", "aggregator": "trimmed_mean"}
 
 
-@pytest.fixture
-def logged_in(client, member):
-    client.force_login(member)
-    return client
-
-
 def _diloco(proposal):
     d = proposal.spec["diloco"]
     return d["compression"], d["outer_lr"], d["outer_momentum"], d["aggregator"]

@@ -18,12 +18,6 @@ LLAMA = {"arch": "llama", "hidden_size": "32", "intermediate_size": "96", "num_h
          "tokenizer_kind": "bpe", "tokenizer_vocab_size": "512", "vocab_size": "512"}
 
 
-@pytest.fixture
-def logged_in(client, member):
-    client.force_login(member)
-    return client
-
-
 def _errors_of(html: str, field: str) -> list[str]:
     match = re.search(rf'<ul class="errorlist" id="id_{field}-errors">(.*?)</ul>', html, re.S)
     return [html_lib.unescape(m) for m in re.findall(r"<li>(.*?)</li>", match.group(1))] if match else []
