@@ -197,10 +197,11 @@ def _hours(period) -> str:
     return f"{period.total_seconds() / 3600:g}"
 
 
-def _get_path(spec: dict, path: str):
+def _get_path(spec: dict, path: str, missing=None):
+    """The value at a dotted ``path``, or ``missing`` where the spec has no such key."""
     for key in path.split("."):
         if not isinstance(spec, dict) or key not in spec:
-            return None
+            return missing
         spec = spec[key]
     return spec
 
@@ -223,14 +224,6 @@ def _rendered(path: str) -> bool:
     return path in RENDERED_PATHS or any(shown.startswith(f"{path}.") for shown in RENDERED_PATHS)
 
 
-def _lookup(spec, path: str):
-    for key in path.split("."):
-        if not isinstance(spec, dict) or key not in spec:
-            return _MISSING
-        spec = spec[key]
-    return spec
-
-
 def draft_extras(spec: dict) -> dict:
     """The settings of a stored training spec that the form has no input for and that differ from what the
     serializer fills in when the form alone saves the draft unchanged: the ones the member chose (through the
@@ -249,7 +242,7 @@ def draft_extras(spec: dict) -> dict:
         baseline = spec_normalise(kind="training", spec=shown)
     except serializers.ValidationError:
         return dict(sorted(hidden.items()))
-    return {path: value for path, value in sorted(hidden.items()) if _lookup(baseline, path) != value}
+    return {path: value for path, value in sorted(hidden.items()) if _get_path(baseline, path, _MISSING) != value}
 
 
 def _config_keys(arch: str) -> set[str]:

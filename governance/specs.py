@@ -459,7 +459,7 @@ class DilocoSpec(StrictSerializer):
         dense ones, and the stored spec shows them."""
         attrs = super().to_internal_value(data)
         if attrs.get("compression") in SPARSE_COMPRESSIONS:
-            given = set(data) if isinstance(data, dict) else set()
+            given = set(data)  # StrictSerializer took only an object
             for key, value in sparse_defaults(attrs["workers_per_round"]).items():
                 if key not in given:
                     attrs[key] = value

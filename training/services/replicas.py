@@ -282,13 +282,14 @@ def replicas_record(*, run: TrainingRun, rnd: Round, verdicts: Sequence[Verdict]
                                                  "norm_rel": check["norm_rel"], "kept": check.get("kept")})
     # A replica nobody claimed is not a missing upload: no other worker with the same device came free to take
     # it (a worker holds one task per round, so with k equal to the workers taking part none ever does).
-    for task in Task.objects.filter(round=rnd, replica_of__isnull=False, worker__isnull=True,
-                                    status=Task.Status.PENDING):
+    unclaimed = list(Task.objects.filter(round=rnd, replica_of__isnull=False, worker__isnull=True,
+                                         status=Task.Status.PENDING))
+    for task in unclaimed:
         task.replica_check = {"agreed": None, "cosine": None, "norm_rel": None, "reason": REPLICA_UNCLAIMED,
                               "other_task": None, "first_task": task.replica_of_id, "replica_task": task.pk}
-        task.save(update_fields=["replica_check"])
         pairs[task.pk] = {"first_task": task.replica_of_id, "replica_task": task.pk, "shard": task.shard_index,
                           "agreed": None, "cosine": None, "norm_rel": None, "kept": None, "reason": REPLICA_UNCLAIMED}
+    Task.objects.bulk_update(unclaimed, ["replica_check"])
     for pair in pairs.values():
         if pair["agreed"] or pair["kept"] is None:
             continue
