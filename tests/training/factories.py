@@ -33,6 +33,22 @@ def approved_proposal(**spec_sections) -> Proposal:
     return ProposalFactory(kind=Proposal.Kind.TRAINING, status=Proposal.Status.APPROVED, spec=tiny_spec(**spec_sections))
 
 
+def task_json(task) -> dict:
+    """The task as the worker API sends it to an agent."""
+    from rest_framework.test import APIRequestFactory
+
+    from training.serializers import task_payload
+
+    return task_payload(task, request=APIRequestFactory().get("/"), guardrails=[], max_upload_bytes=0)
+
+
+def cpu_worker():
+    """A registered worker with no GPU (spot checks pair only same-device workers)."""
+    from tests.marketplace.factories import WorkerFactory
+
+    return WorkerFactory(gpus=[], cuda_version="")
+
+
 def train_update(task_json: dict, *, codec: str | None = None) -> tuple[bytes, dict]:
     """Do what the agent does for a task (from its JSON) and return (update bytes, metrics)."""
     state, meta = blobs.checkpoint_state(task_json["checkpoint_sha256"])

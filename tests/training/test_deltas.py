@@ -6,7 +6,7 @@ import json
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
-from rest_framework.test import APIClient, APIRequestFactory
+from rest_framework.test import APIClient
 
 from diloco.checkpoint import save_weights, sha256_hex
 from diloco.sparse import apply_published_delta, published_meta
@@ -14,10 +14,9 @@ from ledger.models import Entry
 from tests.marketplace.factories import WorkerFactory
 from training import blobs, services
 from training.models import Round, Task
-from training.serializers import task_payload
 
 from .conftest import client_for
-from .factories import approved_proposal, metrics_json, train_update
+from .factories import approved_proposal, metrics_json, task_json, train_update
 
 pytestmark = pytest.mark.django_db
 
@@ -31,13 +30,10 @@ def _run(compression: str):
     return run
 
 
-def _payload(task):
-    return task_payload(task, request=APIRequestFactory().get("/"), guardrails=[], max_upload_bytes=0)
-
 
 def _train_round(run, worker):
     task = services.task_claim(worker=worker)
-    body = _payload(task)
+    body = task_json(task)
     data, metrics = train_update(body)
     services.task_submit_result(task_id=task.pk, worker=worker, data=data, metrics=metrics)
     return services.round_aggregate(round_id=task.round_id), body
@@ -62,7 +58,7 @@ def test_an_accepted_sparse_round_publishes_the_step_that_rebuilds_its_checkpoin
 
     # The next task tells the agent which step to download instead of the checkpoint.
     nxt = services.task_claim(worker=worker)
-    payload = _payload(nxt)
+    payload = task_json(nxt)
     assert payload["checkpoint_sha256"] == first.checkpoint_out_id
     assert payload["delta_from_sha256"] == first.checkpoint_in_id and payload["delta_sha256"] == step_sha
 
@@ -83,7 +79,7 @@ def test_a_dense_run_publishes_no_step_and_the_endpoint_says_so():
     first, _ = _train_round(run, worker)
     assert first.accepted
     assert Entry.objects.get(action="round.aggregated").payload["delta_sha256"] is None
-    assert _payload(services.task_claim(worker=worker))["delta_sha256"] is None
+    assert task_json(services.task_claim(worker=worker))["delta_sha256"] is None
     assert APIClient().get(f"/api/v1/checkpoints/{first.checkpoint_out_id}/delta").status_code == 404
     assert APIClient().get(f"/api/v1/checkpoints/{'f' * 64}/delta").status_code == 404
 
@@ -101,7 +97,7 @@ def test_results_keep_utilisation_and_traffic_and_the_run_page_shows_them():
     run = _run("int8")
     worker = WorkerFactory(gpus=[])
     task = services.task_claim(worker=worker)
-    data, _ = train_update(_payload(task))
+    data, _ = train_update(task_json(task))
     response = _upload(worker, task.pk, data, metrics_json(base_checkpoint_sha256=task.round.checkpoint_in_id,
                                                            **LINK))
     assert response.status_code == 202, response.json()
@@ -134,7 +130,7 @@ def test_an_update_measured_from_another_checkpoint_is_refused():
     run = _run("int8")
     worker = WorkerFactory(gpus=[])
     task = services.task_claim(worker=worker)
-    data, _ = train_update(_payload(task))
+    data, _ = train_update(task_json(task))
     response = _upload(worker, task.pk, data, metrics_json(base_checkpoint_sha256="a" * 64))
     assert response.status_code == 400
     assert response.json()["error"] == "stale_base" and "base_checkpoint_sha256" in response.json()["detail"]

@@ -10,12 +10,11 @@ from django.urls import reverse
 from django.utils import timezone
 
 from ledger.models import Entry
-from tests.marketplace.factories import WorkerFactory
 from training import services
 from training.models import Round, Task
 from training.services import replicas
 
-from .factories import approved_proposal, train_update
+from .factories import approved_proposal, cpu_worker, task_json, train_update
 
 pytestmark = pytest.mark.django_db
 
@@ -33,20 +32,10 @@ def _run(monkeypatch, *, k: int):
     return services.run_start(proposal_id=proposal.pk)
 
 
-def _cpu():
-    return WorkerFactory(gpus=[], cuda_version="")
-
-
-def _payload(task):
-    from rest_framework.test import APIRequestFactory
-
-    from training.serializers import task_payload
-
-    return task_payload(task, request=APIRequestFactory().get("/"), guardrails=[], max_upload_bytes=0)
 
 
 def _submit(task, worker):
-    data, metrics = train_update(_payload(task))
+    data, metrics = train_update(task_json(task))
     services.task_submit_result(task_id=task.pk, worker=worker, data=data, metrics=metrics)
 
 
@@ -57,7 +46,7 @@ def _replica_line(page: str, replica: Task) -> str:
 
 def test_with_k_equal_to_the_agents_an_unclaimable_replica_is_reported_as_such(monkeypatch, client):
     run = _run(monkeypatch, k=2)
-    a, b = _cpu(), _cpu()
+    a, b = cpu_worker(), cpu_worker()
     first, second = services.task_claim(worker=a), services.task_claim(worker=b)
     assert first.replica_of_id is None and second.replica_of_id is None
     # Each agent holds its own shard of the round: neither may take the replica.
@@ -92,7 +81,7 @@ def test_with_k_equal_to_the_agents_an_unclaimable_replica_is_reported_as_such(m
 
 def test_a_replica_claimed_and_never_uploaded_still_did_not_arrive(monkeypatch, client):
     run = _run(monkeypatch, k=1)
-    a, b = _cpu(), _cpu()
+    a, b = cpu_worker(), cpu_worker()
     first = services.task_claim(worker=a)
     replica = services.task_claim(worker=b)  # a free worker takes the spot check, then goes quiet
     assert replica.replica_of_id == first.pk
@@ -109,7 +98,7 @@ def test_a_replica_claimed_and_never_uploaded_still_did_not_arrive(monkeypatch, 
 
 def test_a_third_agent_still_takes_the_spot_check_and_it_is_compared(monkeypatch, client):
     run = _run(monkeypatch, k=2)
-    a, b, c = _cpu(), _cpu(), _cpu()
+    a, b, c = cpu_worker(), cpu_worker(), cpu_worker()
     tasks = [services.task_claim(worker=w) for w in (a, b, c)]
     assert tasks[2].replica_of_id == tasks[0].pk
     for task, worker in zip(tasks, (a, b, c), strict=True):

@@ -18,7 +18,7 @@ from training.models import Round, Task
 from training.services import replicas
 from training.services.rounds import _round_ready
 
-from .factories import approved_proposal, metrics_json, train_update
+from .factories import approved_proposal, cpu_worker, metrics_json, task_json, train_update
 
 pytestmark = pytest.mark.django_db
 
@@ -38,16 +38,6 @@ def _run(monkeypatch, *, shards, k=2, fraction=0.5, **diloco):
     return services.run_start(proposal_id=proposal.pk)
 
 
-def _cpu():
-    return WorkerFactory(gpus=[], cuda_version="")
-
-
-def _payload(task):
-    from rest_framework.test import APIRequestFactory
-
-    from training.serializers import task_payload
-
-    return task_payload(task, request=APIRequestFactory().get("/"), guardrails=[], max_upload_bytes=0)
 
 
 def _decode(data, body):
@@ -77,7 +67,7 @@ def test_no_replicas_when_the_fraction_is_zero(monkeypatch):
 
 def test_a_replica_goes_to_another_worker_after_every_first_task(monkeypatch):
     run = _run(monkeypatch, shards=[0], k=2)
-    a, b, c, d = _cpu(), _cpu(), _cpu(), _cpu()
+    a, b, c, d = cpu_worker(), cpu_worker(), cpu_worker(), cpu_worker()
     first = services.task_claim(worker=a)
     second = services.task_claim(worker=b)
     assert first.replica_of_id is None and second.replica_of_id is None  # first tasks come first
@@ -91,7 +81,7 @@ def test_a_replica_goes_to_another_worker_after_every_first_task(monkeypatch):
 
 def test_a_worker_never_gets_the_replica_of_its_own_shard(monkeypatch):
     _run(monkeypatch, shards=[0], k=1)
-    a, b = _cpu(), _cpu()
+    a, b = cpu_worker(), cpu_worker()
     mine = services.task_claim(worker=a)
     services.task_fail(task_id=mine.pk, worker=a, reason="out of memory")
     retry = services.task_claim(worker=b)  # the first task's replacement goes before the replica
@@ -104,7 +94,7 @@ def test_a_worker_that_lost_its_shard_takes_it_again_before_a_replica(monkeypatc
     # shard 0. If b took shard 0's replica it would hold its one live task of the round, a has its result
     # in, and shard 1 would wait for nobody until the round's deadline.
     run = _run(monkeypatch, shards=[0], k=2)
-    a, b = _cpu(), _cpu()
+    a, b = cpu_worker(), cpu_worker()
     first = services.task_claim(worker=a)
     lost = services.task_claim(worker=b)
     assert (first.shard_index, lost.shard_index) == (0, 1)
@@ -121,16 +111,16 @@ def test_a_replica_waits_for_its_first_task_and_a_worker_with_the_same_device(mo
     same_gpu = WorkerFactory(gpus=[{"name": "NVIDIA H100", "memory_mb": 81920}])
     first = services.task_claim(worker=gpu)
     assert first.replica_of_id is None
-    assert services.task_claim(worker=_cpu()) is None
+    assert services.task_claim(worker=cpu_worker()) is None
     assert services.task_claim(worker=other_gpu) is None
     assert services.task_claim(worker=same_gpu).replica_of_id == first.pk
 
 
 def test_an_agreeing_pair_is_credited_twice_and_enters_the_step_once(monkeypatch):
     run = _run(monkeypatch, shards=[0], k=2, aggregator="mean")
-    a, b, c = _cpu(), _cpu(), _cpu()
+    a, b, c = cpu_worker(), cpu_worker(), cpu_worker()
     tasks = [services.task_claim(worker=w) for w in (a, b, c)]
-    bodies = [_payload(t) for t in tasks]
+    bodies = [task_json(t) for t in tasks]
     uploads = [train_update(body) for body in bodies]
     assert uploads[2][0] == uploads[0][0]  # the replica's payload is the same work, computed again
     rnd = Round.objects.get(run=run)
@@ -163,15 +153,15 @@ def test_a_disagreeing_replica_earns_nothing_and_loses_reliability(monkeypatch):
     """The lazy worker sends something close to, but not, the work: 70% of the honest update plus noise. It
     passes screening, so the pair is settled by the round's robust centre, and the honest task is kept."""
     run = _run(monkeypatch, shards=[0], k=3, aggregator="mean")
-    honest, other1, other2, lazy = _cpu(), _cpu(), _cpu(), _cpu()
+    honest, other1, other2, lazy = cpu_worker(), cpu_worker(), cpu_worker(), cpu_worker()
     workers = (honest, other1, other2, lazy)
     tasks = [services.task_claim(worker=w) for w in workers]
     assert tasks[3].replica_of_id == tasks[0].pk
     uploads = {}
     for t, w in zip(tasks[:3], workers[:3], strict=True):
-        uploads[t.pk] = train_update(_payload(t))
+        uploads[t.pk] = train_update(task_json(t))
         services.task_submit_result(task_id=t.pk, worker=w, data=uploads[t.pk][0], metrics=uploads[t.pk][1])
-    real = _decode(uploads[tasks[0].pk][0], _payload(tasks[0]))
+    real = _decode(uploads[tasks[0].pk][0], task_json(tasks[0]))
     gen = torch.Generator().manual_seed(5)
     fake = {}
     for k, v in real.items():
@@ -198,9 +188,9 @@ def test_a_disagreeing_replica_earns_nothing_and_loses_reliability(monkeypatch):
 
 def test_a_replica_that_never_arrives_does_not_hold_up_the_round(monkeypatch):
     run = _run(monkeypatch, shards=[0], k=1)
-    a, b = _cpu(), _cpu()
+    a, b = cpu_worker(), cpu_worker()
     first = services.task_claim(worker=a)
-    data, metrics = train_update(_payload(first))
+    data, metrics = train_update(task_json(first))
     services.task_submit_result(task_id=first.pk, worker=a, data=data, metrics=metrics)
     rnd = Round.objects.get(run=run)
     assert _round_ready(rnd, timezone.now())  # nobody took the replica: nothing to wait for
@@ -219,13 +209,13 @@ def test_the_run_page_and_api_show_spot_checks_once_the_round_is_aggregated(monk
     from django.urls import reverse
 
     run = _run(monkeypatch, shards=[0], k=1)
-    a, b = _cpu(), _cpu()
+    a, b = cpu_worker(), cpu_worker()
     first, replica = services.task_claim(worker=a), services.task_claim(worker=b)
     api = reverse("api-run-detail", args=[run.pk])
     listed = [t["id"] for t in client.get(api).json()["rounds"][0]["tasks"]]
     assert listed == [first.pk]  # while the round is open, nobody can tell which shard is checked
     for task, worker in ((first, a), (replica, b)):
-        data, metrics = train_update(_payload(task))
+        data, metrics = train_update(task_json(task))
         services.task_submit_result(task_id=task.pk, worker=worker, data=data, metrics=metrics)
     assert services.round_aggregate(round_id=Round.objects.get(run=run).pk).accepted
     tasks = {t["id"]: t for t in client.get(api).json()["rounds"][0]["tasks"]}
@@ -240,15 +230,15 @@ def test_claiming_steps_trained_ahead_does_not_dodge_the_spot_check(monkeypatch)
     """Both tasks of a checked shard start AdamW afresh, which an agent never trains ahead of, so an overlap
     run's replica that says it trained ahead is still compared with its twin and turned away when it differs."""
     run = _run(monkeypatch, shards=[0], k=3, aggregator="mean", overlap=True)
-    honest, other1, other2, lazy = _cpu(), _cpu(), _cpu(), _cpu()
+    honest, other1, other2, lazy = cpu_worker(), cpu_worker(), cpu_worker(), cpu_worker()
     tasks = [services.task_claim(worker=w) for w in (honest, other1, other2, lazy)]
-    assert tasks[3].replica_of_id == tasks[0].pk and _payload(tasks[3])["optimizer"] == "fresh"
+    assert tasks[3].replica_of_id == tasks[0].pk and task_json(tasks[3])["optimizer"] == "fresh"
     for t, w in zip(tasks[:3], (honest, other1, other2), strict=True):
-        data, metrics = train_update(_payload(t))
+        data, metrics = train_update(task_json(t))
         services.task_submit_result(task_id=t.pk, worker=w, data=data, metrics=metrics)
     gen = torch.Generator().manual_seed(5)
     fake = {k: 0.1 * torch.randn(v.shape, generator=gen) * v.norm() / max(v.numel(), 1) ** 0.5
-            for k, v in _decode(train_update(_payload(tasks[1]))[0], _payload(tasks[1])).items()}
+            for k, v in _decode(train_update(task_json(tasks[1]))[0], task_json(tasks[1])).items()}
     services.task_submit_result(task_id=tasks[3].pk, worker=lazy, data=encode_update(fake, "int8"),
                                 metrics=json.loads(metrics_json(overlap_steps=4, overlap_from_round=0)))
     rnd = services.round_aggregate(round_id=Round.objects.get(run=run).pk)
