@@ -77,7 +77,7 @@ def run_sparse(p: dict) -> dict:
     params = init_state(arch, p["model"], seed=0, vocab_size=vocab)
     ref = reference_of(params)
     outer = OuterOptimizer(params, lr=p["outer_lr"], momentum=p["momentum"], nesterov=p["momentum"] > 0,
-                           publish="fp16")
+                           publish="int8")
     cfg = InnerConfig(steps=H, lr=p["lr"], batch_size=p["batch"], seq_len=p["seq_len"], warmup=WARMUP)
     model = build_model(arch, p["model"], vocab_size=vocab)
     feedback = [ErrorFeedback(codec=p["codec"], beta=p["beta"], density=p["density"]) for _ in range(K)]

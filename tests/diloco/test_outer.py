@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from safetensors.torch import load as st_load
@@ -144,4 +146,84 @@ def test_sparse_outer_step_keeps_the_update_sparse():
 
 def test_unknown_publish_is_refused():
     with pytest.raises(ValueError, match="publish"):
-        OuterOptimizer(_params(), publish="int8")
+        OuterOptimizer(_params(), publish="int4")
+
+
+def _big_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # 4096 + 4096 + 1808 elements: two full published chunks and a short one, of different sizes
+    return {"w": torch.randn(10000, generator=g), "b": torch.randn(7, generator=g)}
+
+
+def _sparse_grads(seed, scale=1e-3):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in _big_params().items():
+        x = torch.randn(v.shape, generator=g) * scale
+        out[k] = torch.where(torch.rand(v.shape, generator=g) < 0.05, x, torch.zeros_like(x))
+    out["w"][:4096] *= 1e-3  # a chunk a thousand times smaller keeps its own scale
+    return out
+
+
+def test_int8_published_step_is_int8_times_a_power_of_two_per_chunk():
+    p0 = _big_params()
+    opt = OuterOptimizer(p0, lr=2.0, momentum=0.0, publish="int8")
+    g = _sparse_grads(1)
+    p1 = opt.step(g)
+    for k in p0:
+        d = opt.last_delta[k]
+        assert torch.equal(p1[k], p0[k] - d)  # one subtraction: what an agent computes from d
+        assert torch.equal(d.half().float(), d)  # so the step still travels as float16 values
+        assert not torch.signbit(d[d == 0]).any()
+        assert torch.equal(d != 0, (g[k] != 0) & (d != 0))  # nothing where no update went
+        flat, want = d.reshape(-1), (2.0 * g[k]).reshape(-1)
+        for start in range(0, flat.numel(), 4096):
+            block, target = flat[start : start + 4096], want[start : start + 4096]
+            quantum = 2.0 ** math.ceil(math.log2(target.abs().max().item() / 127))
+            q = block / quantum
+            assert torch.equal(q, q.round()) and q.abs().max() <= 127
+            assert (block - target).abs().max() <= quantum / 2  # rounded to the nearest level
+            assert q.abs().max() >= 64  # the smallest power of two: the largest value uses 7 bits
+
+
+def test_int8_rounding_residual_is_carried_not_lost():
+    p0 = _big_params()
+    opt = OuterOptimizer(p0, lr=2.0, momentum=0.0, publish="int8")
+    exact = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in p0.items()}
+    sent = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in p0.items()}
+    for seed in range(1, 9):
+        g = _sparse_grads(seed)
+        opt.step(g)
+        for k in p0:
+            exact[k] += 2.0 * g[k].double()
+            sent[k] += opt.last_delta[k].double()
+    state = opt.state_tensors()
+    for k in p0:
+        # everything asked for was either published or is still waiting in the residual
+        assert torch.allclose(sent[k] + state[f"residual.{k}"].double(), exact[k], atol=1e-9, rtol=0)
+        assert state[f"residual.{k}"].abs().max() > 0  # rounding did leave something out
+
+
+def test_int8_state_resumes_bitwise_and_is_checked():
+    p0 = _big_params()
+    straight = OuterOptimizer(p0, lr=2.0, momentum=0.0, publish="int8")
+    straight.step(_sparse_grads(1))
+    exported = straight.state_tensors()
+    resumed = OuterOptimizer.from_state(straight.params, exported, lr=2.0, momentum=0.0, publish="int8")
+    a, b = straight.step(_sparse_grads(2)), resumed.step(_sparse_grads(2))
+    assert all(torch.equal(a[k], b[k]) and torch.equal(straight.last_delta[k], resumed.last_delta[k]) for k in a)
+    # A resumed optimizer without the residual would publish something else.
+    forgetful = OuterOptimizer.from_state(straight.params, {"__step__": exported["__step__"]}, lr=2.0,
+                                          momentum=0.0, publish="int8")
+    forgetful.step(_sparse_grads(3))
+    straight.step(_sparse_grads(3))
+    assert not torch.equal(forgetful.last_delta["w"], straight.last_delta["w"])
+    with pytest.raises(ValueError, match="residual w has shape"):
+        OuterOptimizer.from_state(p0, {**exported, "residual.w": torch.zeros(3)}, publish="int8")
+    with pytest.raises(ValueError, match="non-finite"):
+        OuterOptimizer.from_state(p0, {**exported, "residual.w": torch.full((10000,), float("nan"))},
+                                  publish="int8")
+    with pytest.raises(ValueError, match="residual of some"):
+        OuterOptimizer.from_state(p0, {"residual.w": exported["residual.w"]}, publish="int8")
+    # a run that stopped rounding to int8 has no residual to carry
+    assert OuterOptimizer.from_state(p0, exported, publish="fp16").residuals == {}

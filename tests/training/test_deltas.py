@@ -9,7 +9,11 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
 from diloco.checkpoint import save_weights, sha256_hex
-from diloco.sparse import apply_published_delta, published_meta
+import torch
+
+from diloco.codecs import reference_of
+from diloco.outer import round_int8_pow2
+from diloco.sparse import apply_published_delta, decode_published_delta, published_meta
 from ledger.models import Entry
 from tests.marketplace.factories import WorkerFactory
 from training import blobs, services
@@ -71,6 +75,15 @@ def test_an_accepted_sparse_round_publishes_the_step_that_rebuilds_its_checkpoin
     state_in, _ = blobs.checkpoint_state(first.checkpoint_in_id)
     rebuilt = save_weights(apply_published_delta(state_in, step), meta["checkpoint_meta"])
     assert sha256_hex(rebuilt) == first.checkpoint_out_id
+
+    # The step was rounded per chunk to int8 times a power of two (rounding it again changes nothing; a
+    # float16 step would change), and what the rounding left out waits in the run's outer state.
+    d = decode_published_delta(step, reference_of(state_in))
+    assert all(torch.equal(round_int8_pow2(t), t) for t in d.values())
+    assert any(not torch.equal(round_int8_pow2(t * 1.001), t * 1.001) for t in d.values() if t.any())
+    run.refresh_from_db()
+    residuals = {k for k in blobs.outer_state(run.outer_state_name) if k.startswith("residual.")}
+    assert residuals == {f"residual.{k}" for k in state_in}
 
 
 def test_a_dense_run_publishes_no_step_and_the_endpoint_says_so():

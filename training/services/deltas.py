@@ -29,9 +29,10 @@ METRICS_KEY = "published_delta"
 
 
 def publish_mode(diloco: dict) -> str | None:
-    """How the outer step of a run is rounded so that it can be published (``OuterSpec.publish``): float16
-    steps for runs with a sparse codec (their step is as sparse as the union of the updates), none else."""
-    return "fp16" if diloco.get("compression") in SPARSE_BITS else None
+    """How the outer step of a run is rounded so that it can be published (``OuterSpec.publish``): runs with
+    a sparse codec (their step is as sparse as the union of the updates) round it per chunk to int8 times a
+    power of two and carry what the rounding leaves out to the next step (``diloco.outer``); none else."""
+    return "int8" if diloco.get("compression") in SPARSE_BITS else None
 
 
 def delta_storage_name(sha256: str) -> str:
