@@ -15,18 +15,32 @@ so identical updates encode to identical bytes).
   and a magnitude level m in 1..L (L = 2 or 8), decoding to ``± m · scale`` with its chunk's float32
   ``scale = absmax / L``; every value not kept decodes to 0. The whole model travels as three tensors,
   model tensors in sorted name order, chunk after chunk: ``"::codes"`` (uint8, 4 or 2 codes per byte,
-  first code in the low bits, padding bits zero), ``"::idx"`` (int16 offsets of the kept values inside
-  their chunk, strictly increasing within a chunk) and ``"::scale"`` (float32, one per chunk); metadata
-  adds ``"topk"``. At 2% density a topk2 update is ~0.37 bits per parameter, ~90× fewer bytes than fp32.
+  first code in the low bits, padding bits zero), ``"::idx"`` (the offsets of the kept values inside their
+  chunk, strictly increasing within a chunk) and ``"::scale"`` (float32, one per chunk); metadata adds
+  ``"topk"`` and ``"idx": "ef"``: ``"::idx"`` is uint8, the offsets in Elias–Fano form (below; the counts
+  per chunk are fixed by the layout: ``topk``, or the chunk's length when shorter). Without ``"idx"``
+  (agents before it), ``"::idx"`` is int16, one offset each. At 2% density a topk2 update is ~0.2 bits per
+  parameter (~0.37 with int16 offsets), ~160× fewer bytes than fp32.
   Workers keep what was not sent in an error-feedback buffer (``diloco.sparse.ErrorFeedback``) and
   send it in later rounds.
+
+Elias–Fano offsets (:func:`ef_encode`, also used by ``diloco.sparse`` for published steps). Given per
+chunk the number of offsets n_c and the chunk's length u_c (both known to the decoder), let N = Σ n_c,
+U = Σ u_c over the chunks with n_c > 0, and l = ⌊log2(U / N)⌋ (0 when N = 0). An offset x is split into its
+low part x mod 2^l and its high part h = x >> l. The uint8 tensor is a bit string, bit i of byte j being bit
+8j + i of the string: first the N low parts, l bits each, least significant first, in stream order; then,
+for every chunk with n_c > 0 in order, n_c + b_c bits with b_c = ⌈u_c / 2^l⌉: the k-th offset of the chunk
+(k from 0) sets bit h_k + k, the others are zero (unary-coded gaps of the high parts); then zero bits up to
+a whole byte. Chunks with n_c = 0 take no bits. That is about 2 + log2(u/n) bits an offset instead of 16.
+The encoding is canonical: the decoder refuses a length other than the exact one for the counts, non-zero
+padding, a high part beyond its chunk's b_c buckets, an offset ≥ u_c, and offsets not strictly increasing
+within a chunk (Elias–Fano alone only orders the high parts).
 
 Decoding treats the bytes as hostile: the header is bounded in size and nesting (``diloco.safejson``), the
 metadata holds only known keys with values from fixed sets, everything is checked against the model's
 reference (names, shapes, dtypes) before anything is allocated from it, and the decoded float32 values must
 be finite.
 """
-
 from __future__ import annotations
 
 import json
@@ -51,7 +65,10 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 _HEADER_MAX_DEPTH = 4  # {name: {"shape": [...]}} is 3 levels
 _META_MAX_CHARS = 1024
 SPARSE_CHUNKS = tuple(2**k for k in range(6, 16))  # 64 ... 32768: chunk offsets fit int16
-_META_KEYS = {"format", "codec", "chunk", "topk"}
+_META_KEYS = {"format", "codec", "chunk", "topk", "idx"}
+# How a sparse update's offsets travel: "ef" (Elias–Fano, metadata "idx": "ef") or "int16" (no "idx" key:
+# the form agents wrote before Elias–Fano, still accepted).
+IDX_FORMS = ("ef", "int16")
 # An update's header lists each tensor once (name, dtype, shape, offsets): allow this much per tensor.
 _HEADER_BASE = 64 * 1024
 _HEADER_PER_TENSOR = 1024
@@ -126,6 +143,94 @@ def _unpack(packed: Tensor, bits: int, count: int) -> tuple[Tensor, Tensor]:
     return codes[:count], codes[count:]
 
 
+# --- Elias–Fano offsets (see the module doc) ------------------------------------------------------------
+
+
+def _ef_layout(counts: Tensor, lengths: Tensor) -> tuple[int, Tensor, Tensor, int]:
+    """``(l, buckets per chunk, high-part bits per chunk, total bits)`` of the Elias–Fano form of offsets
+    with ``counts`` per chunk of ``lengths`` (int64 tensors, one entry per chunk)."""
+    used = counts > 0
+    n = int(counts.sum())
+    u = int(lengths[used].sum())
+    low = max(0, (u // n).bit_length() - 1) if n else 0
+    buckets = torch.where(used, (lengths + (1 << low) - 1) >> low, 0)
+    high_bits = torch.where(used, counts + buckets, 0)
+    return low, buckets, high_bits, n * low + int(high_bits.sum())
+
+
+def ef_nbytes(counts: Tensor, lengths: Tensor) -> int:
+    """Bytes of the Elias–Fano form of offsets with ``counts`` per chunk of ``lengths``."""
+    return math.ceil(_ef_layout(counts.to(torch.int64), lengths.to(torch.int64))[3] / 8)
+
+
+def _ef_ranks(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """``(chunk of each offset, its rank within the chunk)`` for offsets stored chunk after chunk."""
+    chunk_of = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    first = torch.cumsum(counts, 0) - counts
+    return chunk_of, torch.arange(chunk_of.numel()) - first[chunk_of]
+
+
+def _bits_to_bytes(bits: Tensor) -> Tensor:
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+    return (bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def ef_encode(offsets: Tensor, counts: Tensor, lengths: Tensor) -> Tensor:
+    """The uint8 Elias–Fano form of ``offsets`` (chunk after chunk, ``counts[c]`` of them in chunk c of
+    ``lengths[c]`` elements, strictly increasing within a chunk and below its length)."""
+    counts, lengths = counts.to(torch.int64), lengths.to(torch.int64)
+    low, _, high_bits, nbits = _ef_layout(counts, lengths)
+    off = offsets.reshape(-1).to(torch.int64)
+    if off.numel() != int(counts.sum()):
+        raise CodecError(f"{off.numel()} offsets for counts that add up to {int(counts.sum())}")
+    n = off.numel()
+    bits = torch.zeros(math.ceil(nbits / 8) * 8, dtype=torch.uint8)
+    if low and n:
+        low_bits = bits[: n * low].view(n, low)
+        for i in range(low):  # one bit plane at a time: no n × l int64 temporary
+            low_bits[:, i] = ((off >> i) & 1).to(torch.uint8)
+    chunk_of, rank = _ef_ranks(counts)
+    segment_start = n * low + torch.cumsum(high_bits, 0) - high_bits
+    bits[segment_start[chunk_of] + (off >> low) + rank] = 1
+    return _bits_to_bytes(bits)
+
+
+def ef_decode(data: Tensor, counts: Tensor, lengths: Tensor, *, what: str) -> Tensor:
+    """The int64 offsets of the Elias–Fano tensor ``data`` (named ``what`` in errors) for ``counts`` per
+    chunk of ``lengths``, after checking that it is exactly the canonical form of offsets strictly
+    increasing within their chunk. ``counts`` and ``lengths`` must already be trusted (from the model's
+    reference, or checked against it): the work is bounded by them, never by ``data``."""
+    counts, lengths = counts.to(torch.int64), lengths.to(torch.int64)
+    low, buckets, high_bits, nbits = _ef_layout(counts, lengths)
+    nbytes = math.ceil(nbits / 8)
+    if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != nbytes:
+        raise CodecError(f"tensor {what} must be uint8 of shape ({nbytes},) for these counts (Elias–Fano, "
+                         f"{low} low bits); got {data.dtype} {tuple(data.shape)}")
+    bits = ((data[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
+    if bits[nbits:].any():
+        raise CodecError(f"tensor {what} has non-zero padding bits")
+    n = int(counts.sum())
+    off = torch.zeros(n, dtype=torch.int64)
+    if low and n:
+        low_bits = bits[: n * low].view(n, low)
+        for i in range(low):  # at most 15 bit planes, whatever the number of offsets
+            off |= low_bits[:, i].to(torch.int64) << i
+    ones = torch.nonzero(bits[n * low : nbits]).reshape(-1)
+    if ones.numel() != n:
+        raise CodecError(f"tensor {what} marks {ones.numel()} high parts, the counts say {n}")
+    chunk_of, rank = _ef_ranks(counts)
+    at = ones - (torch.cumsum(high_bits, 0) - high_bits)[chunk_of]
+    high = at - rank
+    if ((at < 0) | (high >= buckets[chunk_of])).any():
+        raise CodecError(f"tensor {what} has a high part outside its chunk's bitvector")
+    off |= high << low
+    if (off >= lengths[chunk_of]).any():
+        raise CodecError(f"tensor {what} has an offset outside its chunk")
+    if ((chunk_of[1:] == chunk_of[:-1]) & (off[1:] <= off[:-1])).any():
+        raise CodecError(f"tensor {what} has offsets that are not unique and increasing within a chunk")
+    return off
+
+
 def _quantize_rows(values: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Codes (sign bit on top, magnitude level − 1 below) and the per-row scale of kept values."""
     levels = 1 << (bits - 1)
@@ -146,7 +251,7 @@ def _sparse_encode(x: Tensor, chunk: int, topk: int, bits: int = 2) -> tuple[Ten
     if rest:
         parts.append(flat[full * chunk:].view(1, rest))
     if not parts:
-        return (torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int16),
+        return (torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64),
                 torch.zeros(0, dtype=torch.float32))
     codes, offsets, scales = [], [], []
     for block in parts:
@@ -154,7 +259,7 @@ def _sparse_encode(x: Tensor, chunk: int, topk: int, bits: int = 2) -> tuple[Ten
         idx = block.abs().topk(kept, dim=1, sorted=False).indices.sort(dim=1).values
         c, sc = _quantize_rows(block.gather(1, idx), bits)
         codes.append(c.reshape(-1))
-        offsets.append(idx.reshape(-1).to(torch.int16))
+        offsets.append(idx.reshape(-1))
         scales.append(sc)
     return torch.cat(codes), torch.cat(offsets), torch.cat(scales).to(torch.float32)
 
@@ -170,6 +275,26 @@ def _sparse_layout(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], ch
         kept_total += kept
         chunks_total += full + (1 if rest else 0)
     return rows, kept_total, chunks_total
+
+
+def _sparse_chunk_sizes(layout, chunk: int, topk: int) -> tuple[Tensor, Tensor]:
+    """``(values kept, length)`` of every chunk of the stream (int64, one entry per chunk, in order)."""
+    counts, lengths = [], []
+    for _name, _shape, full, rest, _kept in layout:
+        counts.append(torch.full((full,), min(topk, chunk), dtype=torch.int64))
+        lengths.append(torch.full((full,), chunk, dtype=torch.int64))
+        if rest:
+            counts.append(torch.tensor([min(topk, rest)], dtype=torch.int64))
+            lengths.append(torch.tensor([rest], dtype=torch.int64))
+    if not counts:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(counts), torch.cat(lengths)
+
+
+def _check_idx(idx) -> str:
+    if idx not in IDX_FORMS:
+        raise CodecError(f"offset form {str(idx)[:20]!r} is not one of {', '.join(IDX_FORMS)}")
+    return idx
 
 
 def _sparse_decode(name: str, codes: Tensor, offsets: Tensor, scales: Tensor, shape: tuple[int, ...],
@@ -204,11 +329,13 @@ def _sparse_decode(name: str, codes: Tensor, offsets: Tensor, scales: Tensor, sh
 
 
 def _decode_sparse_update(tensors: dict[str, Tensor], reference, codec: str, chunk: int,
-                          topk: int) -> dict[str, Tensor]:
+                          topk: int, idx: str) -> dict[str, Tensor]:
     bits = SPARSE_BITS[codec]
     layout, total, n_chunks = _sparse_layout(reference, chunk, topk)
-    expected = {SPARSE_CODES: (torch.uint8, (math.ceil(total * bits / 8),)), SPARSE_IDX: (torch.int16, (total,)),
+    expected = {SPARSE_CODES: (torch.uint8, (math.ceil(total * bits / 8),)),
                 SPARSE_SCALE: (torch.float32, (n_chunks,))}
+    if idx == "int16":
+        expected[SPARSE_IDX] = (torch.int16, (total,))
     for key, (dtype, want) in expected.items():
         t = tensors[key]
         if t.dtype != dtype or tuple(t.shape) != want:
@@ -222,20 +349,24 @@ def _decode_sparse_update(tensors: dict[str, Tensor], reference, codec: str, chu
     codes, padding = _unpack(tensors[SPARSE_CODES], bits, total)
     if padding.any():
         raise CodecError(f"tensor {SPARSE_CODES} has non-zero padding bits")
+    offsets = tensors[SPARSE_IDX]
+    if idx == "ef":
+        offsets = ef_decode(offsets, *_sparse_chunk_sizes(layout, chunk, topk), what=SPARSE_IDX)
     out: dict[str, Tensor] = {}
     at, chunk_at = 0, 0
     for name, shape, full, rest, kept in layout:
         if not reference[name][1].is_floating_point:
             raise CodecError(f"model tensor {name} is {reference[name][1]}, updates are only defined for floating point")
         n_chunks_here = full + (1 if rest else 0)
-        out[name] = _sparse_decode(name, codes[at : at + kept], tensors[SPARSE_IDX][at : at + kept],
+        out[name] = _sparse_decode(name, codes[at : at + kept], offsets[at : at + kept],
                                    scales[chunk_at : chunk_at + n_chunks_here], shape, bits, chunk, topk)
         at += kept
         chunk_at += n_chunks_here
     return {name: out[name] for name in reference}
 
 
-def _encoded_tensors(delta: dict[str, Tensor], codec: str, chunk: int, topk: int = 0) -> dict[str, Tensor]:
+def _encoded_tensors(delta: dict[str, Tensor], codec: str, chunk: int, topk: int = 0,
+                     idx: str = "ef") -> dict[str, Tensor]:
     _check_codec(codec)
     out: dict[str, Tensor] = {}
     sparse: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -262,8 +393,11 @@ def _encoded_tensors(delta: dict[str, Tensor], codec: str, chunk: int, topk: int
         # of three per model tensor (the header would otherwise outweigh a small model's payload).
         codes = torch.cat([c for c, _, _ in sparse]) if sparse else torch.zeros(0, dtype=torch.uint8)
         out[SPARSE_CODES] = _pack(codes, SPARSE_BITS[codec]).contiguous()
-        out[SPARSE_IDX] = (torch.cat([o for _, o, _ in sparse]) if sparse
-                           else torch.zeros(0, dtype=torch.int16)).contiguous()
+        offsets = torch.cat([o for _, o, _ in sparse]) if sparse else torch.zeros(0, dtype=torch.int64)
+        if idx == "ef":
+            layout, _, _ = _sparse_layout(reference_of(delta), chunk, topk)
+            offsets = ef_encode(offsets, *_sparse_chunk_sizes(layout, chunk, topk))
+        out[SPARSE_IDX] = offsets.to(torch.int16 if idx == "int16" else torch.uint8).contiguous()
         out[SPARSE_SCALE] = (torch.cat([sc for _, _, sc in sparse]) if sparse
                              else torch.zeros(0, dtype=torch.float32)).contiguous()
     return out
@@ -294,29 +428,36 @@ def _check_topk(topk, chunk: int) -> int:
 
 
 def encode_update(delta: dict[str, Tensor], codec: str, *, chunk: int = INT8_CHUNK,
-                  density: float = DENSITY) -> bytes:
-    """Encode a pseudo-gradient as safetensors bytes with ``{"format", "codec", "chunk", "topk"}`` metadata
-    (``chunk`` for int8 and the sparse codecs, ``topk`` for the sparse codecs only; ``density`` is used by
-    the sparse codecs only)."""
+                  density: float = DENSITY, idx: str = "ef") -> bytes:
+    """Encode a pseudo-gradient as safetensors bytes with ``{"format", "codec", "chunk", "topk", "idx"}``
+    metadata (``chunk`` for int8 and the sparse codecs, ``topk`` for the sparse codecs only, ``idx`` for the
+    sparse codecs with Elias–Fano offsets; ``density`` and ``idx`` are used by the sparse codecs only:
+    ``idx="int16"`` writes the offsets as agents before Elias–Fano did)."""
     _check_codec(codec)
     _check_chunk(chunk, codec)
+    _check_idx(idx)
     topk = topk_per_chunk(chunk, check_density(density)) if codec in SPARSE_BITS else 0
-    tensors = _encoded_tensors(delta, codec, chunk, topk)
+    tensors = _encoded_tensors(delta, codec, chunk, topk, idx)
     meta = {"format": FORMAT, "codec": codec}
     if codec == "int8" or codec in SPARSE_BITS:
         meta["chunk"] = chunk
     if codec in SPARSE_BITS:
         meta["topk"] = topk
+        if idx == "ef":
+            meta["idx"] = "ef"
     # One metadata key holding sorted JSON: safetensors writes its metadata map in arbitrary order, and
     # identical updates should be identical bytes.
     return st_save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
 
 
 def payload_nbytes(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], codec: str,
-                   *, chunk: int = INT8_CHUNK, density: float = DENSITY) -> int:
-    """Bytes of tensor data an encoded update carries (without the small safetensors header)."""
+                   *, chunk: int = INT8_CHUNK, density: float = DENSITY, idx: str = "ef") -> int:
+    """Bytes of tensor data an encoded update carries (without the small safetensors header). For the
+    sparse codecs ``idx`` names the offset form; int16 offsets are never fewer bytes than Elias–Fano
+    ones, so ``idx="int16"`` bounds an upload in either form."""
     _check_codec(codec)
     _check_chunk(chunk, codec)
+    _check_idx(idx)
     topk = topk_per_chunk(chunk, check_density(density)) if codec in SPARSE_BITS else 0
     total = 0
     for shape, _dtype in reference.values():
@@ -328,8 +469,9 @@ def payload_nbytes(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], co
         elif codec == "int8":
             total += n + 4 * max(1, math.ceil(n / chunk))
     if codec in SPARSE_BITS:
-        _, kept, n_chunks = _sparse_layout(reference, chunk, topk)
-        total = math.ceil(kept * SPARSE_BITS[codec] / 8) + 2 * kept + 4 * n_chunks
+        layout, kept, n_chunks = _sparse_layout(reference, chunk, topk)
+        offsets = ef_nbytes(*_sparse_chunk_sizes(layout, chunk, topk)) if idx == "ef" else 2 * kept
+        total = math.ceil(kept * SPARSE_BITS[codec] / 8) + offsets + 4 * n_chunks
     return total
 
 
@@ -399,6 +541,10 @@ def decode_update(
     topk = _check_topk(meta.get("topk"), chunk) if sparse else 0
     if not sparse and "topk" in meta:
         raise CodecError(f"update metadata has 'topk', which codec {codec} does not use")
+    if "idx" in meta and (not sparse or meta["idx"] != "ef"):
+        raise CodecError(f"update metadata 'idx' {str(meta['idx'])[:20]!r} is not allowed for codec {codec} "
+                         "(only 'ef' for a sparse codec; without it offsets are int16)")
+    idx = "ef" if "idx" in meta else "int16"
     expected_names = {SPARSE_CODES, SPARSE_IDX, SPARSE_SCALE} if sparse else set(reference)
     if codec == "int8":
         expected_names |= {n + SCALE_SUFFIX for n in reference}
@@ -414,7 +560,7 @@ def decode_update(
     except Exception as exc:  # safetensors raises its own error types for every malformed input
         raise CodecError(f"update is not a safetensors file: {exc}") from exc
     if sparse:
-        return _decode_sparse_update(tensors, reference, codec, chunk, topk)
+        return _decode_sparse_update(tensors, reference, codec, chunk, topk, idx)
     stored_dtype = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}.get(codec)
     out: dict[str, Tensor] = {}
     for name, (shape, ref_dtype) in reference.items():

@@ -16,16 +16,22 @@ of the checkpoint: :func:`apply_published_delta` rebuilds θ_{r+1} bitwise, and 
 of it with the round's metadata hashes to the published checkpoint's sha256.
 
 A published step travels as safetensors with metadata ``{"agora_step": '{"chunk":4096,"format":
-"agora-step-v1","values":"fp16"}'}`` and, optionally, ``"agora_step_meta"`` (a small JSON object the caller
-chooses, e.g. the base and result checkpoint hashes and the checkpoint metadata). Its tensors, model
-tensors in sorted name order, chunk after chunk of ``chunk`` elements:
+"agora-step-v1","idx":"ef","values":"fp16"}'}`` and, optionally, ``"agora_step_meta"`` (a small JSON object
+the caller chooses, e.g. the base and result checkpoint hashes and the checkpoint metadata). Its tensors,
+model tensors in sorted name order, chunk after chunk of ``chunk`` elements:
 
 - ``"::count"`` int32, one per chunk: how many values the chunk carries; a count equal to the chunk's
   length means the chunk is dense (all its values, no offsets);
-- ``"::idx"`` int16: the offsets inside their chunk of the values of the chunks that are not dense,
-  strictly increasing within a chunk;
+- ``"::idx"``: the offsets inside their chunk of the values of the chunks that are not dense, strictly
+  increasing within a chunk. With ``"idx": "ef"`` it is uint8, the Elias–Fano form of ``diloco.codecs``
+  (its counts: ``"::count"``, 0 for dense chunks; l from the total density of the sparse chunks); without
+  ``"idx"`` (steps published before it) it is int16, one offset each;
 - ``"::values"`` float16 when every value is exactly a float16 (``diloco.outer`` rounds the step so), else
   float32: the values, chunk after chunk.
+
+A chunk is sent dense when its offsets would cost at least as many bits as its zeros (16 bits a zero, a
+float16 value): Elias–Fano costs n·(l + 1) + ⌈u / 2^l⌉ bits for n offsets in a chunk of u elements, l being
+the low width of the chunks at most half full (those the int16 form sent sparse).
 """
 
 from __future__ import annotations
@@ -41,13 +47,17 @@ from torch import Tensor
 from diloco import safejson
 from diloco.codecs import (
     DENSITY,
+    IDX_FORMS,
     INT8_CHUNK,
     SPARSE_BITS,
     SPARSE_CHUNKS,
     CodecError,
+    _ef_layout,
     _read_header,
     check_density,
     decode_update,
+    ef_decode,
+    ef_encode,
     encode_update,
     reference_of,
 )
@@ -196,12 +206,25 @@ def _cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
 
 
-def encode_published_delta(delta: dict[str, Tensor], *, chunk: int = INT8_CHUNK, meta: dict | None = None) -> bytes:
+def _dense_chunks(nnz: Tensor, lengths: Tensor) -> Tensor:
+    """Which chunks a step sends dense: those whose Elias–Fano offsets would cost at least as many bits as
+    their zeros at 16 bits each, at the low width l of the chunks at most half full."""
+    half_full = nnz * 2 < lengths
+    low, _, _, _ = _ef_layout(torch.where(half_full, nnz, 0), lengths)
+    offset_bits = torch.where(nnz > 0, nnz * (low + 1) + ((lengths + (1 << low) - 1) >> low), 0)
+    return offset_bits >= 16 * (lengths - nnz)
+
+
+def encode_published_delta(delta: dict[str, Tensor], *, chunk: int = INT8_CHUNK, meta: dict | None = None,
+                           idx: str = "ef") -> bytes:
     """Lossless bytes of the step ``d`` (float32 tensors): sparse chunks as offsets + values, dense chunks
-    as values, float16 when every value is exactly a float16. ``meta``: a small JSON object carried along."""
+    as values, float16 when every value is exactly a float16. ``meta``: a small JSON object carried along.
+    ``idx="int16"`` writes the offsets (and picks dense chunks) as steps before Elias–Fano did."""
     if chunk not in SPARSE_CHUNKS:
         raise CodecError(f"sparse chunk {chunk!r} is not an allowed size")
-    counts, offsets, values = [], [], []
+    if idx not in IDX_FORMS:
+        raise CodecError(f"offset form {str(idx)[:20]!r} is not one of {', '.join(IDX_FORMS)}")
+    blocks = []
     for name in sorted(delta):
         if "::" in name:
             raise CodecError(f"tensor name {name!r} contains '::', which is reserved")
@@ -209,29 +232,36 @@ def encode_published_delta(delta: dict[str, Tensor], *, chunk: int = INT8_CHUNK,
         if not torch.isfinite(flat).all():
             raise CodecError(f"step tensor {name} has non-finite values")
         full, rest = _chunks(flat.numel(), chunk)
-        blocks = ([flat[: full * chunk].view(full, chunk)] if full else []) + (
+        blocks += ([flat[: full * chunk].view(full, chunk)] if full else []) + (
             [flat[full * chunk:].view(1, rest)] if rest else [])
-        for block in blocks:
-            nonzero = block != 0
-            nnz = nonzero.sum(dim=1)
-            # A chunk is sent dense when its offsets would cost more than its zeros (2 bytes an offset,
-            # 2 bytes a float16 value). A -0.0 is a zero here: steps from ``diloco.outer`` have none.
-            dense = nnz * 2 >= block.shape[1]
-            carried = nonzero | dense[:, None]
-            counts.append(torch.where(dense, block.shape[1], nnz).to(torch.int32))
-            offsets.append(torch.nonzero(nonzero & ~dense[:, None])[:, 1].to(torch.int16))
-            values.append(block[carried])
+    # A -0.0 is a zero here: steps from ``diloco.outer`` have none.
+    nonzero = [block != 0 for block in blocks]
+    nnz = _cat([m.sum(dim=1) for m in nonzero], torch.int64)
+    lengths = _cat([torch.full((b.shape[0],), b.shape[1], dtype=torch.int64) for b in blocks], torch.int64)
+    # int16: 2 bytes an offset against 2 bytes a float16 zero.
+    dense = _dense_chunks(nnz, lengths) if idx == "ef" else nnz * 2 >= lengths
+    offsets, values, at = [], [], 0
+    for block, mask in zip(blocks, nonzero, strict=True):
+        dense_here = dense[at : at + block.shape[0], None]
+        offsets.append(torch.nonzero(mask & ~dense_here)[:, 1])
+        values.append(block[mask | dense_here])
+        at += block.shape[0]
+    counts = torch.where(dense, lengths, nnz)
+    off = _cat(offsets, torch.int64)
+    idx_tensor = (ef_encode(off, torch.where(dense, 0, nnz), lengths) if idx == "ef" else off.to(torch.int16))
     v = _cat(values, torch.float32)
     half = v.to(torch.float16)
     exact_half = bool(torch.isfinite(half).all()) and torch.equal(half.to(torch.float32), v)
     step_meta = {"format": STEP_FORMAT, "chunk": chunk, "values": "fp16" if exact_half else "fp32"}
+    if idx == "ef":
+        step_meta["idx"] = "ef"
     metadata = {STEP_META_KEY: json.dumps(step_meta, sort_keys=True, separators=(",", ":"))}
     if meta is not None:
         text = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)
         if len(text) > _USER_META_MAX_CHARS:
             raise CodecError(f"step metadata is longer than {_USER_META_MAX_CHARS} characters")
         metadata[STEP_USER_META_KEY] = text
-    tensors = {COUNT: _cat(counts, torch.int32).contiguous(), IDX: _cat(offsets, torch.int16).contiguous(),
+    tensors = {COUNT: counts.to(torch.int32).contiguous(), IDX: idx_tensor.contiguous(),
                VALUES: (half if exact_half else v).contiguous()}
     return st_save(tensors, metadata=metadata)
 
@@ -248,8 +278,11 @@ def _step_header(data: bytes) -> tuple[dict, dict]:
         meta = safejson.loads(raw, max_depth=1, what=STEP_META_KEY)
     except ValueError:
         meta = None
-    if not isinstance(meta, dict) or set(meta) != {"format", "chunk", "values"} or meta["format"] != STEP_FORMAT:
+    if (not isinstance(meta, dict) or set(meta) - {"idx"} != {"format", "chunk", "values"}
+            or meta["format"] != STEP_FORMAT):
         raise CodecError(f"published step lacks a valid {STEP_META_KEY!r} entry (format {STEP_FORMAT!r})")
+    if "idx" in meta and meta["idx"] != "ef":
+        raise CodecError(f"published step idx {str(meta['idx'])[:20]!r} must be 'ef' (without it: int16)")
     if isinstance(meta["chunk"], bool) or meta["chunk"] not in SPARSE_CHUNKS:
         raise CodecError(f"published step chunk {str(meta['chunk'])[:20]!r} is not an allowed size")
     if meta["values"] not in ("fp16", "fp32"):
@@ -297,7 +330,8 @@ def decode_published_delta(data: bytes, reference: Reference) -> dict[str, Tenso
     n_chunks = sum(full + (1 if rest else 0) for _, _, full, rest in layout)
     if counts.dtype != torch.int32 or tuple(counts.shape) != (n_chunks,):
         raise CodecError(f"{COUNT} must be int32 of shape ({n_chunks},), got {counts.dtype} {tuple(counts.shape)}")
-    if offsets.dtype != torch.int16 or offsets.dim() != 1:
+    ef = meta.get("idx") == "ef"
+    if not ef and (offsets.dtype != torch.int16 or offsets.dim() != 1):
         raise CodecError(f"{IDX} must be a 1-d int16 tensor, got {offsets.dtype} {tuple(offsets.shape)}")
     if values.dtype != value_dtype or values.dim() != 1:
         raise CodecError(f"{VALUES} must be a 1-d {value_dtype} tensor, got {values.dtype} {tuple(values.shape)}")
@@ -310,18 +344,22 @@ def decode_published_delta(data: bytes, reference: Reference) -> dict[str, Tenso
     if int(c.sum()) != values.numel():
         raise CodecError(f"{VALUES} has {values.numel()} values, the counts say {int(c.sum())}")
     sparse_counts = torch.where(dense, 0, c)
-    if int(sparse_counts.sum()) != offsets.numel():
+    if not ef and int(sparse_counts.sum()) != offsets.numel():
         raise CodecError(f"{IDX} has {offsets.numel()} offsets, the counts say {int(sparse_counts.sum())}")
     if not torch.isfinite(values).all():
         raise CodecError(f"{VALUES} has non-finite values")
-    # Every offset must lie in its chunk and rise strictly within it.
+    # Every offset must lie in its chunk and rise strictly within it (``ef_decode`` checks both, and that
+    # its bytes are exactly those of the counts, which are already checked against the model).
     chunk_of = torch.repeat_interleave(torch.arange(n_chunks), sparse_counts)
-    off = offsets.to(torch.int64)
-    if ((off < 0) | (off >= lengths[chunk_of])).any():
-        raise CodecError(f"{IDX} has an offset outside its chunk")
-    same_chunk = chunk_of[1:] == chunk_of[:-1]
-    if (same_chunk & (off[1:] <= off[:-1])).any():
-        raise CodecError(f"{IDX} has offsets that are not unique and increasing within a chunk")
+    if ef:
+        off = ef_decode(offsets, sparse_counts, lengths, what=IDX)
+    else:
+        off = offsets.to(torch.int64)
+        if ((off < 0) | (off >= lengths[chunk_of])).any():
+            raise CodecError(f"{IDX} has an offset outside its chunk")
+        same_chunk = chunk_of[1:] == chunk_of[:-1]
+        if (same_chunk & (off[1:] <= off[:-1])).any():
+            raise CodecError(f"{IDX} has offsets that are not unique and increasing within a chunk")
     # Values are stored chunk after chunk and rise within a chunk, so they fill the marked positions of
     # the concatenated (sorted-name) model in order.
     starts = torch.cumsum(lengths, 0) - lengths

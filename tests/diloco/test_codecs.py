@@ -77,6 +77,10 @@ def test_payload_nbytes_matches_encoding(delta, ref):
     for codec in ("fp32", "fp16", "int8"):
         data = encode_update(delta, codec)
         assert payload_nbytes(ref, codec) <= len(data) < payload_nbytes(ref, codec) + 4096
+    for codec in SPARSE:
+        for idx in ("ef", "int16"):
+            data = encode_update(delta, codec, idx=idx)
+            assert payload_nbytes(ref, codec, idx=idx) <= len(data) < payload_nbytes(ref, codec, idx=idx) + 1024
 
 
 def test_reject_not_safetensors(ref):
@@ -284,10 +288,11 @@ def _sparse_file(tensors: dict, codec="topk2", chunk=64, topk=4) -> bytes:
     return st_save(tensors, metadata=_meta(format="agora-update-v1", codec=codec, chunk=chunk, topk=topk))
 
 
-def _sparse_parts(delta, codec="topk2", chunk=64, topk=4) -> dict:
+def _sparse_parts(delta, codec="topk2", chunk=64, topk=4, idx="int16") -> dict:
+    """The tensors of a sparse update; int16 offsets by default, as ``_sparse_file`` writes no ``"idx"``."""
     from diloco.codecs import _encoded_tensors
 
-    return _encoded_tensors(delta, codec, chunk, topk)
+    return _encoded_tensors(delta, codec, chunk, topk, idx)
 
 
 @pytest.mark.parametrize("codec,levels", [("topk2", 2), ("topk4", 8)])

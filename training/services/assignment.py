@@ -40,8 +40,9 @@ _CLAIM_CANDIDATES = 8
 
 def max_upload_bytes(run: TrainingRun) -> int:
     reference = run_reference(run)  # a LoRA run's updates cover its adapters only
-    return (payload_nbytes(reference, run.diloco["compression"], density=run.diloco.get("density", DENSITY))
-            + 256 * len(reference) + _UPLOAD_HEADER_ALLOWANCE)
+    # Sparse offsets in int16, the larger form: agents of the previous release send it, newer ones Elias–Fano.
+    return (payload_nbytes(reference, run.diloco["compression"], density=run.diloco.get("density", DENSITY),
+                           idx="int16") + 256 * len(reference) + _UPLOAD_HEADER_ALLOWANCE)
 
 
 # A worker holding a task in one of these states has its say in the round; failed and expired ones do not.
