@@ -16,22 +16,38 @@ of the checkpoint: :func:`apply_published_delta` rebuilds θ_{r+1} bitwise, and 
 of it with the round's metadata hashes to the published checkpoint's sha256.
 
 A published step travels as safetensors with metadata ``{"agora_step": '{"chunk":4096,"format":
-"agora-step-v1","idx":"ef","values":"fp16"}'}`` and, optionally, ``"agora_step_meta"`` (a small JSON object
+"agora-step-v1","idx":"ef","values":"int8"}'}`` and, optionally, ``"agora_step_meta"`` (a small JSON object
 the caller chooses, e.g. the base and result checkpoint hashes and the checkpoint metadata). Its tensors,
 model tensors in sorted name order, chunk after chunk of ``chunk`` elements:
 
 - ``"::count"`` int32, one per chunk: how many values the chunk carries; a count equal to the chunk's
-  length means the chunk is dense (all its values, no offsets);
+  length means the chunk is dense (all its values, zeros included, no offsets);
 - ``"::idx"``: the offsets inside their chunk of the values of the chunks that are not dense, strictly
   increasing within a chunk. With ``"idx": "ef"`` it is uint8, the Elias–Fano form of ``diloco.codecs``
   (its counts: ``"::count"``, 0 for dense chunks; l from the total density of the sparse chunks); without
   ``"idx"`` (steps published before it) it is int16, one offset each;
-- ``"::values"`` float16 when every value is exactly a float16 (``diloco.outer`` rounds the step so), else
-  float32: the values, chunk after chunk.
+- ``"::values"``, the values chunk after chunk, in one of three forms (``"values"``):
 
-A chunk is sent dense when its offsets would cost at least as many bits as its zeros (16 bits a zero, a
-float16 value): Elias–Fano costs n·(l + 1) + ⌈u / 2^l⌉ bits for n offsets in a chunk of u elements, l being
-the low width of the chunks at most half full (those the int16 form sent sparse).
+  - ``"int8"`` when every chunk's values are exactly ``q · 2^e``, q an integer in −127..127 and one e per
+    chunk (``diloco.outer``'s ``publish="int8"`` rounds the step so): ``"::values"`` is int8 q and
+    ``"::exp"`` int8 e, one per chunk whose count is not 0, in chunk order. A value is
+    ``float(q) · 2^e``, exactly, and a zero is +0.0. e lies in −40..40 (``EXP_RANGE``): that holds every
+    exponent the server's rounding uses (−24 up to float16's range) with room to spare, keeps every
+    nonzero value a normal float32 (≥ 2⁻⁴⁰, far from the subnormals a CPU may flush to zero) and every
+    value finite (≤ 127 · 2⁴⁰). −128 is refused because the encoder never writes it (q is symmetric).
+    The encoder takes e = ``diloco.outer._pow2_exponents`` of the chunk's largest magnitude (the finest
+    quantum that holds it, at least 2⁻²⁴ as in the server's rounding) and checks ``float(q) · 2^e``
+    against every value bitwise (a -0.0 in a dense chunk fails it); if a chunk fails, the whole step
+    falls back to the next form. An agent of a release before this form refuses such a step (its
+    ``CodecError``) and downloads the checkpoint instead;
+  - ``"fp16"`` when not, but every value is exactly a float16 (``publish="fp16"`` rounds the step so);
+  - ``"fp32"`` else.
+
+  Steps published before the int8 form (fp16 / fp32 values) still decode.
+
+A chunk is sent dense when its offsets would cost at least as many bits as its zeros (8 bits a zero with
+int8 values, 16 with float16 ones): Elias–Fano costs n·(l + 1) + ⌈u / 2^l⌉ bits for n offsets in a chunk of
+u elements, l being the low width of the chunks at most half full (those the int16 form sent sparse).
 """
 
 from __future__ import annotations
@@ -61,6 +77,7 @@ from diloco.codecs import (
     encode_update,
     reference_of,
 )
+from diloco.outer import _pow2_exponents
 
 Reference = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -71,7 +88,10 @@ STEP_USER_META_KEY = "agora_step_meta"
 _STEP_META_MAX_CHARS = 256
 _USER_META_MAX_CHARS = 16_384
 _STEP_HEADER_MAX = 64 * 1024
-COUNT, IDX, VALUES = "::count", "::idx", "::values"
+COUNT, IDX, VALUES, EXP = "::count", "::idx", "::values", "::exp"
+VALUE_FORMS = ("int8", "fp16", "fp32")  # the published step's values, narrowest first
+EXP_RANGE = (-40, 40)  # the exponents int8 values may carry (see the module doc)
+_VALUE_DTYPES = {"int8": torch.int8, "fp16": torch.float16, "fp32": torch.float32}
 EF_FORMAT = "agora-error-feedback-v1"
 EF_META_KEY = "agora_error_feedback"
 _EF_PREFIX = "error."
@@ -206,24 +226,63 @@ def _cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
 
 
-def _dense_chunks(nnz: Tensor, lengths: Tensor) -> Tensor:
+def _dense_chunks(nnz: Tensor, lengths: Tensor, value_bits: int) -> Tensor:
     """Which chunks a step sends dense: those whose Elias–Fano offsets would cost at least as many bits as
-    their zeros at 16 bits each, at the low width l of the chunks at most half full."""
+    their zeros at ``value_bits`` each, at the low width l of the chunks at most half full."""
     half_full = nnz * 2 < lengths
     low, _, _, _ = _ef_layout(torch.where(half_full, nnz, 0), lengths)
     offset_bits = torch.where(nnz > 0, nnz * (low + 1) + ((lengths + (1 << low) - 1) >> low), 0)
-    return offset_bits >= 16 * (lengths - nnz)
+    return offset_bits >= value_bits * (lengths - nnz)
+
+
+def _pow2(e: Tensor) -> Tensor:
+    """2^e as float32, exactly, built from its bits (e within ``EXP_RANGE``: a normal float32)."""
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def _int8_values(v: Tensor, e: Tensor) -> Tensor | None:
+    """``v`` (float32) as int8 q with ``q · 2^e == v`` bitwise (``e``: each value's exponent), or None
+    when some value is not so (a value finer than 2^e, beyond 127 · 2^e, a -0.0 or e outside
+    ``EXP_RANGE``)."""
+    if v.numel() and (int(e.min()) < EXP_RANGE[0] or int(e.max()) > EXP_RANGE[1]):
+        return None
+    q = v.mul(_pow2(-e)).round_().clamp_(-127, 127).to(torch.int8)  # |v| ≤ 127 · 2^e: no overflow
+    # checked as the decoder computes it, from the int8 q (where a -0.0 has become 0)
+    if not torch.equal(q.to(torch.float32).mul_(_pow2(e)).view(torch.int32), v.view(torch.int32)):
+        return None
+    return q
+
+
+def _split(blocks: list[Tensor], nonzero: list[Tensor], dense: Tensor) -> tuple[Tensor, Tensor]:
+    """``(offsets, values)``: the offsets in their chunk of the nonzero values of the sparse chunks, and
+    the values of every chunk (all of a dense chunk's), chunk after chunk."""
+    offsets, values, at = [], [], 0
+    for block, mask in zip(blocks, nonzero, strict=True):
+        dense_here = dense[at : at + block.shape[0], None]
+        offsets.append(torch.nonzero(mask & ~dense_here)[:, 1])
+        values.append(block[mask | dense_here])
+        at += block.shape[0]
+    return _cat(offsets, torch.int64), _cat(values, torch.float32)
 
 
 def encode_published_delta(delta: dict[str, Tensor], *, chunk: int = INT8_CHUNK, meta: dict | None = None,
-                           idx: str = "ef") -> bytes:
+                           idx: str = "ef", values: str | None = None) -> bytes:
     """Lossless bytes of the step ``d`` (float32 tensors): sparse chunks as offsets + values, dense chunks
-    as values, float16 when every value is exactly a float16. ``meta``: a small JSON object carried along.
-    ``idx="int16"`` writes the offsets (and picks dense chunks) as steps before Elias–Fano did."""
+    as values, in the narrowest form that holds every value exactly, ``values`` (``VALUE_FORMS``) the
+    narrowest tried: int8 times a power of two per chunk, else float16, else float32. ``meta``: a small
+    JSON object carried along. ``idx="int16"`` writes the offsets (and picks dense chunks) as steps before
+    Elias–Fano did; ``values`` is then fp16 unless given (that release knew no int8 values, and int8 values
+    need Elias–Fano offsets)."""
     if chunk not in SPARSE_CHUNKS:
         raise CodecError(f"sparse chunk {chunk!r} is not an allowed size")
     if idx not in IDX_FORMS:
         raise CodecError(f"offset form {str(idx)[:20]!r} is not one of {', '.join(IDX_FORMS)}")
+    if values is None:
+        values = "int8" if idx == "ef" else "fp16"
+    if values not in VALUE_FORMS:
+        raise CodecError(f"values form {str(values)[:20]!r} is not one of {', '.join(VALUE_FORMS)}")
+    if values == "int8" and idx != "ef":
+        raise CodecError("int8 step values need Elias–Fano offsets (idx 'ef')")
     blocks = []
     for name in sorted(delta):
         if "::" in name:
@@ -234,25 +293,33 @@ def encode_published_delta(delta: dict[str, Tensor], *, chunk: int = INT8_CHUNK,
         full, rest = _chunks(flat.numel(), chunk)
         blocks += ([flat[: full * chunk].view(full, chunk)] if full else []) + (
             [flat[full * chunk:].view(1, rest)] if rest else [])
-    # A -0.0 is a zero here: steps from ``diloco.outer`` have none.
+    # A -0.0 is a zero here (a sparse chunk does not carry it): steps from ``diloco.outer`` have none.
     nonzero = [block != 0 for block in blocks]
     nnz = _cat([m.sum(dim=1) for m in nonzero], torch.int64)
     lengths = _cat([torch.full((b.shape[0],), b.shape[1], dtype=torch.int64) for b in blocks], torch.int64)
-    # int16: 2 bytes an offset against 2 bytes a float16 zero.
-    dense = _dense_chunks(nnz, lengths) if idx == "ef" else nnz * 2 >= lengths
-    offsets, values, at = [], [], 0
-    for block, mask in zip(blocks, nonzero, strict=True):
-        dense_here = dense[at : at + block.shape[0], None]
-        offsets.append(torch.nonzero(mask & ~dense_here)[:, 1])
-        values.append(block[mask | dense_here])
-        at += block.shape[0]
-    counts = torch.where(dense, lengths, nnz)
-    off = _cat(offsets, torch.int64)
-    idx_tensor = (ef_encode(off, torch.where(dense, 0, nnz), lengths) if idx == "ef" else off.to(torch.int16))
-    v = _cat(values, torch.float32)
-    half = v.to(torch.float16)
-    exact_half = bool(torch.isfinite(half).all()) and torch.equal(half.to(torch.float32), v)
-    step_meta = {"format": STEP_FORMAT, "chunk": chunk, "values": "fp16" if exact_half else "fp32"}
+    tensors = {}
+    if values == "int8":
+        dense = _dense_chunks(nnz, lengths, 8)
+        counts = torch.where(dense, lengths, nnz)
+        exps = _pow2_exponents(_cat([b.abs().amax(dim=1) for b in blocks], torch.float32)).to(torch.int64)
+        off, v = _split(blocks, nonzero, dense)
+        q = _int8_values(v, torch.repeat_interleave(exps, counts))
+        if q is not None:
+            tensors = {VALUES: q, EXP: exps[counts > 0].to(torch.int8)}
+        else:
+            values = "fp16"
+    if not tensors:
+        # int16: 2 bytes an offset against 2 bytes a float16 zero.
+        dense = _dense_chunks(nnz, lengths, 16) if idx == "ef" else nnz * 2 >= lengths
+        counts = torch.where(dense, lengths, nnz)
+        off, v = _split(blocks, nonzero, dense)
+        half = v.to(torch.float16)
+        if values == "fp16" and bool(torch.isfinite(half).all()) and torch.equal(half.to(torch.float32), v):
+            tensors = {VALUES: half}
+        else:
+            values, tensors = "fp32", {VALUES: v}
+    idx_tensor = ef_encode(off, torch.where(dense, 0, nnz), lengths) if idx == "ef" else off.to(torch.int16)
+    step_meta = {"format": STEP_FORMAT, "chunk": chunk, "values": values}
     if idx == "ef":
         step_meta["idx"] = "ef"
     metadata = {STEP_META_KEY: json.dumps(step_meta, sort_keys=True, separators=(",", ":"))}
@@ -261,9 +328,8 @@ def encode_published_delta(delta: dict[str, Tensor], *, chunk: int = INT8_CHUNK,
         if len(text) > _USER_META_MAX_CHARS:
             raise CodecError(f"step metadata is longer than {_USER_META_MAX_CHARS} characters")
         metadata[STEP_USER_META_KEY] = text
-    tensors = {COUNT: counts.to(torch.int32).contiguous(), IDX: idx_tensor.contiguous(),
-               VALUES: (half if exact_half else v).contiguous()}
-    return st_save(tensors, metadata=metadata)
+    tensors = {COUNT: counts.to(torch.int32), IDX: idx_tensor, **tensors}
+    return st_save({k: t.contiguous() for k, t in tensors.items()}, metadata=metadata)
 
 
 def _step_header(data: bytes) -> tuple[dict, dict]:
@@ -285,10 +351,13 @@ def _step_header(data: bytes) -> tuple[dict, dict]:
         raise CodecError(f"published step idx {str(meta['idx'])[:20]!r} must be 'ef' (without it: int16)")
     if isinstance(meta["chunk"], bool) or meta["chunk"] not in SPARSE_CHUNKS:
         raise CodecError(f"published step chunk {str(meta['chunk'])[:20]!r} is not an allowed size")
-    if meta["values"] not in ("fp16", "fp32"):
-        raise CodecError(f"published step values {str(meta['values'])[:20]!r} must be fp16 or fp32")
-    if set(header) - {"__metadata__"} != {COUNT, IDX, VALUES}:
-        raise CodecError(f"published step must hold exactly the tensors {COUNT}, {IDX}, {VALUES}")
+    if meta["values"] not in VALUE_FORMS:
+        raise CodecError(f"published step values {str(meta['values'])[:20]!r} must be one of "
+                         f"{', '.join(VALUE_FORMS)}")
+    names = (COUNT, IDX, VALUES, EXP) if meta["values"] == "int8" else (COUNT, IDX, VALUES)
+    if set(header) - {"__metadata__"} != set(names):
+        raise CodecError(f"published step with {meta['values']} values must hold exactly the tensors "
+                         f"{', '.join(names)}")
     return header, meta
 
 
@@ -307,6 +376,20 @@ def published_meta(data: bytes) -> dict:
     return meta
 
 
+def _int8_decode(q: Tensor, exps: Tensor, counts: Tensor) -> Tensor:
+    """``q · 2^e`` as float32, exactly (+0.0 for q = 0), after checking ``"::exp"`` against the counts."""
+    carrying = counts[counts > 0]
+    if exps.dtype != torch.int8 or tuple(exps.shape) != (carrying.numel(),):
+        raise CodecError(f"{EXP} must be int8 of shape ({carrying.numel()},) (one per chunk that carries "
+                         f"values), got {exps.dtype} {tuple(exps.shape)}")
+    low, high = EXP_RANGE
+    if ((exps < low) | (exps > high)).any():
+        raise CodecError(f"{EXP} has an exponent outside {low}..{high}")
+    if (q == -128).any():
+        raise CodecError(f"{VALUES} has the int8 value -128, outside -127..127")
+    return q.to(torch.float32).mul_(_pow2(torch.repeat_interleave(exps.to(torch.int64), carrying)))
+
+
 def decode_published_delta(data: bytes, reference: Reference) -> dict[str, Tensor]:
     """The dense float32 step ``d`` of a published step, checked against the model's ``reference``."""
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -319,7 +402,7 @@ def decode_published_delta(data: bytes, reference: Reference) -> dict[str, Tenso
     except Exception as exc:  # safetensors raises its own error types for every malformed input
         raise CodecError(f"published step is not a safetensors file: {exc}") from exc
     counts, offsets, values = tensors[COUNT], tensors[IDX], tensors[VALUES]
-    value_dtype = torch.float16 if meta["values"] == "fp16" else torch.float32
+    value_dtype = _VALUE_DTYPES[meta["values"]]
     layout = []
     for name in sorted(reference):
         shape, dtype = reference[name]
@@ -346,6 +429,8 @@ def decode_published_delta(data: bytes, reference: Reference) -> dict[str, Tenso
     sparse_counts = torch.where(dense, 0, c)
     if not ef and int(sparse_counts.sum()) != offsets.numel():
         raise CodecError(f"{IDX} has {offsets.numel()} offsets, the counts say {int(sparse_counts.sum())}")
+    if meta["values"] == "int8":
+        values = _int8_decode(values, tensors[EXP], c)
     if not torch.isfinite(values).all():
         raise CodecError(f"{VALUES} has non-finite values")
     # Every offset must lie in its chunk and rise strictly within it (``ef_decode`` checks both, and that
@@ -366,7 +451,7 @@ def decode_published_delta(data: bytes, reference: Reference) -> dict[str, Tenso
     mask = torch.repeat_interleave(dense, lengths)
     mask[starts[chunk_of] + off] = True
     flat = torch.zeros(mask.numel(), dtype=torch.float32)
-    flat[mask] = values.to(torch.float32)
+    flat[mask] = values.to(torch.float32)  # float16 → float32 is exact
     out, at = {}, 0
     for name, shape, full, rest in layout:
         n = full * chunk + rest

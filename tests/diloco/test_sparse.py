@@ -213,7 +213,7 @@ def _small():
 ])
 def test_hostile_published_steps_are_refused(change, message):
     d = _small()
-    parts = _parts(encode_published_delta(d, chunk=64))
+    parts = _parts(encode_published_delta(d, chunk=64, values="fp16"))  # the fp16 form's checks
     parts["::idx"] = torch.tensor([1, 5, 6], dtype=torch.int16)
     assert torch.equal(decode_published_delta(_step_file(parts), reference_of(d))["w"][[1, 5, 70]],
                        d["w"][[1, 5, 70]])
@@ -224,7 +224,7 @@ def test_hostile_published_steps_are_refused(change, message):
 
 def test_published_step_header_is_checked():
     d = _small()
-    parts = _parts(encode_published_delta(d, chunk=64))
+    parts = _parts(encode_published_delta(d, chunk=64, values="fp16"))
     ref = reference_of(d)
     for meta, message in (
         ({"agora_step": json.dumps({"chunk": 64, "format": "agora-update-v1", "values": "fp16"})}, "lacks a valid"),
