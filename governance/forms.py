@@ -25,7 +25,10 @@ from governance.specs import (
     spec_normalise,
 )
 
-SPARSE_DEFAULT_FIELDS = frozenset(sparse_defaults(4))  # form fields named as their spec keys
+# DiLoCo settings set through the API only (no input; editing a draft keeps them, see ``draft_extras``).
+API_ONLY_DILOCO = frozenset({"sparse_chunk"})
+DILOCO_INPUTS = [name for name in DilocoSpec().fields if name not in API_ONLY_DILOCO]
+SPARSE_DEFAULT_FIELDS = frozenset(sparse_defaults(4)) - API_ONLY_DILOCO  # form fields named as their spec keys
 
 # form field name -> (path inside the spec, serializer class that documents it)
 TRAINING_FIELDS: dict[str, tuple[str, type]] = {
@@ -49,7 +52,7 @@ TRAINING_FIELDS: dict[str, tuple[str, type]] = {
     "dataset_format": ("dataset.format", DatasetSpec),
     "dataset_field": ("dataset.field", DatasetSpec),
     "dataset_column": ("dataset.column", DatasetSpec),
-    **{name: (f"diloco.{name}", DilocoSpec) for name in DilocoSpec().fields},
+    **{name: (f"diloco.{name}", DilocoSpec) for name in DILOCO_INPUTS},
     "min_vram_mb": ("hardware.min_vram_mb", HardwareSpec),
     "allow_cpu": ("hardware.allow_cpu", HardwareSpec),
 }
@@ -90,7 +93,7 @@ TRAINING_GROUPS = [
      ["dataset_source", "dataset_sha256", "heldout_fraction", "dataset_format", "dataset_field", "dataset_column"]),
     ("DiLoCo", "Each round, every worker runs H inner AdamW steps on its shard and sends back one compressed "
                "pseudo-gradient; the server combines them and takes an outer Nesterov step.",
-     list(DilocoSpec().fields)),
+     DILOCO_INPUTS),
     ("Hardware", "Who can take part.", ["min_vram_mb", "allow_cpu"]),
 ]
 GUARDRAIL_FIELDS: dict[str, str] = {

@@ -10,6 +10,7 @@ from rest_framework import serializers
 from core.fields import FiniteFloatField, StrictIntegerField
 from diloco.codecs import DENSITY
 from diloco.sparse import momentum_roles
+from governance.specs import SPARSE_CHUNK_BEFORE
 from training.models import Checkpoint, PreparedDataset, Round, Task, TrainingRun
 from training.services.replicas import task_optimizer
 
@@ -61,6 +62,8 @@ def task_payload(task: Task, *, request, guardrails: list[dict], max_upload_byte
         "compression": d["compression"],
         # Sparse codecs: the share of each chunk sent, and the decay of the worker's error feedback.
         "density": d.get("density", DENSITY),
+        # and the chunk that share is taken from (runs from before the setting: 4096, what agents always used)
+        "sparse_chunk": d.get("sparse_chunk", SPARSE_CHUNK_BEFORE),
         "error_feedback_beta": momentum_roles(d["compression"], d["outer_momentum"])[1],
         "guardrails": guardrails,
         "seed": task.seed,

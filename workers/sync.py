@@ -9,9 +9,9 @@ published step when it can) and its error-feedback buffer.
   not hold ``delta_from_sha256``: it missed a round or just started), it downloads the full checkpoint.
   The cache keeps the newest ``KEEP_CHECKPOINTS`` checkpoints.
 - Error feedback (SparseLoCo): for a task whose compression is a sparse codec, the pseudo-gradient is folded
-  into the run's buffer (``diloco.sparse.ErrorFeedback``), the sparse update is what the buffer sends, and
-  what it leaves out is kept in ``<cache>/optim/<run_id>.error-feedback.safetensors`` beside the inner
-  optimizer state, for the next round.
+  into the run's buffer (``diloco.sparse.ErrorFeedback``, cut into chunks of the task's ``sparse_chunk``), the
+  sparse update is what the buffer sends, and what it leaves out is kept in
+  ``<cache>/optim/<run_id>.error-feedback.safetensors`` beside the inner optimizer state, for the next round.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from workers.config import write_private_file
 log = logging.getLogger("agora.worker.sync")
 
 KEEP_CHECKPOINTS = 4
+SPARSE_CHUNK_FALLBACK = 4096  # the chunk of a task without a valid sparse_chunk (what agents always used before)
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -128,6 +129,22 @@ def error_feedback_file(runner, run_id) -> Path:
     return runner.cache_dir / "optim" / f"{int(run_id)}.error-feedback.safetensors"
 
 
+def task_sparse_chunk(task: dict) -> int:
+    """The chunk a sparse update is cut into: the task's ``sparse_chunk`` when it is one of
+    ``diloco.codecs.SPARSE_CHUNKS``, else (a server from before the setting, or a value no decoder accepts)
+    ``SPARSE_CHUNK_FALLBACK``, with a warning for a value that is there but wrong."""
+    from diloco.codecs import SPARSE_CHUNKS
+
+    chunk = task.get("sparse_chunk")
+    if chunk is None:
+        return SPARSE_CHUNK_FALLBACK
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk not in SPARSE_CHUNKS:
+        log.warning("task %s: sparse_chunk %.40r is not one of %s; using %d", task.get("id"), chunk,
+                    ", ".join(map(str, SPARSE_CHUNKS)), SPARSE_CHUNK_FALLBACK)
+        return SPARSE_CHUNK_FALLBACK
+    return chunk
+
+
 def encode_pseudo_gradient(runner, task: dict, delta: dict) -> bytes:
     """The update to upload for ``delta``: through the run's error-feedback buffer for a sparse codec
     (kept on disk for the next round), else the codec itself."""
@@ -142,11 +159,13 @@ def encode_pseudo_gradient(runner, task: dict, delta: dict) -> bytes:
     density = task.get("density", DENSITY)
     path = error_feedback_file(runner, task["run_id"])
     beta = task.get("error_feedback_beta")
-    ef = ErrorFeedback(codec=compression, density=density, beta=BETA if beta is None else beta)
+    ef = ErrorFeedback(codec=compression, density=density, beta=BETA if beta is None else beta,
+                       chunk=task_sparse_chunk(task))
     if path.exists():
         try:
             kept = ErrorFeedback.load(path.read_bytes(), reference_of(delta))
-            ef.error, ef.rounds = kept.error, kept.rounds  # the task's codec settings, the buffer kept
+            # The task's codec settings, the buffer kept: it is dense, so it carries over whatever the chunk.
+            ef.error, ef.rounds = kept.error, kept.rounds
         except (CodecError, OSError, ValueError) as exc:  # a stale or damaged buffer must not fail the task
             log.warning("discarding the error-feedback buffer of run %s (%s)", task["run_id"], exc)
             path.unlink(missing_ok=True)

@@ -159,3 +159,22 @@ def test_a_kept_setting_the_shown_inputs_depend_on_is_listed_and_dropping_it_is_
     assert errors and "head_dim (9) must be even" in errors.group(1)
     proposal.refresh_from_db()
     assert proposal.spec["model"]["config"]["head_dim"] == 8
+
+
+@pytest.mark.parametrize(("chunk", "listed"), [(1024, True), (32768, False)])
+def test_a_sparse_chunk_set_through_the_api_is_kept_without_an_input(client, member_client, member, chunk, listed):
+    """sparse_chunk has no input: a chunk the member chose is listed and kept; the sparse default follows the
+    compression shown in the form, as when the form alone saves a draft."""
+    spec = {"diloco": {"compression": "topk2", "sparse_chunk": chunk}}
+    response = member_client.post("/api/v1/proposals/", {"kind": "training", "title": "Sparse chunks",
+                                                         "spec": spec, "open": False}, format="json")
+    assert response.status_code == 201, response.content
+    proposal = Proposal.objects.get()
+    client.force_login(member)
+    page = client.get(f"/proposals/{proposal.pk}/edit").content.decode()
+    assert 'name="sparse_chunk"' not in page
+    assert (f"diloco.sparse_chunk = {chunk}" in kept_list(page)) is listed
+    before = proposal.spec
+    assert client.post(f"/proposals/{proposal.pk}/edit", as_posted(page)).status_code == 302
+    proposal.refresh_from_db()
+    assert proposal.spec == before and proposal.spec["diloco"]["sparse_chunk"] == chunk

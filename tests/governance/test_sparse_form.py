@@ -24,6 +24,7 @@ def test_choosing_topk2_in_the_form_gets_the_sparse_settings(logged_in):
     response = logged_in.post("/proposals/new/", {**FORM, "compression": "topk2"})
     assert response.status_code == 302, response.content.decode()[:2000]
     assert _diloco(Proposal.objects.get()) == ("topk2", 2.0, 0.95, "norm_clipped_mean")
+    assert Proposal.objects.get().spec["diloco"]["sparse_chunk"] == 32768  # no input: the sparse default
 
 
 def test_what_the_member_typed_is_kept(logged_in):
@@ -34,6 +35,7 @@ def test_what_the_member_typed_is_kept(logged_in):
 def test_a_dense_run_keeps_the_dense_defaults(logged_in):
     logged_in.post("/proposals/new/", {**FORM, "compression": "int8"})
     assert _diloco(Proposal.objects.get()) == ("int8", 0.7, 0.9, "trimmed_mean")
+    assert Proposal.objects.get().spec["diloco"]["sparse_chunk"] == 4096
 
 
 def test_a_sparse_draft_keeps_what_its_form_shows(logged_in, member_client):

@@ -29,9 +29,11 @@ def test_claim_returns_the_task_json_of_the_protocol(run, cpu_worker):
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {"id", "run_id", "round", "checkpoint_sha256", "checkpoint_url", "model", "dataset", "inner",
-                         "compression", "density", "error_feedback_beta", "guardrails", "seed", "optimizer",
+                         "compression", "density", "sparse_chunk", "error_feedback_beta", "guardrails", "seed",
+                         "optimizer",
                          "deadline", "max_upload_bytes", "overlap", "delta_from_sha256", "delta_sha256"}
     assert body["density"] == 0.02 and body["error_feedback_beta"] is None  # int8: no error feedback
+    assert body["sparse_chunk"] == 4096  # the field's default; a dense codec does not use it
     task = Task.objects.get(pk=body["id"])
     assert task.status == Task.Status.ASSIGNED and task.worker == cpu_worker
     assert body["run_id"] == run.pk and body["round"] == 1
@@ -47,6 +49,41 @@ def test_claim_returns_the_task_json_of_the_protocol(run, cpu_worker):
     assert set(body["guardrails"][0]) == {"id", "title", "kind", "patterns", "description"}
     assert body["max_upload_bytes"] > 0
     assert Entry.objects.filter(action="task.claimed", subject=f"run:{run.pk}").count() == 1
+
+
+def test_a_sparse_task_names_the_runs_chunk_and_its_upload_bound_follows_it(cpu_worker):
+    import torch
+
+    from diloco.codecs import encode_update
+    from training import blobs
+
+    run = services.run_start(proposal_id=approved_proposal(diloco={"compression": "topk2"}).pk)
+    body = client_for(cpu_worker).post("/api/v1/tasks/claim").json()
+    assert run.diloco["sparse_chunk"] == 32768 and body["sparse_chunk"] == 32768  # the sparse default
+    state, _ = blobs.checkpoint_state(body["checkpoint_sha256"])
+    g = torch.Generator().manual_seed(0)
+    delta = {k: torch.randn(v.shape, generator=g) for k, v in state.items()}
+    # An update cut into the run's chunks fits in either offset form, and so does one cut into the 4096
+    # of agents from before the setting.
+    for chunk, idx in ((32768, "int16"), (32768, "ef"), (4096, "int16"), (4096, "ef")):
+        update = encode_update(delta, "topk2", chunk=chunk, idx=idx)
+        assert len(update) <= body["max_upload_bytes"], (chunk, idx)
+    # On this small model a chunk of 32768 keeps more values than 4096 (each tensor is shorter than a chunk
+    # and keeps round(2% × 32768) of its values): the bound grows with the run's chunk.
+    bound = services.max_upload_bytes(run)
+    run.spec["diloco"]["sparse_chunk"] = 4096
+    assert services.max_upload_bytes(run) < bound
+
+
+def test_a_run_from_before_the_chunk_setting_gets_4096(cpu_worker):
+    run = services.run_start(proposal_id=approved_proposal(diloco={"compression": "topk2"}).pk)
+    run.spec["diloco"]["sparse_chunk"] = 4096
+    explicit = services.max_upload_bytes(run)
+    del run.spec["diloco"]["sparse_chunk"]  # a spec frozen before the key existed
+    run.save(update_fields=["spec"])
+    assert services.max_upload_bytes(run) == explicit
+    body = client_for(cpu_worker).post("/api/v1/tasks/claim").json()
+    assert body["sparse_chunk"] == 4096 and body["compression"] == "topk2"
 
 
 def test_no_work_is_204(db, cpu_worker):

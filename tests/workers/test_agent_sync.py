@@ -156,3 +156,48 @@ def test_a_damaged_error_feedback_buffer_is_dropped_not_fatal(runner, tiny_check
     data = sync.encode_pseudo_gradient(runner, make_task(compression="topk2", run_id=9), delta)
     assert decode_update(data, reference_of(state)).keys() == state.keys()
     assert path.read_bytes() != b"garbage"  # replaced by this round's buffer
+
+
+def _update_chunk(data: bytes) -> int:
+    """The chunk an encoded update names in its metadata."""
+    import json
+
+    from diloco.codecs import META_KEY
+
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    return json.loads(header["__metadata__"][META_KEY])["chunk"]
+
+
+def test_a_sparse_update_is_cut_into_the_tasks_chunk_and_the_buffer_carries_over(runner, tiny_checkpoint):
+    _, _, state = tiny_checkpoint
+    g = torch.Generator().manual_seed(4)
+    first = {k: torch.randn(v.shape, generator=g) for k, v in state.items()}
+    second = {k: torch.randn(v.shape, generator=g) for k, v in state.items()}
+    data = sync.encode_pseudo_gradient(runner, make_task(compression="topk2", run_id=9, sparse_chunk=1024), first)
+    assert _update_chunk(data) == 1024
+    # The run's next task asks for another chunk: the (dense) buffer is kept and cut the new way.
+    data = sync.encode_pseudo_gradient(runner, make_task(compression="topk2", run_id=9, sparse_chunk=32768), second)
+    assert _update_chunk(data) == 32768
+    sent = decode_update(data, reference_of(state))
+    alone = decode_update(encode_update(second, "topk2", chunk=32768), reference_of(state))
+    assert any(not torch.equal(sent[k], alone[k]) for k in state)  # the first round's leftovers went along
+
+
+@pytest.mark.parametrize("chunk", [5000, 65536, 32, 0, -4096, True, 4096.0, "32768", [1024], {"chunk": 1024}])
+def test_a_sparse_chunk_no_decoder_takes_falls_back_to_4096_with_a_warning(runner, tiny_checkpoint, caplog, chunk):
+    _, _, state = tiny_checkpoint
+    delta = {k: torch.ones_like(v) for k, v in state.items()}
+    with caplog.at_level("WARNING", logger="agora.worker.sync"):
+        data = sync.encode_pseudo_gradient(runner, make_task(compression="topk2", run_id=9, sparse_chunk=chunk), delta)
+    assert _update_chunk(data) == 4096
+    assert decode_update(data, reference_of(state)).keys() == state.keys()
+    assert any("sparse_chunk" in r.getMessage() for r in caplog.records)
+
+
+def test_a_task_without_sparse_chunk_uses_4096_quietly(runner, tiny_checkpoint, caplog):
+    _, _, state = tiny_checkpoint
+    delta = {k: torch.ones_like(v) for k, v in state.items()}
+    with caplog.at_level("WARNING", logger="agora.worker.sync"):
+        data = sync.encode_pseudo_gradient(runner, make_task(compression="topk2", run_id=9), delta)
+    assert _update_chunk(data) == 4096  # a server from before the setting
+    assert not caplog.records

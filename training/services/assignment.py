@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from diloco.checkpoint import sha256_hex
 from diloco.codecs import DENSITY, CodecError, decode_update, payload_nbytes
+from governance.specs import SPARSE_CHUNK_BEFORE
 from ledger.services import entry_append
 from marketplace import tasks_liveness
 from training import blobs
@@ -40,9 +41,14 @@ _CLAIM_CANDIDATES = 8
 
 def max_upload_bytes(run: TrainingRun) -> int:
     reference = run_reference(run)  # a LoRA run's updates cover its adapters only
+    diloco = run.diloco
     # Sparse offsets in int16, the larger form: agents of the previous release send it, newer ones Elias–Fano.
-    return (payload_nbytes(reference, run.diloco["compression"], density=run.diloco.get("density", DENSITY),
-                           idx="int16") + 256 * len(reference) + _UPLOAD_HEADER_ALLOWANCE)
+    # Chunks: the run's, and 4096, which agents from before ``sparse_chunk`` use whatever the run says (on a
+    # large model its 8x more scales make the larger update).
+    chunks = {diloco.get("sparse_chunk", SPARSE_CHUNK_BEFORE), SPARSE_CHUNK_BEFORE}
+    density = diloco.get("density", DENSITY)
+    return (max(payload_nbytes(reference, diloco["compression"], chunk=chunk, density=density, idx="int16")
+                for chunk in chunks) + 256 * len(reference) + _UPLOAD_HEADER_ALLOWANCE)
 
 
 # A worker holding a task in one of these states has its say in the round; failed and expired ones do not.
