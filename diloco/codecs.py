@@ -10,15 +10,17 @@ so identical updates encode to identical bytes).
   absmax/254 of its chunk; ~4× fewer bytes than fp32.
 - ``topk2`` / ``topk4`` (sparse, SparseLoCo-style): each tensor is flattened and cut into chunks of ``chunk``
   elements (4096 by default, one of ``SPARSE_CHUNKS``: powers of two from 64 to 32768); in every chunk only
-  the ``topk`` largest-magnitude values are kept (``topk = round(density · chunk)``, density 2% by default;
-  a chunk shorter than ``topk`` keeps all of its values). A kept value is stored in 2 (or 4) bits as a sign
+  the ``topk`` largest-magnitude values are kept (``topk = round(density · chunk)``, density 2% by default).
+  A chunk shorter than ``chunk`` (a tensor's last, or a whole small tensor) keeps the same share,
+  ``round(topk · length / chunk)`` and at least one (metadata ``"tail": "share"``); without that key (agents
+  before it) it keeps ``min(topk, length)`` (:func:`tail_kept`). A kept value is stored in 2 (or 4) bits as a sign
   and a magnitude level m in 1..L (L = 2 or 8), decoding to ``± m · scale`` with its chunk's float32
   ``scale = absmax / L``; every value not kept decodes to 0. The whole model travels as three tensors,
   model tensors in sorted name order, chunk after chunk: ``"::codes"`` (uint8, 4 or 2 codes per byte,
   first code in the low bits, padding bits zero), ``"::idx"`` (the offsets of the kept values inside their
   chunk, strictly increasing within a chunk) and ``"::scale"`` (float32, one per chunk); metadata adds
   ``"topk"`` and ``"idx": "ef"``: ``"::idx"`` is uint8, the offsets in Elias–Fano form (below; the counts
-  per chunk are fixed by the layout: ``topk``, or the chunk's length when shorter). Without ``"idx"``
+  per chunk are fixed by the layout: ``topk``, or :func:`tail_kept` for a short chunk). Without ``"idx"``
   (agents before it), ``"::idx"`` is int16, one offset each. At 2% density a topk2 update is ~0.2 bits per
   parameter (~0.37 with int16 offsets), ~160× fewer bytes than fp32.
   Workers keep what was not sent in an error-feedback buffer (``diloco.sparse.ErrorFeedback``) and
@@ -65,7 +67,8 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 _HEADER_MAX_DEPTH = 4  # {name: {"shape": [...]}} is 3 levels
 _META_MAX_CHARS = 1024
 SPARSE_CHUNKS = tuple(2**k for k in range(6, 16))  # 64 ... 32768: chunk offsets fit int16
-_META_KEYS = {"format", "codec", "chunk", "topk", "idx"}
+_META_KEYS = {"format", "codec", "chunk", "topk", "idx", "tail"}
+TAILS = ("share", "min")
 # How a sparse update's offsets travel: "ef" (Elias–Fano, metadata "idx": "ef") or "int16" (no "idx" key:
 # the form agents wrote before Elias–Fano, still accepted).
 IDX_FORMS = ("ef", "int16")
@@ -120,10 +123,23 @@ def topk_per_chunk(chunk: int, density: float) -> int:
     return max(1, min(chunk, round(density * chunk)))
 
 
-def _chunk_counts(n: int, chunk: int, topk: int) -> tuple[int, int, int]:
+def tail_kept(rest: int, chunk: int, topk: int, share: bool) -> int:
+    """Values kept in a chunk of ``rest`` < ``chunk`` elements (a tensor's last chunk, or a whole tensor
+    shorter than a chunk). ``share`` (metadata ``"tail": "share"``): the same share as a full chunk,
+    ``round(topk · rest / chunk)`` (halves up, at least 1): what ``density`` promises. Without it (agents
+    before it): ``min(topk, rest)``, which sends every value of a tensor shorter than ``topk`` and more than
+    ``density`` of any tensor shorter than a chunk."""
+    if rest <= 0:
+        return 0
+    if share:
+        return max(1, min(rest, (2 * topk * rest + chunk) // (2 * chunk)))
+    return min(topk, rest)
+
+
+def _chunk_counts(n: int, chunk: int, topk: int, share: bool = True) -> tuple[int, int, int]:
     """``(full chunks, elements in the last partial chunk, values kept in all)`` of an n-element tensor."""
     full, rest = divmod(n, chunk)
-    return full, rest, full * min(topk, chunk) + min(topk, rest)
+    return full, rest, full * min(topk, chunk) + tail_kept(rest, chunk, topk, share)
 
 
 def _pack(codes: Tensor, bits: int) -> Tensor:
@@ -241,10 +257,11 @@ def _quantize_rows(values: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return codes, scale
 
 
-def _sparse_encode(x: Tensor, chunk: int, topk: int, bits: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+def _sparse_encode(x: Tensor, chunk: int, topk: int, bits: int = 2,
+                   share: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(codes, offsets, scales)`` of one float32 tensor: the top-k per chunk (see the module doc)."""
     flat = x.reshape(-1)
-    full, rest, _ = _chunk_counts(flat.numel(), chunk, topk)
+    full, rest, _ = _chunk_counts(flat.numel(), chunk, topk, share)
     parts = []
     if full:
         parts.append(flat[: full * chunk].view(full, chunk))
@@ -255,7 +272,7 @@ def _sparse_encode(x: Tensor, chunk: int, topk: int, bits: int = 2) -> tuple[Ten
                 torch.zeros(0, dtype=torch.float32))
     codes, offsets, scales = [], [], []
     for block in parts:
-        kept = min(topk, block.shape[1])
+        kept = min(topk, chunk) if block.shape[1] == chunk else tail_kept(block.shape[1], chunk, topk, share)
         idx = block.abs().topk(kept, dim=1, sorted=False).indices.sort(dim=1).values
         c, sc = _quantize_rows(block.gather(1, idx), bits)
         codes.append(c.reshape(-1))
@@ -264,31 +281,38 @@ def _sparse_encode(x: Tensor, chunk: int, topk: int, bits: int = 2) -> tuple[Ten
     return torch.cat(codes), torch.cat(offsets), torch.cat(scales).to(torch.float32)
 
 
-def _sparse_layout(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], chunk: int, topk: int):
+def _sparse_layout(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], chunk: int, topk: int,
+                   share: bool = True):
     """Per tensor in sorted name order: ``(name, shape, full chunks, rest, kept values)``, and the totals
     of kept values and chunks."""
     rows, kept_total, chunks_total = [], 0, 0
     for name in sorted(reference):
         shape = tuple(reference[name][0])
-        full, rest, kept = _chunk_counts(math.prod(shape), chunk, topk)
+        full, rest, kept = _chunk_counts(math.prod(shape), chunk, topk, share)
         rows.append((name, shape, full, rest, kept))
         kept_total += kept
         chunks_total += full + (1 if rest else 0)
     return rows, kept_total, chunks_total
 
 
-def _sparse_chunk_sizes(layout, chunk: int, topk: int) -> tuple[Tensor, Tensor]:
+def _sparse_chunk_sizes(layout, chunk: int, topk: int, share: bool = True) -> tuple[Tensor, Tensor]:
     """``(values kept, length)`` of every chunk of the stream (int64, one entry per chunk, in order)."""
     counts, lengths = [], []
     for _name, _shape, full, rest, _kept in layout:
         counts.append(torch.full((full,), min(topk, chunk), dtype=torch.int64))
         lengths.append(torch.full((full,), chunk, dtype=torch.int64))
         if rest:
-            counts.append(torch.tensor([min(topk, rest)], dtype=torch.int64))
+            counts.append(torch.tensor([tail_kept(rest, chunk, topk, share)], dtype=torch.int64))
             lengths.append(torch.tensor([rest], dtype=torch.int64))
     if not counts:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
     return torch.cat(counts), torch.cat(lengths)
+
+
+def _check_tail(tail) -> bool:
+    if tail not in TAILS:
+        raise CodecError(f"short-chunk rule {str(tail)[:20]!r} is not one of {', '.join(TAILS)}")
+    return tail == "share"
 
 
 def _check_idx(idx) -> str:
@@ -298,11 +322,11 @@ def _check_idx(idx) -> str:
 
 
 def _sparse_decode(name: str, codes: Tensor, offsets: Tensor, scales: Tensor, shape: tuple[int, ...],
-                   bits: int, chunk: int, topk: int) -> Tensor:
+                   bits: int, chunk: int, topk: int, share: bool = True) -> Tensor:
     """The dense float32 tensor of one model tensor's slice of the stream, after checking it is canonical
     and in range (the slices have the lengths the layout requires)."""
     n = math.prod(shape)
-    full, rest, _ = _chunk_counts(n, chunk, topk)
+    full, rest, _ = _chunk_counts(n, chunk, topk, share)
     kept_full = min(topk, chunk)
     out = torch.zeros(n, dtype=torch.float32)
     levels = 1 << (bits - 1)
@@ -310,7 +334,7 @@ def _sparse_decode(name: str, codes: Tensor, offsets: Tensor, scales: Tensor, sh
     if full:
         blocks.append((0, full, chunk, kept_full, 0))
     if rest:
-        blocks.append((full * kept_full, 1, rest, min(topk, rest), full))
+        blocks.append((full * kept_full, 1, rest, tail_kept(rest, chunk, topk, share), full))
     for start, rows, length, kept, first_chunk in blocks:
         off = offsets[start : start + rows * kept].view(rows, kept).to(torch.int64)
         if ((off < 0) | (off >= length)).any():
@@ -329,9 +353,9 @@ def _sparse_decode(name: str, codes: Tensor, offsets: Tensor, scales: Tensor, sh
 
 
 def _decode_sparse_update(tensors: dict[str, Tensor], reference, codec: str, chunk: int,
-                          topk: int, idx: str) -> dict[str, Tensor]:
+                          topk: int, idx: str, share: bool) -> dict[str, Tensor]:
     bits = SPARSE_BITS[codec]
-    layout, total, n_chunks = _sparse_layout(reference, chunk, topk)
+    layout, total, n_chunks = _sparse_layout(reference, chunk, topk, share)
     expected = {SPARSE_CODES: (torch.uint8, (math.ceil(total * bits / 8),)),
                 SPARSE_SCALE: (torch.float32, (n_chunks,))}
     if idx == "int16":
@@ -351,7 +375,7 @@ def _decode_sparse_update(tensors: dict[str, Tensor], reference, codec: str, chu
         raise CodecError(f"tensor {SPARSE_CODES} has non-zero padding bits")
     offsets = tensors[SPARSE_IDX]
     if idx == "ef":
-        offsets = ef_decode(offsets, *_sparse_chunk_sizes(layout, chunk, topk), what=SPARSE_IDX)
+        offsets = ef_decode(offsets, *_sparse_chunk_sizes(layout, chunk, topk, share), what=SPARSE_IDX)
     out: dict[str, Tensor] = {}
     at, chunk_at = 0, 0
     for name, shape, full, rest, kept in layout:
@@ -359,14 +383,14 @@ def _decode_sparse_update(tensors: dict[str, Tensor], reference, codec: str, chu
             raise CodecError(f"model tensor {name} is {reference[name][1]}, updates are only defined for floating point")
         n_chunks_here = full + (1 if rest else 0)
         out[name] = _sparse_decode(name, codes[at : at + kept], offsets[at : at + kept],
-                                   scales[chunk_at : chunk_at + n_chunks_here], shape, bits, chunk, topk)
+                                   scales[chunk_at : chunk_at + n_chunks_here], shape, bits, chunk, topk, share)
         at += kept
         chunk_at += n_chunks_here
     return {name: out[name] for name in reference}
 
 
 def _encoded_tensors(delta: dict[str, Tensor], codec: str, chunk: int, topk: int = 0,
-                     idx: str = "ef") -> dict[str, Tensor]:
+                     idx: str = "ef", share: bool = True) -> dict[str, Tensor]:
     _check_codec(codec)
     out: dict[str, Tensor] = {}
     sparse: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -387,7 +411,7 @@ def _encoded_tensors(delta: dict[str, Tensor], codec: str, chunk: int, topk: int
             out[name] = q.contiguous()
             out[name + SCALE_SUFFIX] = absmax.contiguous()
         else:
-            sparse.append(_sparse_encode(x, chunk, topk, SPARSE_BITS[codec]))
+            sparse.append(_sparse_encode(x, chunk, topk, SPARSE_BITS[codec], share))
     if codec in SPARSE_BITS:
         # One stream for the whole model, tensors in sorted name order: three tensors in the header instead
         # of three per model tensor (the header would otherwise outweigh a small model's payload).
@@ -395,8 +419,8 @@ def _encoded_tensors(delta: dict[str, Tensor], codec: str, chunk: int, topk: int
         out[SPARSE_CODES] = _pack(codes, SPARSE_BITS[codec]).contiguous()
         offsets = torch.cat([o for _, o, _ in sparse]) if sparse else torch.zeros(0, dtype=torch.int64)
         if idx == "ef":
-            layout, _, _ = _sparse_layout(reference_of(delta), chunk, topk)
-            offsets = ef_encode(offsets, *_sparse_chunk_sizes(layout, chunk, topk))
+            layout, _, _ = _sparse_layout(reference_of(delta), chunk, topk, share)
+            offsets = ef_encode(offsets, *_sparse_chunk_sizes(layout, chunk, topk, share))
         out[SPARSE_IDX] = offsets.to(torch.int16 if idx == "int16" else torch.uint8).contiguous()
         out[SPARSE_SCALE] = (torch.cat([sc for _, _, sc in sparse]) if sparse
                              else torch.zeros(0, dtype=torch.float32)).contiguous()
@@ -428,16 +452,19 @@ def _check_topk(topk, chunk: int) -> int:
 
 
 def encode_update(delta: dict[str, Tensor], codec: str, *, chunk: int = INT8_CHUNK,
-                  density: float = DENSITY, idx: str = "ef") -> bytes:
+                  density: float = DENSITY, idx: str = "ef", tail: str = "share") -> bytes:
     """Encode a pseudo-gradient as safetensors bytes with ``{"format", "codec", "chunk", "topk", "idx"}``
     metadata (``chunk`` for int8 and the sparse codecs, ``topk`` for the sparse codecs only, ``idx`` for the
     sparse codecs with Elias–Fano offsets; ``density`` and ``idx`` are used by the sparse codecs only:
-    ``idx="int16"`` writes the offsets as agents before Elias–Fano did)."""
+    ``idx="int16"`` writes the offsets as agents before Elias–Fano did; ``tail="min"`` keeps
+    ``min(topk, length)`` values of a short chunk, as agents before ``"tail": "share"`` did, see
+    :func:`tail_kept`)."""
     _check_codec(codec)
     _check_chunk(chunk, codec)
     _check_idx(idx)
+    share = _check_tail(tail)
     topk = topk_per_chunk(chunk, check_density(density)) if codec in SPARSE_BITS else 0
-    tensors = _encoded_tensors(delta, codec, chunk, topk, idx)
+    tensors = _encoded_tensors(delta, codec, chunk, topk, idx, share)
     meta = {"format": FORMAT, "codec": codec}
     if codec == "int8" or codec in SPARSE_BITS:
         meta["chunk"] = chunk
@@ -445,19 +472,23 @@ def encode_update(delta: dict[str, Tensor], codec: str, *, chunk: int = INT8_CHU
         meta["topk"] = topk
         if idx == "ef":
             meta["idx"] = "ef"
+        if share:
+            meta["tail"] = "share"
     # One metadata key holding sorted JSON: safetensors writes its metadata map in arbitrary order, and
     # identical updates should be identical bytes.
     return st_save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
 
 
 def payload_nbytes(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], codec: str,
-                   *, chunk: int = INT8_CHUNK, density: float = DENSITY, idx: str = "ef") -> int:
+                   *, chunk: int = INT8_CHUNK, density: float = DENSITY, idx: str = "ef", tail: str = "share") -> int:
     """Bytes of tensor data an encoded update carries (without the small safetensors header). For the
-    sparse codecs ``idx`` names the offset form; int16 offsets are never fewer bytes than Elias–Fano
-    ones, so ``idx="int16"`` bounds an upload in either form."""
+    sparse codecs ``idx`` names the offset form and ``tail`` the short-chunk rule; int16 offsets are never
+    fewer bytes than Elias–Fano ones and ``tail="min"`` never keeps fewer values than ``"share"``, so
+    ``idx="int16", tail="min"`` bounds an upload in any form."""
     _check_codec(codec)
     _check_chunk(chunk, codec)
     _check_idx(idx)
+    share = _check_tail(tail)
     topk = topk_per_chunk(chunk, check_density(density)) if codec in SPARSE_BITS else 0
     total = 0
     for shape, _dtype in reference.values():
@@ -469,8 +500,8 @@ def payload_nbytes(reference: dict[str, tuple[tuple[int, ...], torch.dtype]], co
         elif codec == "int8":
             total += n + 4 * max(1, math.ceil(n / chunk))
     if codec in SPARSE_BITS:
-        layout, kept, n_chunks = _sparse_layout(reference, chunk, topk)
-        offsets = ef_nbytes(*_sparse_chunk_sizes(layout, chunk, topk)) if idx == "ef" else 2 * kept
+        layout, kept, n_chunks = _sparse_layout(reference, chunk, topk, share)
+        offsets = ef_nbytes(*_sparse_chunk_sizes(layout, chunk, topk, share)) if idx == "ef" else 2 * kept
         total = math.ceil(kept * SPARSE_BITS[codec] / 8) + offsets + 4 * n_chunks
     return total
 
@@ -545,6 +576,10 @@ def decode_update(
         raise CodecError(f"update metadata 'idx' {str(meta['idx'])[:20]!r} is not allowed for codec {codec} "
                          "(only 'ef' for a sparse codec; without it offsets are int16)")
     idx = "ef" if "idx" in meta else "int16"
+    if "tail" in meta and (not sparse or meta["tail"] != "share"):
+        raise CodecError(f"update metadata 'tail' {str(meta['tail'])[:20]!r} is not allowed for codec {codec} "
+                         "(only 'share' for a sparse codec; without it a short chunk keeps min(topk, length))")
+    share = "tail" in meta
     expected_names = {SPARSE_CODES, SPARSE_IDX, SPARSE_SCALE} if sparse else set(reference)
     if codec == "int8":
         expected_names |= {n + SCALE_SUFFIX for n in reference}
@@ -560,7 +595,7 @@ def decode_update(
     except Exception as exc:  # safetensors raises its own error types for every malformed input
         raise CodecError(f"update is not a safetensors file: {exc}") from exc
     if sparse:
-        return _decode_sparse_update(tensors, reference, codec, chunk, topk, idx)
+        return _decode_sparse_update(tensors, reference, codec, chunk, topk, idx, share)
     stored_dtype = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}.get(codec)
     out: dict[str, Tensor] = {}
     for name, (shape, ref_dtype) in reference.items():

@@ -289,10 +289,11 @@ def _sparse_file(tensors: dict, codec="topk2", chunk=64, topk=4) -> bytes:
 
 
 def _sparse_parts(delta, codec="topk2", chunk=64, topk=4, idx="int16") -> dict:
-    """The tensors of a sparse update; int16 offsets by default, as ``_sparse_file`` writes no ``"idx"``."""
+    """The tensors of a sparse update; int16 offsets by default and short chunks keeping min(topk, length),
+    as ``_sparse_file`` writes neither ``"idx"`` nor ``"tail"``."""
     from diloco.codecs import _encoded_tensors
 
-    return _encoded_tensors(delta, codec, chunk, topk, idx)
+    return _encoded_tensors(delta, codec, chunk, topk, idx, share=False)
 
 
 @pytest.mark.parametrize("codec,levels", [("topk2", 2), ("topk4", 8)])
@@ -305,7 +306,8 @@ def test_sparse_keeps_the_largest_values_per_chunk_with_their_signs(delta, ref, 
         for s in range(0, flat.numel(), chunk):
             block, dec = flat[s : s + chunk], got[s : s + chunk]
             kept = dec != 0
-            assert int(kept.sum()) == min(topk, block.numel())
+            # a short chunk keeps the same share as a full one (at least one value)
+            assert int(kept.sum()) == (topk if block.numel() == chunk else max(1, round(topk * block.numel() / chunk)))
             # the kept positions are the largest magnitudes of the chunk
             if (~kept).any():
                 assert block[kept].abs().min() >= block[~kept].abs().max()
@@ -336,9 +338,32 @@ def test_sparse_zero_tensor_and_short_tail_chunk():
     out = decode_update(encode_update(x, "topk4", chunk=64, density=0.25), reference_of(x))
     assert torch.equal(out["z"], torch.zeros(100))
     assert out["s"].item() == -2.0
-    # 69 elements: a full chunk of 64 keeps 16, the tail of 5 keeps all 5
-    assert int((out["tail"] != 0).sum()) == 16 + 5
-    assert (out["tail"][64:] > 0).all() and (out["tail"][48:64] > 0).all() and not out["tail"][:48].any()
+    # 69 elements: a full chunk of 64 keeps 16, the tail of 5 the same quarter: round(16 · 5 / 64) = 1
+    assert int((out["tail"] != 0).sum()) == 16 + 1
+    assert out["tail"][68] > 0 and not out["tail"][64:68].any()
+    assert (out["tail"][48:64] > 0).all() and not out["tail"][:48].any()
+    # agents before the share rule kept min(topk, length): all 5 (and such updates still decode)
+    legacy = decode_update(encode_update(x, "topk4", chunk=64, density=0.25, tail="min"), reference_of(x))
+    assert int((legacy["tail"] != 0).sum()) == 16 + 5 and (legacy["tail"][64:] > 0).all()
+
+
+def test_density_is_the_share_sent_of_short_tensors_too():
+    g = torch.Generator().manual_seed(0)
+    x = {"big": torch.randn(3 * 4096, generator=g), "small": torch.randn(1000, generator=g),
+         "bias": torch.randn(64, generator=g)}
+    for chunk in (4096, 32768):
+        out = decode_update(encode_update(x, "topk2", chunk=chunk, density=0.02), reference_of(x))
+        sent = {k: int((v != 0).sum()) for k, v in out.items()}
+        assert sent["small"] == 20 and sent["bias"] == 1  # 2% of 1000; at least one
+        assert sent["big"] == (3 * 82 if chunk == 4096 else round(0.02 * 32768 * 3 * 4096 / 32768))
+        old = decode_update(encode_update(x, "topk2", chunk=chunk, density=0.02, tail="min"), reference_of(x))
+        assert int((old["bias"] != 0).sum()) == 64  # the rule before: a small tensor went whole
+    with pytest.raises(CodecError, match="short-chunk rule 'all'"):
+        encode_update(x, "topk2", tail="all")
+    data = encode_update(x, "topk2")
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    meta = json.loads(header["__metadata__"]["agora_update"])
+    assert meta["tail"] == "share"
 
 
 @pytest.mark.parametrize("density", [0, 0.0005, 0.3, 1, -0.02, float("nan"), "0.02", True, None])

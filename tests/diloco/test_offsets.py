@@ -228,8 +228,9 @@ def test_a_previous_release_update_still_decodes_identically():
     ref = reference_of(LEGACY_X)
     old = decode_update(LEGACY_UPDATE, ref)["w"]
     assert torch.nonzero(old).reshape(-1).tolist() == [0, 30, 41, 60, 71, 79, 82, 90]
-    assert torch.equal(decode_update(encode_update(LEGACY_X, "topk2", chunk=64, density=4 / 64), ref)["w"], old)
-    assert encode_update(LEGACY_X, "topk2", chunk=64, density=4 / 64, idx="int16") == LEGACY_UPDATE
+    assert torch.equal(decode_update(encode_update(LEGACY_X, "topk2", chunk=64, density=4 / 64, tail="min"), ref)["w"],
+                       old)
+    assert encode_update(LEGACY_X, "topk2", chunk=64, density=4 / 64, idx="int16", tail="min") == LEGACY_UPDATE
 
 
 def test_a_previous_release_step_still_decodes_identically():
@@ -280,7 +281,7 @@ def test_update_idx_is_refused_for_dense_codecs_and_bad_forms_when_encoding():
 def _ef_update_parts(x, chunk=64, topk=4):
     from diloco.codecs import _encoded_tensors
 
-    return _encoded_tensors(x, "topk2", chunk, topk, "ef")
+    return _encoded_tensors(x, "topk2", chunk, topk, "ef", share=False)  # _ef_update writes no "tail"
 
 
 def _ef_update(parts, chunk=64, topk=4) -> bytes:
@@ -292,8 +293,8 @@ def test_ef_update_whose_offsets_are_damaged_is_refused():
     x = {"w": torch.randn(200, generator=torch.Generator().manual_seed(0))}  # chunks 64, 64, 64, 8
     ref = reference_of(x)
     parts = _ef_update_parts(x)
-    assert torch.equal(decode_update(_ef_update(parts), ref)["w"], decode_update(encode_update(x, "topk2", chunk=64,
-                                                                                             density=4 / 64), ref)["w"])
+    assert torch.equal(decode_update(_ef_update(parts), ref)["w"], decode_update(encode_update(
+        x, "topk2", chunk=64, density=4 / 64, tail="min"), ref)["w"])
     idx = parts["::idx"]
     for bad, message in (
         (idx[:-1], "::idx must be uint8 of shape"),

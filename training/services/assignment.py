@@ -47,7 +47,9 @@ def max_upload_bytes(run: TrainingRun) -> int:
     # large model its 8x more scales make the larger update).
     chunks = {diloco.get("sparse_chunk", SPARSE_CHUNK_BEFORE), SPARSE_CHUNK_BEFORE}
     density = diloco.get("density", DENSITY)
-    return (max(payload_nbytes(reference, diloco["compression"], chunk=chunk, density=density, idx="int16")
+    # Short chunks: min(topk, length) values, never fewer than the same share that newer agents keep.
+    return (max(payload_nbytes(reference, diloco["compression"], chunk=chunk, density=density, idx="int16",
+                               tail="min")
                 for chunk in chunks) + 256 * len(reference) + _UPLOAD_HEADER_ALLOWANCE)
 
 
