@@ -26,9 +26,9 @@ Choices, and why:
   β 0.95 with 2 at 1.496: no pair moves the loss by more than the spread between neighbours); H=25 at 2%
   and at 1%, and H=10 at 1% (more rounds at the same tokens; the same bytes as H=50 at 2%, or more); and ``dense-defaults``, what a sparse run got
   from the dense spec defaults (outer lr 0.7, outer momentum 0.9 as β) before a sparse codec brought its own.
-- Chunk: a sparse run's default is 32768 (``spec.diloco.sparse_chunk``), so the sparse arms use it; every
-  tensor of the 137k model is shorter, so each keeps its own top 2% (a short chunk keeps the same share as
-  a full one). ``chunk4096`` and ``h25-chunk4096`` are the same arms at 4096, the earlier default.
+- Chunk: the sparse arms use a sparse run's default, 4096 (``spec.diloco.sparse_chunk``); ``chunk32k`` and
+  ``h25-chunk32k`` are the same arms at 32768 (every tensor of the 137k model is shorter, so each keeps its
+  own top 2%: a short chunk keeps the same share as a full one). At the same share 32768 did no better.
 - Overlap: the arm trains each round wholly ahead, as ``workers.overlap`` does when the link is the slower
   part (see :func:`run_sparse`). An earlier version restarted every round from the checkpoint one round old,
   dropping the worker's own last progress: not what the agent does.
@@ -54,7 +54,7 @@ from bench.common import fmt_bytes, print_table
 SPARSE_OUTER_GRID = (1.0, 2.0, 4.0)
 SPARSE_BETA = 0.95
 SPARSE_MAIN = "SparseLoCo topk2 2%"
-SPARSE_CHUNK = 32768  # a sparse run's default chunk (``governance.specs.sparse_defaults``)
+SPARSE_CHUNK = 4096  # a sparse run's default chunk (``governance.specs.sparse_defaults``)
 
 
 def run_sparse(p: dict) -> dict:
@@ -127,7 +127,7 @@ def sparse_arm(common: dict, lr: float, olr: float, *, codec="topk2", density=0.
 
 
 VARIANTS = ("overlap", "1%", "3%", "topk4", "momentum", "beta0.99", "beta0.8", "h25", "h25-1%", "h10",
-            "chunk4096", "h25-chunk4096", "dense-defaults")
+            "chunk32k", "h25-chunk32k", "dense-defaults")
 
 
 def sparse_arms(pool, common: dict, inner_lr: float, *, quick: bool, momentum: float = 0.9, grid=None,
@@ -157,10 +157,10 @@ def sparse_arms(pool, common: dict, inner_lr: float, *, quick: bool, momentum: f
                  "h25": sparse_arm(common, inner_lr, olr, h=25, name="SparseLoCo topk2 2%, H=25"),
                  "h25-1%": sparse_arm(common, inner_lr, olr, density=0.01, h=25, name="SparseLoCo topk2 1%, H=25"),
                  "h10": sparse_arm(common, inner_lr, olr, density=0.01, h=10, name="SparseLoCo topk2 1%, H=10"),
-                 # the top 2% of every 4096 values, the chunk before sparse runs took 32768 by default
-                 "chunk4096": sparse_arm(common, inner_lr, olr, chunk=4096, name="SparseLoCo topk2 2%, chunk 4096"),
-                 "h25-chunk4096": sparse_arm(common, inner_lr, olr, chunk=4096, h=25,
-                                             name="SparseLoCo topk2 2%, H=25, chunk 4096"),
+                 # the top 2% of every 32768 values instead of every 4096 (the same share)
+                 "chunk32k": sparse_arm(common, inner_lr, olr, chunk=32768, name="SparseLoCo topk2 2%, chunk 32768"),
+                 "h25-chunk32k": sparse_arm(common, inner_lr, olr, chunk=32768, h=25,
+                                            name="SparseLoCo topk2 2%, H=25, chunk 32768"),
                  # what a sparse run got from the dense defaults (outer lr 0.7, outer momentum 0.9 as β)
                  "dense-defaults": sparse_arm(common, inner_lr, 0.7, beta=0.9,
                                               name="topk2 2%, dense defaults (outer lr 0.7, β 0.9)")}

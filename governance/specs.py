@@ -43,7 +43,7 @@ RE2_MAX_MEM = 8 << 20
 # not import diloco; a test holds the two equal). Agents before ``sparse_chunk`` always used 4096.
 SPARSE_CHUNKS = tuple(2**k for k in range(6, 16))  # 64 ... 32768
 SPARSE_CHUNK_BEFORE = 4096
-SPARSE_CHUNK_DEFAULT = 32768
+SPARSE_CHUNK_DEFAULT = 4096
 SPARSE_CHUNK_MESSAGE = f"sparse_chunk must be one of {', '.join(map(str, SPARSE_CHUNKS))} (a power of two)."
 # Host names that only make sense inside someone's network.
 LOCAL_HOST_SUFFIXES = (".localhost", ".local", ".internal", ".intranet", ".lan", ".home.arpa", ".localdomain")
@@ -428,12 +428,10 @@ class DilocoSpec(StrictSerializer):
         error_messages={"min_value": SPARSE_CHUNK_MESSAGE, "max_value": SPARSE_CHUNK_MESSAGE},
         help_text=f"Sparse compression: the chunk a worker's update is cut into; it keeps the largest `density` "
                   f"share of each chunk (a power of two, {SPARSE_CHUNKS[0]}–{SPARSE_CHUNKS[-1]}; default "
-                  f"{SPARSE_CHUNK_DEFAULT} with a sparse compression). A larger chunk lets a worker spend its budget "
-                  f"where the pseudo-gradient is large rather than the same share everywhere: in bench.fidelity_sparse "
-                  f"(137k-parameter model, 4 workers, 2%, 3000 steps) 32768 ended at held-out loss 1.436, 4096 at "
-                  f"1.495 (there it also sent more: 6.6% of the values against 2.9%, since a tensor shorter than a "
-                  f"chunk keeps round(density × chunk) of its values; on a 25M model 2.1% against 2.0%). Not used by "
-                  f"dense compressions.",
+                  f"{SPARSE_CHUNK_DEFAULT}). A larger chunk lets a worker spend its share where the pseudo-gradient "
+                  f"is large rather than evenly, but at the same share it did not help in bench.fidelity_sparse "
+                  f"(4 workers, 2%, 3000 steps: held-out loss 1.5159 with 32768 against 1.5102 with 4096 at 137k "
+                  f"parameters, H=25 at 470k 1.2208 against 1.2165). Not used by dense compressions.",
     )
     overlap = serializers.BooleanField(
         default=False,
@@ -516,8 +514,7 @@ def sparse_defaults(workers_per_round: int) -> dict:
     137k-parameter model, k=4, H=50, 3000 steps: outer lr 2 with β 0.95 reached 1.487 where the dense defaults,
     outer lr 0.7 with β 0.9, stayed far behind). A per-value trimmed mean or median throws away the values
     only one worker sent, so the aggregator is the norm-clipped mean (the plain mean below three workers).
-    Chunks of 32768 values rather than 4096 (same bench, 2%): held-out loss 1.436 against 1.495, though on that
-    small model they also send 6.6% of the values rather than 2.9% (see the field's help)."""
+    The chunk stays 4096: at the same share, 32768 did no better (see the field's help)."""
     return {"outer_lr": 2.0, "outer_momentum": 0.95,
             "aggregator": "norm_clipped_mean" if workers_per_round >= ROBUST_MIN_WORKERS["norm_clipped_mean"]
             else "mean",

@@ -161,7 +161,7 @@ def test_a_kept_setting_the_shown_inputs_depend_on_is_listed_and_dropping_it_is_
     assert proposal.spec["model"]["config"]["head_dim"] == 8
 
 
-@pytest.mark.parametrize(("chunk", "listed"), [(1024, True), (32768, False)])
+@pytest.mark.parametrize(("chunk", "listed"), [(1024, True), (32768, True), (4096, False)])
 def test_a_sparse_chunk_set_through_the_api_is_kept_without_an_input(client, member_client, member, chunk, listed):
     """sparse_chunk has no input: a chunk the member chose is listed and kept; the sparse default follows the
     compression shown in the form, as when the form alone saves a draft."""

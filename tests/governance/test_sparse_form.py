@@ -24,7 +24,7 @@ def test_choosing_topk2_in_the_form_gets_the_sparse_settings(logged_in):
     response = logged_in.post("/proposals/new/", {**FORM, "compression": "topk2"})
     assert response.status_code == 302, response.content.decode()[:2000]
     assert _diloco(Proposal.objects.get()) == ("topk2", 2.0, 0.95, "norm_clipped_mean")
-    assert Proposal.objects.get().spec["diloco"]["sparse_chunk"] == 32768  # no input: the sparse default
+    assert Proposal.objects.get().spec["diloco"]["sparse_chunk"] == 4096  # no input: the sparse default
 
 
 def test_what_the_member_typed_is_kept(logged_in):

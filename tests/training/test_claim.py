@@ -59,7 +59,10 @@ def test_a_sparse_task_names_the_runs_chunk_and_its_upload_bound_follows_it(cpu_
 
     run = services.run_start(proposal_id=approved_proposal(diloco={"compression": "topk2"}).pk)
     body = client_for(cpu_worker).post("/api/v1/tasks/claim").json()
-    assert run.diloco["sparse_chunk"] == 32768 and body["sparse_chunk"] == 32768  # the sparse default
+    assert run.diloco["sparse_chunk"] == 4096 and body["sparse_chunk"] == 4096  # the sparse default
+    run.spec["diloco"]["sparse_chunk"] = 32768  # a run that chose larger chunks
+    run.save(update_fields=["spec"])
+    body["max_upload_bytes"] = services.max_upload_bytes(run)
     state, _ = blobs.checkpoint_state(body["checkpoint_sha256"])
     g = torch.Generator().manual_seed(0)
     delta = {k: torch.randn(v.shape, generator=g) for k, v in state.items()}
@@ -68,8 +71,8 @@ def test_a_sparse_task_names_the_runs_chunk_and_its_upload_bound_follows_it(cpu_
     for chunk, idx in ((32768, "int16"), (32768, "ef"), (4096, "int16"), (4096, "ef")):
         update = encode_update(delta, "topk2", chunk=chunk, idx=idx)
         assert len(update) <= body["max_upload_bytes"], (chunk, idx)
-    # On this small model a chunk of 32768 keeps more values than 4096 (each tensor is shorter than a chunk
-    # and keeps round(2% × 32768) of its values): the bound grows with the run's chunk.
+    # On this small model an earlier agent's chunk of 32768 keeps more values than 4096 (each tensor is
+    # shorter than a chunk and kept min(topk, length) of its values): the bound grows with the run's chunk.
     bound = services.max_upload_bytes(run)
     run.spec["diloco"]["sparse_chunk"] = 4096
     assert services.max_upload_bytes(run) < bound
