@@ -5,12 +5,11 @@ update measured from another checkpoint is refused."""
 import json
 
 import pytest
+import torch
 from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
 from diloco.checkpoint import save_weights, sha256_hex
-import torch
-
 from diloco.codecs import reference_of
 from diloco.outer import round_int8_pow2
 from diloco.sparse import apply_published_delta, decode_published_delta, published_meta
