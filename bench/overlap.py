@@ -78,6 +78,15 @@ def _wait_finished(run_id: int, procs, timeout: float) -> str:
     return wait_for(done, timeout, interval=1.0, what=f"run {run_id} to finish", procs=procs)
 
 
+def _server_rows(run_id: int) -> dict:
+    """Medians of the server's per-round timings (``Round.timings``) over the rounds counted."""
+    from training.models import Round
+
+    timings = [r.timings for r in Round.objects.filter(run_id=run_id, index__gt=1).exclude(timings={})]
+    keys = ("aggregation_s", "decode_s", "outer_step_s", "eval_after_s", "save_checkpoint_s", "save_outer_state_s")
+    return {k: statistics.median(t.get(k, 0.0) for t in timings) for k in keys} if timings else {}
+
+
 def _arm_rows(run_id: int) -> dict:
     from training.models import Task
 
@@ -100,6 +109,7 @@ def _arm_rows(run_id: int) -> dict:
         "received": statistics.median(m.get("bytes_received", 0) for m in later),
         "via": ",".join(sorted({m.get("checkpoint_via", "?") for m in later})),
         "ahead": statistics.median(m.get("overlap_steps", 0) for m in later),
+        "server": _server_rows(run_id),
     }
 
 
@@ -198,6 +208,10 @@ def main(argv=None) -> int:
                      "checkpoint via"], rows,
                     title=f"One agent, {'tiny' if args.quick else '25M'} byte-GPT, H={steps}, {args.mbps:g} Mbit/s "
                           f"each way, rounds 2..{rounds} (target: ≥ 95% with overlap)")
+        keys = ("aggregation_s", "decode_s", "outer_step_s", "eval_after_s", "save_checkpoint_s", "save_outer_state_s")
+        print_table(["arm", *keys], [(arm, *(results[arm].get("server", {}).get(k, float("nan")) for k in keys))
+                                     for arm in arms if results[arm].get("server")],
+                    title="The server's round: median seconds (Round.timings; aggregation_s is the whole attempt)")
     return 0
 
 

@@ -61,7 +61,7 @@ def published_delta(step: dict[str, Tensor], *, values: str = "fp16") -> dict[st
     return out
 
 
-def _pow2_exponents(absmax: Tensor) -> Tensor:
+def pow2_exponents(absmax: Tensor) -> Tensor:
     """Per chunk, the smallest integer e with ``absmax / 2^e <= 127``, exactly (``frexp``, no logarithm
     rounding), at least ``_MIN_EXP``; chunks that are all zero get ``_MIN_EXP``."""
     mantissa, exponent = torch.frexp(absmax / 127.0)  # absmax/127 = m · 2^k, m in [0.5, 1)
@@ -80,7 +80,7 @@ def round_int8_pow2(x: Tensor, *, chunk: int = PUBLISH_CHUNK) -> Tensor:
         if not rows:
             continue
         block = flat[start : start + rows * length].view(rows, length)
-        scale = torch.ldexp(torch.ones(rows), _pow2_exponents(block.abs().amax(dim=1)))[:, None]
+        scale = torch.ldexp(torch.ones(rows), pow2_exponents(block.abs().amax(dim=1)))[:, None]
         out[start : start + rows * length] = (block / scale).round_().clamp_(-127, 127).mul_(scale).reshape(-1)
     return out.add_(0.0).view(x.shape)  # -0.0 + 0.0 = +0.0
 

@@ -35,7 +35,7 @@ model tensors in sorted name order, chunk after chunk of ``chunk`` elements:
     exponent the server's rounding uses (−24 up to float16's range) with room to spare, keeps every
     nonzero value a normal float32 (≥ 2⁻⁴⁰, far from the subnormals a CPU may flush to zero) and every
     value finite (≤ 127 · 2⁴⁰). −128 is refused because the encoder never writes it (q is symmetric).
-    The encoder takes e = ``diloco.outer._pow2_exponents`` of the chunk's largest magnitude (the finest
+    The encoder takes e = ``diloco.outer.pow2_exponents`` of the chunk's largest magnitude (the finest
     quantum that holds it, at least 2⁻²⁴ as in the server's rounding) and checks ``float(q) · 2^e``
     against every value bitwise (a -0.0 in a dense chunk fails it); if a chunk fails, the whole step
     falls back to the next form. An agent of a release before this form refuses such a step (its
@@ -77,7 +77,7 @@ from diloco.codecs import (
     encode_update,
     reference_of,
 )
-from diloco.outer import _pow2_exponents
+from diloco.outer import pow2_exponents
 
 Reference = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -301,7 +301,7 @@ def encode_published_delta(delta: dict[str, Tensor], *, chunk: int = INT8_CHUNK,
     if values == "int8":
         dense = _dense_chunks(nnz, lengths, 8)
         counts = torch.where(dense, lengths, nnz)
-        exps = _pow2_exponents(_cat([b.abs().amax(dim=1) for b in blocks], torch.float32)).to(torch.int64)
+        exps = pow2_exponents(_cat([b.abs().amax(dim=1) for b in blocks], torch.float32)).to(torch.int64)
         off, v = _split(blocks, nonzero, dense)
         q = _int8_values(v, torch.repeat_interleave(exps, counts))
         if q is not None:

@@ -7,7 +7,10 @@ with ``progress`` = step/steps), ``paused`` (the volunteer paused the agent; not
   at once with ``EXIT_LOCKED`` when another live agent holds it. The kernel drops the lock when its holder
   dies, so whatever an agent finds in the folder after taking the lock was left by a dead agent.
 - The loop heartbeats, then (unless paused, or busy machine with ``idle_only``) claims; 204 means no work,
-  so it waits ``poll_after_s`` (the server's answer) and tries again.
+  so it waits ``poll_after_s`` (the server's answer) and tries again. After delivering a result it asks
+  sooner (``follow_up_first_s``, 0.25 s, doubling up to ``poll_after_s``; the heartbeat at most once a
+  second meanwhile): the run's next round usually opens seconds after its last result, and a full interval
+  (30 s by default) would leave the volunteer idle every round.
 - While a task runs or its result is being delivered, a background thread keeps heartbeating ``busy`` every
   ``poll_after_s``. A heartbeat answer with ``stop_task: true`` (and ``stop_reason``) for that task stops it
   between two steps: nothing is uploaded or reported, the reason is logged, and the agent claims again. The
@@ -65,6 +68,8 @@ class AgentOptions:
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 120.0
     pause_check_s: float = 0.5
+    # After a delivered result, the first re-claim comes this soon, the next ones twice as late each time.
+    follow_up_first_s: float = 0.25
     # Tries for a failure report (and for a result whose task has no deadline); results retry until the deadline.
     report_attempts: int = 8
 
@@ -137,6 +142,8 @@ class Agent:
         self._abort = threading.Event()
         self._auth_error: AuthError | None = None
         self._last_pause_check = 0.0
+        self._follow_up_s: float | None = None  # the next quick re-claim's delay, after a delivered result
+        self._last_heartbeat = (-1e9, None)  # when, and the state it said
         self._paused_cached = False
         self._announced: str | None = None
         # (run_id, round, steady time) of the end of the last task's training: where the next round's wall
@@ -162,6 +169,7 @@ class Agent:
 
     def heartbeat(self, client: Client | None = None) -> dict:
         state, task_id, progress = self.snapshot()
+        self._last_heartbeat = (time.monotonic(), state)
         answer = (client or self.client).heartbeat(state=state, task_id=task_id,
                                                    progress=None if progress is None else round(progress, 4))
         try:
@@ -272,6 +280,9 @@ class Agent:
             self.auth_failed(exc)
         finally:
             self._halt_ahead()
+            close = getattr(self.runner, "close", None)
+            if close is not None:  # the state kept between rounds reaches the disk before the agent exits
+                close()
             self.client.close()
             if owns_lock:
                 lock.release()
@@ -296,8 +307,11 @@ class Agent:
         """One turn of the loop; returns False when the agent should stop."""
         paused = self.paused()
         self._set_state("paused" if paused else "idle")
+        when, said = self._last_heartbeat
+        quick = self._follow_up_s is not None and said == "idle" and time.monotonic() - when < 1.0
         try:
-            self.heartbeat()
+            if not quick:  # quick re-claims after a result repeat an idle heartbeat at most once a second
+                self.heartbeat()
         except AuthError:
             raise
         except ClientError as exc:
@@ -326,12 +340,19 @@ class Agent:
             return True
         self.backoff.reset()
         if task is None:
-            self._announce(f"idle: no work right now; polling every {self.poll_s:g} s")
             if self.options.once:
                 return False
-            self._wait(self.poll_s)
+            if self._follow_up_s is not None and self._follow_up_s < self.poll_s:
+                delay, self._follow_up_s = self._follow_up_s, 2 * self._follow_up_s
+                log.debug("no task yet after the last result; asking again in %.2f s", delay)
+            else:
+                self._follow_up_s = None
+                delay = self.poll_s
+                self._announce(f"idle: no work right now; polling every {self.poll_s:g} s")
+            self._wait(delay)
             return True
         self._announced = None
+        self._follow_up_s = None
         self._run_task(task)
         if self.options.once or self.options.finish:
             return False
@@ -532,6 +553,7 @@ class Agent:
                 continue
             cfgmod.pending_clear(self.config_path)
             self.tasks_done += 1
+            self._follow_up_s = self.options.follow_up_first_s  # the next round is likely seconds away
             log.info("task %s: result delivered", task_id)
             return True
 

@@ -14,7 +14,8 @@ The training comes from ``diloco``; this module only wires the task JSON of the 
    addresses, and the data filters run on RE2;
 4. ``diloco.inner.inner_train`` runs the task's inner settings and seed on the agent's device, starting from
    the AdamW state this machine kept for the run (``<cache>/optim/<run_id>.safetensors``; DiLoCo keeps the
-   inner optimizer state per worker), which is saved again afterwards;
+   inner optimizer state per worker), which is kept again afterwards (in memory for the next round, written
+   to disk behind the work: ``workers.keep``);
 5. the pseudo-gradient (over the adapters only, for LoRA) is encoded with
    ``diloco.codecs.encode_update(delta, task.compression)``; the metrics carry ``tokens_per_s``.
 
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from workers.client import Client, DownloadError, ProtocolError
-from workers.config import write_private_file
+from workers.keep import StateKeeper
 
 log = logging.getLogger("agora.worker.runner")
 
@@ -118,6 +119,12 @@ class TaskRunner:
         self.progress_every_s = progress_every_s
         self.data_root = str(data_root) if data_root else None
         self.max_dataset_bytes = int(max_dataset_bytes)
+        self.keeper = StateKeeper()  # per-run state between rounds: in memory, written to disk behind the work
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Finish writing the state kept between rounds (the agent calls this before it exits)."""
+        if not self.keeper.flush(timeout):
+            log.warning("the state kept between rounds is still being written; a restart may begin it afresh")
 
     # --- cache ----------------------------------------------------------------------------------
 
@@ -165,6 +172,9 @@ class TaskRunner:
         from diloco.inner import import_optimizer_state, make_optimizer
 
         path = self.optimizer_file(run_id)
+        kept = self.keeper.get(path, run_id)  # this process's own state of the run's last round
+        if kept is not None:
+            return kept
         if not path.exists():
             return None
         try:
@@ -180,7 +190,8 @@ class TaskRunner:
         from safetensors.torch import save as st_save
 
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        write_private_file(self.optimizer_file(run_id), st_save(tensors, metadata={"run_id": str(run_id)}))
+        self.keeper.put(self.optimizer_file(run_id), tensors,
+                        lambda: st_save(tensors, metadata={"run_id": str(run_id)}), run_id=run_id)
 
     # --- the task -------------------------------------------------------------------------------
 

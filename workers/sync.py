@@ -10,8 +10,9 @@ published step when it can) and its error-feedback buffer.
   The cache keeps the newest ``KEEP_CHECKPOINTS`` checkpoints.
 - Error feedback (SparseLoCo): for a task whose compression is a sparse codec, the pseudo-gradient is folded
   into the run's buffer (``diloco.sparse.ErrorFeedback``, cut into chunks of the task's ``sparse_chunk``), the
-  sparse update is what the buffer sends, and what it leaves out is kept in
-  ``<cache>/optim/<run_id>.error-feedback.safetensors`` beside the inner optimizer state, for the next round.
+  sparse update is what the buffer sends, and what it leaves out is kept for the next round: in memory, and
+  in ``<cache>/optim/<run_id>.error-feedback.safetensors`` beside the inner optimizer state for a restart
+  (``workers.keep``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import secrets
 from pathlib import Path
 
 from workers.client import ClientError
-from workers.config import write_private_file
 
 log = logging.getLogger("agora.worker.sync")
 
@@ -161,14 +161,24 @@ def encode_pseudo_gradient(runner, task: dict, delta: dict) -> bytes:
     beta = task.get("error_feedback_beta")
     ef = ErrorFeedback(codec=compression, density=density, beta=BETA if beta is None else beta,
                        chunk=task_sparse_chunk(task))
-    if path.exists():
+    kept = runner.keeper.get(path, task["run_id"])  # this process's buffer from the run's last round
+    if kept is None and path.exists():
         try:
-            kept = ErrorFeedback.load(path.read_bytes(), reference_of(delta))
-            # The task's codec settings, the buffer kept: it is dense, so it carries over whatever the chunk.
-            ef.error, ef.rounds = kept.error, kept.rounds
+            loaded = ErrorFeedback.load(path.read_bytes(), reference_of(delta))
+            kept = (loaded.error, loaded.rounds)
         except (CodecError, OSError, ValueError) as exc:  # a stale or damaged buffer must not fail the task
             log.warning("discarding the error-feedback buffer of run %s (%s)", task["run_id"], exc)
             path.unlink(missing_ok=True)
-    data = ef.encode(delta)
-    write_private_file(path, ef.save())
+    if kept is not None:
+        # The task's codec settings, the buffer kept: it is dense, so it carries over whatever the chunk.
+        ef.error, ef.rounds = kept
+    try:
+        data = ef.encode(delta)
+    except ValueError as exc:  # names or shapes differ from the buffer's: begin it afresh
+        log.warning("discarding the error-feedback buffer of run %s (%s)", task["run_id"], exc)
+        ef.error, ef.rounds = None, 0
+        data = ef.encode(delta)
+    # Kept in memory for the next round and written behind the upload (``workers.keep``): the file of the
+    # last round goes at once, so a crash leaves no buffer rather than one whose values were already sent.
+    runner.keeper.put(path, (ef.error, ef.rounds), ef.save, run_id=task["run_id"])
     return data

@@ -159,6 +159,31 @@ def test_task_runs_with_busy_heartbeats_and_uploads_the_result(fake_server, star
     assert not fake_server.calls("POST", "/api/v1/tasks/17/fail")
 
 
+def test_after_a_result_the_agent_asks_again_soon_then_less_and_less_often(fake_server, start):
+    """The next round opens seconds after the last result: with a 30 s polling interval the agent re-claims
+    after 0.25 s, 0.5 s, 1 s, ... instead of waiting the whole interval, and does not heartbeat more than
+    once a second while doing so."""
+    fake_server.on("POST", "/api/v1/workers/heartbeat", {"poll_after_s": 30, "worker_state": "online"})
+    serve_tasks(fake_server, make_task(17))
+    claimed_at: list[float] = []
+    claim = fake_server.routes[("POST", "/api/v1/tasks/claim")]
+
+    def timed_claim(req):
+        claimed_at.append(time.monotonic())
+        return claim(req)
+
+    fake_server.on("POST", "/api/v1/tasks/claim", timed_claim)
+    agent = start()
+    fake_server.wait_for(lambda: fake_server.calls("POST", "/api/v1/tasks/17/result"), what="result")
+    fake_server.wait_for(lambda: len(claimed_at) >= 5, timeout=20, what="quick re-claims")
+    assert agent.stop() == 0
+    gaps = [b - a for a, b in zip(claimed_at[1:-1], claimed_at[2:], strict=True)]  # the re-claims after the result
+    assert all(later > earlier for earlier, later in zip(gaps[:-1], gaps[1:], strict=True))  # backing off, ...
+    assert gaps[-1] < 30  # ... not the 30 s interval
+    heartbeats = [r for r in fake_server.requests if r.path == "/api/v1/workers/heartbeat"]
+    assert len(heartbeats) < len(fake_server.claims())  # re-claims in the first second skip the heartbeat
+
+
 def test_pause_file_means_paused_heartbeats_and_no_claims(fake_server, start, worker_config):
     cfgmod.set_paused(worker_config.path, True)
     agent = start()

@@ -137,7 +137,7 @@ def test_sparse_updates_carry_what_earlier_rounds_left_out(runner, tiny_checkpoi
 
     sync.encode_pseudo_gradient(runner, task, first)
     path = sync.error_feedback_file(runner, 9)
-    assert path.exists()  # kept beside the optimizer state, for the next round
+    assert runner.keeper.flush(30) and path.exists()  # written beside the optimizer state, for a restart
     sent = decode_update(sync.encode_pseudo_gradient(runner, task, second), reference_of(state))
     alone = decode_update(encode_update(second, "topk2"), reference_of(state))
     assert any(not torch.equal(sent[k], alone[k]) for k in state)  # the buffer's leftovers went along
@@ -145,6 +145,21 @@ def test_sparse_updates_carry_what_earlier_rounds_left_out(runner, tiny_checkpoi
     # A dense codec uses no buffer; another run has its own.
     dense = sync.encode_pseudo_gradient(runner, make_task(compression="int8", run_id=10), first)
     assert dense == encode_update(first, "int8") and not sync.error_feedback_file(runner, 10).exists()
+
+
+def test_the_buffer_on_disk_is_what_a_restarted_agent_carries_on_with(runner, tiny_checkpoint):
+    """In memory between rounds, on disk for a restart: a new runner (a restarted agent) reading the file
+    sends exactly what the same runner would have sent."""
+    from workers.runner import TaskRunner
+
+    _, _, state = tiny_checkpoint
+    task = make_task(compression="topk2", run_id=9)
+    g = torch.Generator().manual_seed(5)
+    first, second = ({k: torch.randn(v.shape, generator=g) for k, v in state.items()} for _ in range(2))
+    sync.encode_pseudo_gradient(runner, task, first)
+    assert runner.keeper.flush(30)
+    restarted = TaskRunner(client=runner.client, cache_dir=runner.cache_dir)
+    assert sync.encode_pseudo_gradient(restarted, task, second) == sync.encode_pseudo_gradient(runner, task, second)
 
 
 def test_a_damaged_error_feedback_buffer_is_dropped_not_fatal(runner, tiny_checkpoint):
@@ -155,7 +170,7 @@ def test_a_damaged_error_feedback_buffer_is_dropped_not_fatal(runner, tiny_check
     delta = {k: torch.ones_like(v) for k, v in state.items()}
     data = sync.encode_pseudo_gradient(runner, make_task(compression="topk2", run_id=9), delta)
     assert decode_update(data, reference_of(state)).keys() == state.keys()
-    assert path.read_bytes() != b"garbage"  # replaced by this round's buffer
+    assert runner.keeper.flush(30) and path.read_bytes() != b"garbage"  # replaced by this round's buffer
 
 
 def _update_chunk(data: bytes) -> int:

@@ -55,7 +55,7 @@ def test_runner_trains_and_returns_a_decodable_update(runner, fake_server, tiny_
     assert math.isfinite(out.metrics["loss_start"]) and math.isfinite(out.metrics["loss_end"])
     assert [(s, n) for s, n, _ in hooks.steps] == [(1, 3), (2, 3), (3, 3)]
     assert runner.checkpoint_file(sha).exists()
-    assert runner.optimizer_file(4).exists()
+    assert runner.keeper.flush(30) and runner.optimizer_file(4).exists()  # written behind the work
     assert checkpoint_gets(fake_server, sha)[0].headers["Authorization"] == "Bearer wkr_secret"
 
 
@@ -116,8 +116,10 @@ def test_corrupt_cache_entries_are_downloaded_again(runner, fake_server, tiny_ch
     path.write_bytes(b"not the checkpoint")
     runner.run(make_task(checkpoint_sha256=sha), Hooks())
     assert len(checkpoint_gets(fake_server, sha)) == 1
+    assert runner.keeper.flush(30)
     runner.optimizer_file(4).write_bytes(b"garbage")  # a damaged optimizer state is discarded, not fatal
-    runner.run(make_task(checkpoint_sha256=sha), Hooks())
+    restarted = TaskRunner(client=runner.client, cache_dir=runner.cache_dir)  # reads the file, not memory
+    restarted.run(make_task(checkpoint_sha256=sha), Hooks())
 
 
 def test_checkpoint_with_the_wrong_hash_is_refused(runner, fake_server, tiny_checkpoint):
