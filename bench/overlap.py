@@ -14,6 +14,9 @@ the same model, data, settings and seeds; the arms differ only in compression an
 - ``topk2+overlap``: the same, and the agent trains ahead while its upload travels and the server
   aggregates (``workers.overlap``).
 
+The server answers with its own polling interval (``poll_after_s``, 30 s unless ``--poll-s``), as volunteers
+see it: an agent that waited that long for the next round after each result would show it here.
+
 Utilisation is what the agent reports with each result: compute seconds (inner training, including steps
 trained ahead) over wall seconds (from the end of its previous round's training to the end of this one's:
 upload, aggregation, claim, download, data, training). Rounds after the first are counted (the first has no
@@ -120,6 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per arm (default 4; quick 3)")
     parser.add_argument("--steps", type=int, default=None, help="inner steps H (default 8; quick 20)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of: {', '.join(ARMS)}")
+    parser.add_argument("--poll-s", type=int, default=30,
+                        help="the server's poll_after_s (AGORA_HEARTBEAT_INTERVAL_S; default 30, the server's own)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, blobs)")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -147,7 +152,7 @@ def main(argv=None) -> int:
         url = f"http://127.0.0.1:{port}"
         env = child_env(url, AGORA_VAR_DIR=str(work / "var"), AGORA_MEDIA_ROOT=str(work / "media"),
                         AGORA_CHECKPOINT_STORAGE="filesystem", AGORA_CACHE_PREFIX=f"bench-overlap-{os.getpid()}",
-                        AGORA_TRAINING_TICK_S="1", AGORA_HEARTBEAT_INTERVAL_S="1", AGORA_CLOSE_EVERY_S="5",
+                        AGORA_TRAINING_TICK_S="1", AGORA_HEARTBEAT_INTERVAL_S=str(args.poll_s), AGORA_CLOSE_EVERY_S="5",
                         AGORA_SWEEP_EVERY_S="2", AGORA_RATE_HEARTBEAT="100000/min",
                         AGORA_RATE_CLAIM_WORKER="100000/min", AGORA_RATE_CLAIM_ADDRESS="100000/min",
                         # The web, Celery and the agent share the machine: one torch thread each keeps them from
@@ -207,7 +212,7 @@ def main(argv=None) -> int:
                      "round wall s (median)", "compute s", "steps ahead", "sent / received per round",
                      "checkpoint via"], rows,
                     title=f"One agent, {'tiny' if args.quick else '25M'} byte-GPT, H={steps}, {args.mbps:g} Mbit/s "
-                          f"each way, rounds 2..{rounds} (target: ≥ 95% with overlap)")
+                          f"each way, poll_after_s {args.poll_s}, rounds 2..{rounds} (target: ≥ 95% with overlap)")
         keys = ("aggregation_s", "decode_s", "outer_step_s", "eval_after_s", "save_checkpoint_s", "save_outer_state_s")
         print_table(["arm", *keys], [(arm, *(results[arm].get("server", {}).get(k, float("nan")) for k in keys))
                                      for arm in arms if results[arm].get("server")],
