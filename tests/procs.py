@@ -40,6 +40,9 @@ def child_env(server_url: str = "", **extra: str) -> dict[str, str]:
         AGORA_MEDIA_ROOT=str(settings.MEDIA_ROOT),
         AGORA_CACHE_PREFIX=settings.CACHES["default"].get("KEY_PREFIX", ""),
         PYTHONUNBUFFERED="1",
+        # This tree's code, not the one an editable install of the environment points at (a benchmark run
+        # from a clone of the repository, beside a working tree that is being edited).
+        PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
     )
     if server_url:
         env["AGORA_PUBLIC_URL"] = server_url
