@@ -190,7 +190,8 @@ def run_diloco(p: dict) -> dict:
     params = init_state(p["arch"], p["model"], seed=0, vocab_size=vocab)
     ref = reference_of(params)
     outer = OuterSpec(lr=p["outer_lr"], momentum=p["momentum"], nesterov=p["momentum"] > 0)
-    cfg = InnerConfig(steps=H, lr=p["lr"], batch_size=p["batch"], seq_len=p["seq_len"], warmup=WARMUP)
+    h = p.get("h", H)  # inner steps per round
+    cfg = InnerConfig(steps=h, lr=p["lr"], batch_size=p["batch"], seq_len=p["seq_len"], warmup=WARMUP)
     model = build_model(p["arch"], p["model"], vocab_size=vocab)
 
     def evaluate(state):
@@ -200,7 +201,7 @@ def run_diloco(p: dict) -> dict:
     states = [None] * k
     outer_state, loss = None, None
     curve, moved, turned_away = [], 0, 0
-    for rnd in range(p["steps"] // H):
+    for rnd in range(p["steps"] // h):
         updates = []
         for w in range(k):
             model.load_state_dict(params)
@@ -229,7 +230,7 @@ def run_diloco(p: dict) -> dict:
                 delta = decode_update(data, ref)
                 params = {n: old[n] - delta[n] for n in old}
                 loss = evaluate(params)
-        step = (rnd + 1) * H
+        step = (rnd + 1) * h
         if step in p["eval_at"]:
             curve.append({"step": step, "loss": loss, "bpb": _bpb(loss, bytes_per_token),
                           "syncs": rnd + 1 if p["codec"] else 0, "bytes": moved})

@@ -26,6 +26,7 @@ Choices, and why:
   β 0.95 with 2 at 1.496: no pair moves the loss by more than the spread between neighbours); H=25 at 2%
   and at 1%, and H=10 at 1% (more rounds at the same tokens; the same bytes as H=50 at 2%, or more); and ``dense-defaults``, what a sparse run got
   from the dense spec defaults (outer lr 0.7, outer momentum 0.9 as β) before a sparse codec brought its own.
+  ``diloco-h25`` adds DiLoCo fp32 at H=25 (dense, the sparse H=25 arms' round length) beside the baseline at H=50.
 - Chunk: the sparse arms use a sparse run's default, 4096 (``spec.diloco.sparse_chunk``); ``chunk32k`` and
   ``h25-chunk32k`` are the same arms at 32768 (every tensor of the 137k model is shorter, so each keeps its
   own top 2%: a short chunk keeps the same share as a full one). At the same share 32768 did no better.
@@ -128,6 +129,7 @@ def sparse_arm(common: dict, lr: float, olr: float, *, codec="topk2", density=0.
 
 VARIANTS = ("overlap", "1%", "3%", "topk4", "momentum", "beta0.99", "beta0.8", "h25", "h25-1%", "h10",
             "chunk32k", "h25-chunk32k", "dense-defaults")
+DENSE_VARIANTS = ("diloco-h25",)  # DiLoCo fp32 at H=25: the sparse H=25 arms' round length, dense
 
 
 def sparse_arms(pool, common: dict, inner_lr: float, *, quick: bool, momentum: float = 0.9, grid=None,
@@ -225,10 +227,12 @@ def _run_arms(args, common: dict, grid, variants, lrs) -> tuple[list[dict], dict
     dense = [{**common, "kind": "dp", "name": "data-parallel", "lr": dp_lr},
              {**common, "kind": "diloco", "name": "DiLoCo fp32", "lr": inner_lr, "outer_lr": outer_lr,
               "momentum": 0.9, "codec": "fp32", "workers": K}]
+    if "diloco-h25" in variants:
+        dense.append({**dense[1], "name": "DiLoCo fp32, H=25", "h": 25})
     started = time.perf_counter()
     with _pool(args.jobs) as pool:
-        arms, results, best = sparse_arms(pool, common, inner_lr, quick=args.quick, grid=grid, variants=variants,
-                                          extra=dense)
+        arms, results, best = sparse_arms(pool, common, inner_lr, quick=args.quick, grid=grid,
+                                          variants=[v for v in variants if v not in DENSE_VARIANTS], extra=dense)
     print(f"all arms done after {time.perf_counter() - started:.0f} s", flush=True)
     return dense + arms, results, best, min(step_before, _step_seconds(*shape, repeat=30))
 
@@ -243,7 +247,7 @@ def main(argv=None) -> None:
     ap.add_argument("--outer-lrs", default=",".join(f"{x:g}" for x in SPARSE_OUTER_GRID),
                     help="the sparse outer lr grid, judged at the longest length; one value: no sweep")
     ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help=f"sparse variants beside the 2%% topk2 arm, comma separated, from {','.join(VARIANTS)} "
+                    help=f"variants beside the 2%% topk2 arm, comma separated, from {','.join(VARIANTS + DENSE_VARIANTS)} "
                          "(or 'none')")
     ap.add_argument("--step-ms", type=float, default=0.0,
                     help="compute per training step for the simulated times, in ms (default: measured here)")
@@ -256,8 +260,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     grid = [float(x) for x in args.outer_lrs.split(",")]
     variants = [] if args.variants == "none" else args.variants.split(",")
-    if unknown := set(variants) - set(VARIANTS):
-        ap.error(f"--variants: unknown {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    if unknown := set(variants) - set(VARIANTS) - set(DENSE_VARIANTS):
+        ap.error(f"--variants: unknown {sorted(unknown)}; known: {', '.join(VARIANTS + DENSE_VARIANTS)}")
     started = time.perf_counter()
     family = dict(FAMILIES["byte-gpt"])
     if args.model:
