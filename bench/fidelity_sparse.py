@@ -326,7 +326,7 @@ def main(argv=None) -> None:
         projection(arms, hits, family, batch, seq_len, args.projected_step_s)
     fp32_final = _final(results["DiLoCo fp32"])
     dp_bytes = results["data-parallel"]["curve"][-1]["bytes"]
-    for arm in arms[2:]:
+    for arm in (a for a in arms if a["kind"] == "sparse"):  # the targets are the sparse arms'
         pt = results[arm["name"]]["curve"][-1]
         hit = hits[arm["name"]]
         print(f"{arm['name']}: loss {100 * (pt['loss'] / fp32_final - 1):+.2f}% vs DiLoCo fp32 [target <= 0]; "
