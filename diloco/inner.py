@@ -78,15 +78,19 @@ def make_optimizer(model: nn.Module, cfg: InnerConfig, *, fused: bool = False) -
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), **({"fused": True} if fused else {}))
 
 
-def export_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
-    """AdamW state as a flat ``{"<param>.exp_avg"|".exp_avg_sq"|".step": tensor}`` dict on CPU."""
+def export_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                           copy: bool = True) -> dict[str, Tensor]:
+    """AdamW state as a flat ``{"<param>.exp_avg"|".exp_avg_sq"|".step": tensor}`` dict on CPU. With
+    ``copy=False`` the CPU tensors are the optimizer's own (no copy of the two moments): for an optimizer
+    that is never stepped again."""
     out: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
         state = optimizer.state.get(p) if p.requires_grad else None
         if not state:
             continue
         for field in _STATE_FIELDS:
-            out[f"{name}.{field}"] = state[field].detach().to("cpu").clone().contiguous()
+            t = state[field].detach().to("cpu")
+            out[f"{name}.{field}"] = (t.clone() if copy else t).contiguous()
     return out
 
 
@@ -188,6 +192,7 @@ def inner_train(
         steps=cfg.steps,
         tokens=trained,
         seconds=seconds,
-        optimizer_state=export_optimizer_state(model, optimizer),
+        # This call's optimizer is not used again: its state is handed over rather than copied.
+        optimizer_state=export_optimizer_state(model, optimizer, copy=False),
         tokens_per_s=trained / max(seconds, 1e-9),
     )

@@ -73,6 +73,13 @@ def test_optimizer_state_round_trip_continues_exactly(tiny_config):
     assert all(torch.equal(second_a.pseudo_gradient[k], second_b.pseudo_gradient[k]) for k in state if k in second_a.pseudo_gradient)
     assert all(torch.equal(model_a.state_dict()[k], model_b.state_dict()[k]) for k in model_a.state_dict())
 
+    # The state handed back is the caller's to keep: training that continues from it (here twice, as the
+    # agent's next round and its training ahead both do) never changes it.
+    kept = {k: v.clone() for k, v in state.items()}
+    assert all(torch.equal(state[k], kept[k]) for k in state)
+    inner_train(build_model("byte-gpt", tiny_config), CORPUS, cfg, seed=3, optimizer_state=state)
+    assert all(torch.equal(state[k], kept[k]) for k in state)
+
     # Without the state, the second round differs (fresh moments, warmup again).
     model_c = build_model("byte-gpt", tiny_config)
     inner_train(model_c, CORPUS, cfg, seed=1)
