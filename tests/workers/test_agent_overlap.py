@@ -61,6 +61,7 @@ def test_the_steps_trained_ahead_become_part_of_the_next_rounds_update(tokens):
     assert ahead.steps == 2
 
     # Round 2's checkpoint: other weights (the server's aggregate); the head start is moved onto them.
+    runner.train_ahead = False  # nothing trains round 2's model ahead while the test reads it
     start, model, result = _round(runner, make_task(2, overlap=True, round=2, run_id=4), tokens, seed=2)
     assert runner.overlap_info["overlap_steps"] == 2 and runner.overlap_info["overlap_from_round"] == 1
     assert result.steps == CFG.steps  # two ahead, two after the task arrived
@@ -78,6 +79,7 @@ def test_a_head_start_that_covers_every_step_is_the_whole_update(tokens):
     ahead = _ahead(runner)  # all H steps trained ahead: the upload can leave as soon as the task arrives
     assert ahead.steps == CFG.steps
     delta = {k: v.clone() for k, v in ahead.finish().delta.items()}
+    runner.train_ahead = False  # nothing trains round 2's model ahead while the test reads it
     start, model, result = _round(runner, make_task(2, overlap=True, round=2, run_id=4), tokens, seed=2)
     assert runner.overlap_info["overlap_steps"] == CFG.steps
     assert all(torch.equal(result.pseudo_gradient[k], delta[k]) for k in delta)
