@@ -39,6 +39,8 @@ from pathlib import Path
 
 MODEL_25M = {"n_layer": 8, "n_embd": 512, "n_head": 8, "block_size": 128}
 MODEL_TINY = {"n_layer": 1, "n_embd": 32, "n_head": 4, "block_size": 32}
+# The server's round timings (``Round.timings``) the bench reports, as medians per arm.
+SERVER_TIMINGS = ("aggregation_s", "decode_s", "outer_step_s", "eval_after_s", "save_checkpoint_s", "save_outer_state_s")
 ARMS = {"int8": ("int8", False), "topk2": ("topk2", False), "topk2+overlap": ("topk2", True)}
 
 
@@ -89,8 +91,7 @@ def _server_rows(run_id: int) -> dict:
     from training.models import Round
 
     timings = [r.timings for r in Round.objects.filter(run_id=run_id, index__gt=1).exclude(timings={})]
-    keys = ("aggregation_s", "decode_s", "outer_step_s", "eval_after_s", "save_checkpoint_s", "save_outer_state_s")
-    return {k: statistics.median(t.get(k, 0.0) for t in timings) for k in keys} if timings else {}
+    return {k: statistics.median(t.get(k, 0.0) for t in timings) for k in SERVER_TIMINGS} if timings else {}
 
 
 def _arm_rows(run_id: int) -> dict:
@@ -219,8 +220,8 @@ def main(argv=None) -> int:
                      "sent / received per round", "checkpoint via"], rows,
                     title=f"One agent, {'tiny' if args.quick else '25M'} byte-GPT, H={steps}, {args.mbps:g} Mbit/s "
                           f"each way, poll_after_s {args.poll_s}, rounds 2..{rounds} (target: ≥ 95% with overlap)")
-        keys = ("aggregation_s", "decode_s", "outer_step_s", "eval_after_s", "save_checkpoint_s", "save_outer_state_s")
-        print_table(["arm", *keys], [(arm, *(results[arm].get("server", {}).get(k, float("nan")) for k in keys))
+        print_table(["arm", *SERVER_TIMINGS], [(arm, *(results[arm].get("server", {}).get(k, float("nan"))
+                                                     for k in SERVER_TIMINGS))
                                      for arm in arms if results[arm].get("server")],
                     title="The server's round: median seconds (Round.timings; aggregation_s is the whole attempt)")
     return 0
